@@ -1,0 +1,288 @@
+"""``settings.CARROT``, read once into frozen, typed objects and validated.
+
+Every problem found names the setting key it is about, so that the system checks and the
+start-up errors can say exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from carrot import DEFAULT_BROKER
+from carrot.exceptions import CarrotConfigException
+
+DEFAULT_QUEUE = 'default'
+QUEUE_KEYS = frozenset({
+    'name', 'host', 'concurrency', 'consumable', 'consumer_class', 'durable',
+    'queue_arguments', 'exchange_arguments', 'prefetch',
+})
+TOP_LEVEL_KEYS = frozenset({
+    'default_broker', 'queues', 'task_modules', 'monitor_authentication', 'shutdown_timeout',
+})
+BROKER_DICT_KEYS = frozenset({'host', 'port', 'name', 'username', 'password', 'secure', 'url'})
+MAX_PREFETCH = 65535
+
+
+@dataclass(frozen=True)
+class Broker:
+    """One RabbitMQ virtual host. ``password`` never appears in ``repr`` or ``display``."""
+
+    host: str = 'localhost'
+    port: int = 5672
+    virtual_host: str = '/'
+    username: str = 'guest'
+    password: str = field(default='guest', repr=False)
+    secure: bool = False
+
+    @property
+    def display(self) -> str:
+        """The URL with the password masked: safe for logs, pages and API answers."""
+        scheme = 'amqps' if self.secure else 'amqp'
+        vhost = quote(self.virtual_host, safe='')
+        return f'{scheme}://{quote(self.username, safe="")}:***@{self.host}:{self.port}/{vhost}'
+
+    def __str__(self) -> str:
+        return self.display
+
+
+@dataclass(frozen=True)
+class Queue:
+    """One queue carrot publishes to and, when ``consumable``, consumes from."""
+
+    name: str
+    broker: Broker
+    concurrency: int = 1
+    consumable: bool = True
+    consumer_class: str = 'carrot.consumer.Consumer'
+    durable: bool = True
+    queue_arguments: Mapping[str, Any] = field(default_factory=dict)
+    exchange_arguments: Mapping[str, Any] = field(default_factory=dict)
+    prefetch: int = 1
+
+    @property
+    def dead_letter_queue(self) -> str:
+        """Where messages that cannot run go, with the reason in a header."""
+        return f'{self.name}.dead'
+
+
+@dataclass(frozen=True)
+class CarrotSettings:
+    default_broker: Broker
+    queues: tuple[Queue, ...]
+    task_modules: tuple[str, ...]
+    monitor_authentication: tuple[str, ...]
+    shutdown_timeout: float = 60.0
+
+    def queue(self, name: str | None) -> Queue:
+        """The queue called ``name``.
+
+        Without a name: the queue called ``'default'``, or else the first queue listed.
+        """
+        wanted = name or DEFAULT_QUEUE
+        for queue in self.queues:
+            if queue.name == wanted:
+                return queue
+        if not name and self.queues:
+            return self.queues[0]
+        known = ', '.join(repr(q.name) for q in self.queues)
+        raise CarrotConfigException(
+            f"Unknown queue {name!r}: settings.CARROT['queues'] has {known}. "
+            f"Add it there or publish to one of those."
+        )
+
+
+def parse_broker(value: Any, key: str) -> Broker:
+    """A Broker from an ``amqp://``/``amqps://`` URL or upstream's dict form."""
+    if isinstance(value, str):
+        return _broker_from_url(value, key)
+    if isinstance(value, Mapping):
+        unknown = set(value) - BROKER_DICT_KEYS
+        if unknown:
+            raise CarrotConfigException(
+                f'{key}: unknown key(s) {", ".join(sorted(map(str, unknown)))}; '
+                f'a broker dict takes {", ".join(sorted(BROKER_DICT_KEYS))}.'
+            )
+        if 'url' in value:
+            return _broker_from_url(value['url'], key)
+        secure = value.get('secure', False)
+        if not isinstance(secure, bool):
+            raise CarrotConfigException(f'{key}["secure"] must be True or False, not {secure!r}.')
+        port = value.get('port', 5671 if secure else 5672)
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise CarrotConfigException(f'{key}["port"] must be a port number, not {port!r}.')
+        vhost = str(value.get('name', '/'))
+        return Broker(
+            host=str(value.get('host', 'localhost')),
+            port=port,
+            # Upstream wrote the default vhost as '%2f'.
+            virtual_host=unquote(vhost) or '/',
+            username=str(value.get('username', 'guest')),
+            password=str(value.get('password', 'guest')),
+            secure=secure,
+        )
+    raise CarrotConfigException(
+        f'{key} must be an amqp:// or amqps:// URL or a dict with host, port, name, username, '
+        f'password and secure, not {type(value).__name__}.'
+    )
+
+
+def _broker_from_url(url: Any, key: str) -> Broker:
+    if not isinstance(url, str):
+        raise CarrotConfigException(f'{key} must be a string URL, not {type(url).__name__}.')
+    if '://' not in url:
+        # Upstream accepted 'user:pass@host:port/vhost' without a scheme.
+        url = 'amqp://' + url
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise CarrotConfigException(f'{key} is not a valid broker URL: {error}.') from None
+    if parts.scheme not in ('amqp', 'amqps'):
+        raise CarrotConfigException(
+            f'{key} must start with amqp:// or amqps://, not {parts.scheme}://.'
+        )
+    if not parts.hostname:
+        raise CarrotConfigException(f'{key} has no host name.')
+    secure = parts.scheme == 'amqps'
+    path = parts.path[1:] if parts.path.startswith('/') else parts.path
+    return Broker(
+        host=parts.hostname,
+        port=port or (5671 if secure else 5672),
+        virtual_host=unquote(path) if path else '/',
+        username=unquote(parts.username) if parts.username is not None else 'guest',
+        password=unquote(parts.password) if parts.password is not None else 'guest',
+        secure=secure,
+    )
+
+
+def _positive_int(value: Any, key: str, maximum: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CarrotConfigException(f'{key} must be a whole number of 1 or more, not {value!r}.')
+    if maximum is not None and value > maximum:
+        raise CarrotConfigException(f'{key} must be at most {maximum}, not {value!r}.')
+    return value
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise CarrotConfigException(f'{key} must be a dict, not {type(value).__name__}.')
+    return dict(value)
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise CarrotConfigException(f'{key} must be True or False, not {value!r}.')
+    return value
+
+
+def _parse_queue(raw: Any, index: int, default_broker: Broker) -> Queue:
+    key = f"CARROT['queues'][{index}]"
+    if not isinstance(raw, Mapping):
+        raise CarrotConfigException(f'{key} must be a dict with at least a name.')
+    unknown = set(raw) - QUEUE_KEYS
+    if unknown:
+        raise CarrotConfigException(
+            f'{key}: unknown key(s) {", ".join(sorted(map(str, unknown)))}; '
+            f'a queue takes {", ".join(sorted(QUEUE_KEYS))}.'
+        )
+    name = raw.get('name')
+    if not isinstance(name, str) or not name.strip():
+        raise CarrotConfigException(f"{key}['name'] must be a non-empty string.")
+    key = f"CARROT['queues'][{index}] ({name!r})"
+    host = raw.get('host')
+    consumer_class = raw.get('consumer_class', 'carrot.consumer.Consumer')
+    if not isinstance(consumer_class, str) or '.' not in consumer_class:
+        raise CarrotConfigException(
+            f"{key}['consumer_class'] must be a dotted path such as 'carrot.consumer.Consumer'."
+        )
+    return Queue(
+        name=name,
+        broker=parse_broker(host, f"{key}['host']") if host else default_broker,
+        concurrency=_positive_int(raw.get('concurrency', 1), f"{key}['concurrency']"),
+        consumable=_bool(raw.get('consumable', True), f"{key}['consumable']"),
+        consumer_class=consumer_class,
+        durable=_bool(raw.get('durable', True), f"{key}['durable']"),
+        queue_arguments=_mapping(raw.get('queue_arguments'), f"{key}['queue_arguments']"),
+        exchange_arguments=_mapping(raw.get('exchange_arguments'), f"{key}['exchange_arguments']"),
+        prefetch=_positive_int(raw.get('prefetch', 1), f"{key}['prefetch']", MAX_PREFETCH),
+    )
+
+
+def _dotted_paths(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise CarrotConfigException(f'{key} must be a list of dotted module paths.')
+    for item in value:
+        if not isinstance(item, str) or not item or item.startswith('.') or item.endswith('.'):
+            raise CarrotConfigException(f'{key} holds {item!r}, which is not a dotted path.')
+    return tuple(value)
+
+
+def parse(raw: Any) -> CarrotSettings:
+    """Validate ``settings.CARROT`` (``None`` when it is missing) into CarrotSettings."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise CarrotConfigException(f'settings.CARROT must be a dict, not {type(raw).__name__}.')
+    unknown = set(raw) - TOP_LEVEL_KEYS
+    if unknown:
+        raise CarrotConfigException(
+            f'settings.CARROT has unknown key(s) {", ".join(sorted(map(str, unknown)))}; '
+            f'it takes {", ".join(sorted(TOP_LEVEL_KEYS))}.'
+        )
+    default_broker = parse_broker(
+        raw.get('default_broker') or DEFAULT_BROKER, "CARROT['default_broker']"
+    )
+    raw_queues = raw.get('queues')
+    if raw_queues is None:
+        raw_queues = [{'name': DEFAULT_QUEUE}]
+    if isinstance(raw_queues, (str, Mapping)) or not isinstance(raw_queues, (list, tuple)):
+        raise CarrotConfigException("CARROT['queues'] must be a list of dicts.")
+    queues = tuple(_parse_queue(q, i, default_broker) for i, q in enumerate(raw_queues))
+    names = [q.name for q in queues]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise CarrotConfigException(
+            f"CARROT['queues'] names the queue(s) {', '.join(map(repr, duplicates))} "
+            f'more than once.'
+        )
+    timeout = raw.get('shutdown_timeout', 60.0)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+        raise CarrotConfigException(
+            f"CARROT['shutdown_timeout'] must be a number of seconds, not {timeout!r}."
+        )
+    return CarrotSettings(
+        default_broker=default_broker,
+        queues=queues,
+        task_modules=_dotted_paths(raw.get('task_modules'), "CARROT['task_modules']"),
+        monitor_authentication=_dotted_paths(
+            raw.get('monitor_authentication'), "CARROT['monitor_authentication']"
+        ),
+        shutdown_timeout=float(timeout),
+    )
+
+
+@functools.cache
+def get_settings() -> CarrotSettings:
+    """The project's carrot settings, parsed once (and again after ``override_settings``)."""
+    from django.conf import settings
+
+    return parse(getattr(settings, 'CARROT', None))
+
+
+def _reset_on_change(*, setting: str, **_: Any) -> None:
+    if setting == 'CARROT':
+        get_settings.cache_clear()
+
+
+def connect_signals() -> None:
+    from django.core.signals import setting_changed
+
+    setting_changed.connect(_reset_on_change, dispatch_uid='carrot-settings-reset')
