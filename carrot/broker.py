@@ -1,0 +1,231 @@
+"""Connections to RabbitMQ, the topology carrot declares, and the confirmed publisher.
+
+Publishing reuses one connection per broker per process and a small pool of channels in
+confirm mode, so concurrent publishers (threads, or greenlets in the worker) pipeline their
+confirms instead of queueing behind one channel. Every message is persistent, mandatory
+(an unroutable message is an error, not a silent drop) and confirmed by the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from amqpstorm.channel import Channel
+from amqpstorm.exception import AMQPChannelError, AMQPConnectionError, AMQPError, AMQPMessageError
+
+from carrot import conf
+from carrot.amqp import Connection, SignallingChannel
+from carrot.exceptions import BrokerUnavailable, CarrotConfigException
+
+logger = logging.getLogger('carrot.broker')
+
+HEARTBEAT_SECONDS = 60
+CONNECT_TIMEOUT_SECONDS = 10
+PUBLISH_CHANNELS_PER_BROKER = 64
+PRECONDITION_FAILED = 406
+
+
+def connect(broker: conf.Broker, purpose: str) -> Connection:
+    """A new connection to ``broker``; BrokerUnavailable (password masked) when it fails."""
+    options: dict[str, Any] = {
+        'virtual_host': broker.virtual_host,
+        'heartbeat': HEARTBEAT_SECONDS,
+        'timeout': CONNECT_TIMEOUT_SECONDS,
+        'client_properties': {'connection_name': f'carrot {purpose} (pid {os.getpid()})'},
+    }
+    if broker.secure:
+        import ssl  # only for amqps: the worker imports ssl after monkey-patching
+
+        options['ssl'] = True
+        options['ssl_options'] = {
+            'context': ssl.create_default_context(),
+            'server_hostname': broker.host,
+        }
+    try:
+        return Connection(broker.host, broker.username, broker.password, broker.port, **options)
+    except (AMQPError, OSError) as error:
+        raise BrokerUnavailable(
+            f'Cannot connect to RabbitMQ at {broker.display}: {_safe(error, broker)}. Check that '
+            f"RabbitMQ is running and that settings.CARROT['default_broker'] (or the queue's "
+            f"'host') points at it."
+        ) from None
+
+
+def _safe(error: BaseException, broker: conf.Broker) -> str:
+    text = str(error) or type(error).__name__
+    return text.replace(broker.password, '***') if broker.password else text
+
+
+def declare(channel: Channel, queue: conf.Queue) -> None:
+    """Declare ``queue``, its exchange and binding, and its dead-letter queue.
+
+    The publisher declares too, so a message published before any worker ever ran is kept.
+    """
+    try:
+        channel.queue.declare(queue.name, durable=queue.durable,
+                              arguments=dict(queue.queue_arguments))
+        channel.exchange.declare(queue.name, exchange_type='direct', durable=queue.durable,
+                                 arguments=dict(queue.exchange_arguments))
+        channel.queue.bind(queue.name, exchange=queue.name, routing_key=queue.name)
+        channel.queue.declare(queue.dead_letter_queue, durable=True)
+    except AMQPChannelError as error:
+        if error.error_code == PRECONDITION_FAILED:
+            raise CarrotConfigException(
+                f'RabbitMQ already has a queue or exchange {queue.name!r} declared with other '
+                f"options than settings.CARROT gives ({error}). Make 'durable', "
+                f"'queue_arguments' and 'exchange_arguments' match the existing queue, or "
+                f'delete it (rabbitmqctl delete_queue {queue.name}) so it can be recreated.'
+            ) from None
+        raise
+
+
+class _BrokerLink:
+    """One publishing connection with its pool of confirm-mode channels."""
+
+    def __init__(self, broker: conf.Broker) -> None:
+        self.broker = broker
+        self.pid = os.getpid()
+        self.connection = connect(broker, 'publisher')
+        self.idle: list[SignallingChannel] = []
+        self.declared: set[str] = set()
+        self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(PUBLISH_CHANNELS_PER_BROKER)
+
+    @property
+    def usable(self) -> bool:
+        return self.pid == os.getpid() and self.connection.is_open
+
+    def checkout(self) -> SignallingChannel:
+        self.slots.acquire()
+        try:
+            with self.lock:
+                while self.idle:
+                    channel = self.idle.pop()
+                    if channel.is_open:
+                        return channel
+            channel = self.connection.channel()
+            channel.confirm_deliveries()
+            return channel
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def checkin(self, channel: SignallingChannel | None) -> None:
+        if channel is not None and channel.is_open:
+            with self.lock:
+                self.idle.append(channel)
+        self.slots.release()
+
+    def close(self) -> None:
+        if self.pid != os.getpid():
+            return  # a forked child must not close its parent's socket
+        try:
+            self.connection.close()
+        except AMQPError:
+            pass
+
+
+class Publisher:
+    """Sends messages, confirmed, over reused connections and channels."""
+
+    def __init__(self) -> None:
+        self._links: dict[conf.Broker, _BrokerLink] = {}
+        self._lock = threading.Lock()
+
+    def _link(self, broker: conf.Broker) -> _BrokerLink:
+        with self._lock:
+            link = self._links.get(broker)
+            if link is None or not link.usable:
+                if link is not None:
+                    link.close()
+                link = self._links[broker] = _BrokerLink(broker)
+            return link
+
+    def _drop(self, link: _BrokerLink) -> None:
+        with self._lock:
+            if self._links.get(link.broker) is link:
+                del self._links[link.broker]
+        link.close()
+
+    def send(
+        self,
+        broker: conf.Broker,
+        body: bytes,
+        properties: Mapping[str, Any],
+        routing_key: str,
+        exchange: str = '',
+        declare_queue: conf.Queue | None = None,
+    ) -> None:
+        """Publish one message and return once RabbitMQ has confirmed it.
+
+        A lost connection is reopened once. Raises BrokerUnavailable when the broker cannot
+        be reached or refuses the message, and CarrotConfigException when it is unroutable.
+        """
+        last_error: Exception | None = None
+        for _ in range(2):
+            link = self._link(broker)
+            channel: SignallingChannel | None = link.checkout()
+            try:
+                assert channel is not None
+                if declare_queue is not None and declare_queue.name not in link.declared:
+                    declare(channel, declare_queue)
+                    link.declared.add(declare_queue.name)
+                confirmed = channel.basic.publish(
+                    body, routing_key, exchange=exchange, properties=dict(properties),
+                    mandatory=True,
+                )
+            except AMQPMessageError as error:
+                raise CarrotConfigException(
+                    f'RabbitMQ could not route the message to exchange {exchange!r} with routing '
+                    f'key {routing_key!r} ({error}); no queue is bound there. Check the '
+                    f'exchange and routing_key given to publish_message.'
+                ) from None
+            except AMQPChannelError as error:
+                channel = None  # closed by the broker: do not return it to the pool
+                if 'NOT_FOUND' in str(error):
+                    raise CarrotConfigException(
+                        f'RabbitMQ refused the publish: {error}. Declare the exchange first or '
+                        f'publish to the default exchange.'
+                    ) from None
+                last_error = error
+            except AMQPConnectionError as error:
+                channel = None
+                self._drop(link)
+                last_error = error
+            else:
+                if not confirmed:
+                    raise BrokerUnavailable(
+                        f'RabbitMQ at {broker.display} refused (nacked) the message; it was not '
+                        f'stored. Check the broker log for resource alarms.'
+                    )
+                return
+            finally:
+                link.checkin(channel)
+        raise BrokerUnavailable(
+            f'Publishing to RabbitMQ at {broker.display} failed: '
+            f'{_safe(last_error or Exception(), broker)}.'
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
+
+
+_publisher: Publisher | None = None
+_publisher_lock = threading.Lock()
+
+
+def get_publisher() -> Publisher:
+    """The process's publisher, created on first use."""
+    global _publisher
+    with _publisher_lock:
+        if _publisher is None:
+            _publisher = Publisher()
+        return _publisher
+

@@ -1,0 +1,121 @@
+"""The wire format, both directions, and nowhere else.
+
+Compatible with upstream django-carrot: the ``type`` header carries the dotted task path,
+``message_id`` is the MessageLog uuid, and the JSON body is ``{"args": [...], "kwargs": {...}}``.
+carrot adds an ``x-carrot-attempt`` header, which other producers may leave out.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from carrot.exceptions import ArgumentsNotSerializable, BadMessage
+
+TYPE_HEADER = 'type'
+ATTEMPT_HEADER = 'x-carrot-attempt'
+DEAD_REASON_HEADER = 'x-carrot-dead-reason'
+CONTENT_TYPE = 'application/json'
+MESSAGE_TYPE = 'django-carrot message'
+PERSISTENT = 2
+MAX_PRIORITY = 255
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """One task call as it travels through RabbitMQ."""
+
+    task: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    priority: int = 0
+    attempt: int = 1
+
+
+def encode_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[str, str]:
+    """``(args_json, kwargs_json)``, or ArgumentsNotSerializable naming the bad argument."""
+    for position, value in enumerate(args):
+        _check_json(value, f'positional argument {position}')
+    for name, value in kwargs.items():
+        _check_json(value, f'keyword argument {name!r}')
+    return json.dumps(list(args)), json.dumps(dict(kwargs))
+
+
+def _check_json(value: Any, what: str) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ArgumentsNotSerializable(
+            f'The {what} ({type(value).__name__}) cannot be sent as JSON: {error}. Pass plain '
+            f'JSON values (str, int, float, bool, None, lists and dicts of them), for example '
+            f'the id of a model instance rather than the instance.'
+        ) from None
+
+
+def encode(message: TaskMessage) -> tuple[bytes, dict[str, Any]]:
+    """The body and AMQP properties of ``message``."""
+    body = json.dumps({'args': message.args, 'kwargs': message.kwargs}).encode()
+    properties = {
+        'headers': {TYPE_HEADER: message.task, ATTEMPT_HEADER: message.attempt},
+        'content_type': CONTENT_TYPE,
+        'content_encoding': 'utf-8',
+        'priority': message.priority,
+        'message_id': message.message_id,
+        'message_type': MESSAGE_TYPE,
+        'delivery_mode': PERSISTENT,
+    }
+    return body, properties
+
+
+def decode(body: bytes, properties: Mapping[str, Any]) -> TaskMessage:
+    """The TaskMessage in a delivery; raises BadMessage saying what is wrong with it."""
+    headers = _text_keys(properties.get('headers') or {})
+    task = _text(headers.get(TYPE_HEADER))
+    if not task:
+        raise BadMessage(
+            f'The message has no {TYPE_HEADER!r} header naming the task to run; carrot '
+            f'messages carry the dotted task path there.'
+        )
+    try:
+        content = json.loads(body) if body else {}
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BadMessage(f'The message body is not JSON: {error}.') from None
+    if not isinstance(content, dict):
+        raise BadMessage(
+            f'The message body is JSON {type(content).__name__}, not an object with '
+            f'"args" and "kwargs".'
+        )
+    args = content.get('args', [])
+    kwargs = content.get('kwargs', {})
+    if not isinstance(args, list):
+        raise BadMessage('The message body\'s "args" is not a list.')
+    if not isinstance(kwargs, dict):
+        raise BadMessage('The message body\'s "kwargs" is not an object.')
+    attempt = headers.get(ATTEMPT_HEADER, 1)
+    return TaskMessage(
+        task=task,
+        args=args,
+        kwargs=kwargs,
+        message_id=_text(properties.get('message_id')) or str(uuid.uuid4()),
+        priority=properties.get('priority') or 0,
+        attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
+    )
+
+
+def message_id_of(properties: Mapping[str, Any]) -> str | None:
+    """The message id of a delivery that may not decode, for linking it to a row."""
+    return _text(properties.get('message_id')) or None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode('utf-8', 'replace')
+    return value if isinstance(value, str) else ''
+
+
+def _text_keys(headers: Mapping[Any, Any]) -> dict[str, Any]:
+    return {_text(key) if isinstance(key, bytes) else key: value for key, value in headers.items()}

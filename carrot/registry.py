@@ -1,0 +1,75 @@
+"""Which task paths may run: functions defined in a module of ``CARROT['task_modules']``.
+
+A message names its task by dotted path. Importing whatever it names would let anyone who
+can publish run any function on the worker, so only functions *defined* in the listed
+modules (not names they merely import) are accepted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from carrot.conf import get_settings
+from carrot.exceptions import TaskImportError, TaskNotRegistered
+
+Task = Callable[..., Any]
+
+
+def task_path(task: Task | str) -> str:
+    """The dotted path of a task given as a function or a path."""
+    if isinstance(task, str):
+        return task
+    module = getattr(task, '__module__', None)
+    name = getattr(task, '__qualname__', None) or getattr(task, '__name__', None)
+    if not callable(task) or not module or not name:
+        raise TypeError(f'A task must be a function or a dotted path string, not {task!r}.')
+    if '<locals>' in name or '.' in name:
+        raise TaskNotRegistered(
+            f'{module}.{name} is not a module-level function; carrot can only run functions '
+            f"defined at the top level of a module listed in CARROT['task_modules']."
+        )
+    return f'{module}.{name}'
+
+
+def check_registered(path: str) -> tuple[str, str]:
+    """The (module, function name) of ``path``; raises TaskNotRegistered when not allowed."""
+    module, _, name = path.rpartition('.')
+    modules = get_settings().task_modules
+    if not module or not name:
+        raise TaskNotRegistered(f'{path!r} is not a dotted path such as "myapp.tasks.send_mail".')
+    if module not in modules:
+        listed = ', '.join(modules) or 'nothing'
+        raise TaskNotRegistered(
+            f"{path} is not a registered task: its module {module} is not in "
+            f"settings.CARROT['task_modules'] (which lists {listed}). Add {module!r} there."
+        )
+    return module, name
+
+
+def resolve(path: str) -> Task:
+    """The function a registered task path names.
+
+    Raises TaskNotRegistered for a path outside the listed modules and TaskImportError when
+    the module does not import or has no such function.
+    """
+    module_name, name = check_registered(path)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        raise TaskImportError(
+            f'{path}: importing {module_name} failed: {type(error).__name__}: {error}'
+        ) from error
+    function = getattr(module, name, None)
+    if function is None:
+        raise TaskImportError(f'{path}: {module_name} has no function called {name}.')
+    if not callable(function) or inspect.isclass(function):
+        raise TaskImportError(f'{path} is not a function.')
+    if getattr(function, '__module__', module_name) != module_name:
+        raise TaskNotRegistered(
+            f'{path} is imported into {module_name} from {function.__module__}, not defined '
+            f'there; only functions defined in a listed task module may run.'
+        )
+    return function  # type: ignore[no-any-return]

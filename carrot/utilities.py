@@ -1,0 +1,149 @@
+"""The public producer API, with upstream django-carrot's names.
+
+``publish_message`` validates everything before it writes or sends anything, writes the
+PUBLISHED row, and sends the message: at once, or when the surrounding transaction commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import transaction
+
+from carrot import conf, lifecycle, message, registry
+from carrot.broker import get_publisher
+from carrot.models import MessageLog
+
+logger = logging.getLogger('carrot.publish')
+
+TaskRef = Callable[..., Any] | str
+
+
+def get_host_from_name(name: str | None) -> conf.Broker:
+    """The broker of queue ``name``; the default broker when ``name`` is empty."""
+    settings = conf.get_settings()
+    if not name:
+        return settings.default_broker
+    return settings.queue(name).broker
+
+
+def validate_task(task: TaskRef) -> str:
+    """The dotted path of ``task`` (a function or a path), checked to be a runnable task."""
+    path = registry.task_path(task)
+    registry.resolve(path)
+    return path
+
+
+@dataclass(frozen=True)
+class Message:
+    """A task message ready to publish (upstream's ``create_message`` result)."""
+
+    queue: conf.Queue
+    task_message: message.TaskMessage
+    exchange: str
+    routing_key: str
+    args_json: str
+    kwargs_json: str
+
+    @property
+    def task(self) -> str:
+        return self.task_message.task
+
+    @property
+    def uuid(self) -> str:
+        return self.task_message.message_id
+
+    def publish(self) -> MessageLog:
+        """Write the PUBLISHED row and send the message (on commit, inside a transaction)."""
+        log = lifecycle.record_published(
+            message_id=self.uuid, task=self.task, args_json=self.args_json,
+            kwargs_json=self.kwargs_json, queue=self.queue.name, exchange=self.exchange,
+            routing_key=self.routing_key, priority=self.task_message.priority,
+        )
+        alias = lifecycle.database()
+        if transaction.get_connection(alias).in_atomic_block:
+            transaction.on_commit(lambda: self._send_committed(log), using=alias)
+        else:
+            try:
+                self.send()
+            except BaseException:
+                lifecycle.discard_unpublished(log)
+                raise
+        return log
+
+    def send(self) -> None:
+        """Send the message to RabbitMQ and wait for the broker's confirm."""
+        body, properties = message.encode(self.task_message)
+        get_publisher().send(
+            self.queue.broker, body, properties, routing_key=self.routing_key,
+            exchange=self.exchange, declare_queue=self.queue,
+        )
+
+    def _send_committed(self, log: MessageLog) -> None:
+        try:
+            self.send()
+        except Exception as error:
+            # The row is committed already: say on it that the message never left.
+            lifecycle.mark_publish_failed(log, error)
+            logger.error('Task %s (%s) was committed but not published: %s',
+                         self.task, self.uuid, error)
+            raise
+
+
+def create_message(
+    task: TaskRef,
+    priority: int = 0,
+    task_args: tuple[Any, ...] | list[Any] = (),
+    queue: str | None = None,
+    exchange: str = '',
+    routing_key: str | None = None,
+    task_kwargs: dict[str, Any] | None = None,
+) -> Message:
+    """A validated Message, not yet published.
+
+    Raises TaskNotRegistered, TaskImportError, CarrotConfigException (unknown queue),
+    ArgumentsNotSerializable or ValueError (bad priority) before anything is written or sent.
+    """
+    path = validate_task(task)
+    target = conf.get_settings().queue(queue)
+    if not isinstance(priority, int) or isinstance(priority, bool) or \
+            not 0 <= priority <= message.MAX_PRIORITY:
+        raise ValueError(
+            f'priority must be a whole number from 0 to {message.MAX_PRIORITY}, not {priority!r}.'
+        )
+    args = list(task_args)
+    kwargs = dict(task_kwargs or {})
+    args_json, kwargs_json = message.encode_arguments(args, kwargs)
+    return Message(
+        queue=target,
+        task_message=message.TaskMessage(task=path, args=args, kwargs=kwargs, priority=priority),
+        exchange=exchange or '',
+        routing_key=routing_key or target.name,
+        args_json=args_json,
+        kwargs_json=kwargs_json,
+    )
+
+
+def publish_message(
+    task: TaskRef,
+    *task_args: Any,
+    priority: int = 0,
+    queue: str | None = None,
+    exchange: str = '',
+    routing_key: str | None = None,
+    **task_kwargs: Any,
+) -> MessageLog:
+    """Publish a task; its MessageLog row (status PUBLISHED) is returned.
+
+    ``task`` is a function or its dotted path, in a module listed in
+    ``CARROT['task_modules']``. Inside ``transaction.atomic()`` the message is sent when the
+    transaction commits. Raises BrokerUnavailable, leaving no PUBLISHED row, when RabbitMQ
+    cannot be reached.
+    """
+    return create_message(
+        task, priority=priority, task_args=task_args, queue=queue, exchange=exchange,
+        routing_key=routing_key, task_kwargs=task_kwargs,
+    ).publish()
