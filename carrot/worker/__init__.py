@@ -1,0 +1,1 @@
+"""The carrot service. Importing this package imports nothing: see ``patch``."""

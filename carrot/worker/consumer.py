@@ -1,0 +1,246 @@
+"""A consumer: one greenlet, one channel, one message at a time.
+
+Every delivery ends in exactly one of: an ack after its end is recorded, a requeue (the
+database could not record it, or the service is stopping), or the dead-letter queue with a
+FAILED row saying why (it cannot run at all).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+from amqpstorm.exception import AMQPError
+from amqpstorm.message import Message as Delivery
+from django.db import DatabaseError, close_old_connections
+from gevent.event import Event
+
+from carrot import conf, lifecycle, message, registry
+from carrot.amqp import SignallingChannel
+from carrot.broker import get_publisher
+from carrot.exceptions import BadMessage, CarrotError, TaskImportError, TaskNotRegistered
+from carrot.models import MessageLog
+from carrot.worker import executor
+from carrot.worker.link import QueueLink, backoff_delay
+from carrot.worker.recorder import Recorder, RecordingFailed
+
+FailureCallback = Callable[[MessageLog, Any], None]
+
+# How often an idle consumer looks up from its channel to see whether it should stop.
+IDLE_CHECK_SECONDS = 1.0
+REQUEUE_PAUSE_SECONDS = 1.0
+
+
+@dataclass
+class Runtime:
+    """What the service gives each consumer to work with."""
+
+    queue: conf.Queue
+    link: QueueLink
+    recorder: Recorder
+    stopping: Event
+    consuming: Event
+
+
+class Consumer:
+    """Consumes from one queue on its own channel.
+
+    The constructor keeps upstream django-carrot's signature, so a project's
+    ``consumer_class`` subclass that calls ``add_failure_callback`` keeps working.
+    """
+
+    def __init__(
+        self,
+        host: conf.Broker,
+        queue: str,
+        logger: logging.Logger,
+        name: str,
+        durable: bool = True,
+        queue_arguments: dict[str, Any] | None = None,
+        exchange_arguments: dict[str, Any] | None = None,
+    ) -> None:
+        self.host = host
+        self.queue = queue
+        self.logger = logger
+        self.name = name
+        self.durable = durable
+        self.queue_arguments = queue_arguments or {}
+        self.exchange_arguments = exchange_arguments or {}
+        self.failure_callbacks: list[FailureCallback] = []
+        self.runtime: Runtime | None = None
+        self.busy = False
+
+    def add_failure_callback(self, callback: FailureCallback) -> None:
+        """Call ``callback(message_log, exception)`` whenever a task of this consumer fails."""
+        self.failure_callbacks.append(callback)
+
+    # -- the consuming loop ------------------------------------------------------------
+
+    def run(self) -> None:
+        """Consume until the service stops, reconnecting when the channel breaks."""
+        runtime = self._runtime()
+        attempt = 0
+        while not runtime.stopping.is_set():
+            channel = runtime.link.open_channel(runtime.stopping)
+            if channel is None:
+                return
+            try:
+                self._consume(channel)
+                attempt = 0
+            except AMQPError as error:
+                if runtime.stopping.is_set():
+                    return
+                delay = backoff_delay(attempt)
+                attempt += 1
+                self.logger.warning('%s: channel lost (%s); reconnecting in %.1f s',
+                                    self.name, error, delay)
+                runtime.stopping.wait(delay)
+            finally:
+                _close_quietly(channel)
+
+    def _consume(self, channel: SignallingChannel) -> None:
+        runtime = self._runtime()
+        channel.basic.qos(prefetch_count=runtime.queue.prefetch)
+        tag = channel.basic.consume(queue=self.queue, no_ack=False)
+        runtime.consuming.set()
+        while not runtime.stopping.is_set():
+            delivery = channel.wait_for_message(IDLE_CHECK_SECONDS)
+            if delivery is not None:
+                self.busy = True
+                try:
+                    self.handle(delivery)
+                finally:
+                    self.busy = False
+        # Stopping: take no more, and hand back what was prefetched but not started.
+        channel.basic.cancel(tag)
+        while (prefetched := channel.wait_for_message(0)) is not None:
+            prefetched.nack(requeue=True)
+
+    def _runtime(self) -> Runtime:
+        if self.runtime is None:
+            raise RuntimeError('The consumer was not given a runtime by the carrot service.')
+        return self.runtime
+
+    # -- one message -------------------------------------------------------------------
+
+    def handle(self, delivery: Delivery) -> None:
+        """Run one delivered message and settle it."""
+        runtime = self._runtime()
+        properties = delivery.properties
+        try:
+            task_message = message.decode(_bytes(delivery.body), properties)
+            function = registry.resolve(task_message.task)
+        except (BadMessage, TaskNotRegistered, TaskImportError) as error:
+            self.refuse(delivery, error)
+            return
+
+        args_json, kwargs_json = _arguments_json(task_message)
+        method = delivery.method or {}
+        try:
+            started = runtime.recorder.record_start(lifecycle.Start(
+                message_id=task_message.message_id, task=task_message.task,
+                args_json=args_json, kwargs_json=kwargs_json, queue=self.queue,
+                exchange=_text(method.get('exchange')),
+                routing_key=_text(method.get('routing_key')),
+                priority=task_message.priority,
+            ))
+        except RecordingFailed as error:
+            self._requeue(delivery, f'its start could not be recorded ({error})')
+            return
+        if started.already_completed:
+            self.logger.info('%s: task %s (%s) was completed before; acknowledging the '
+                             'redelivery without running it again', self.name,
+                             task_message.task, task_message.message_id)
+            delivery.ack()
+            return
+
+        outcome = executor.execute(function, task_message)
+        try:
+            runtime.recorder.record_finish(lifecycle.Finish(
+                pk=started.pk, status=outcome.status, output=outcome.output, log=outcome.log,
+                exception=outcome.exception_text, traceback=outcome.traceback,
+            ))
+        except RecordingFailed as error:
+            self._requeue(delivery, f'its end could not be recorded ({error})')
+            return
+        if outcome.exception is not None:
+            self._call_failure_callbacks(started.pk, outcome.exception)
+        delivery.ack()
+
+    def refuse(self, delivery: Delivery, error: CarrotError) -> None:
+        """Dead-letter a message that cannot run, with a FAILED row where it has an id."""
+        runtime = self._runtime()
+        reason = str(error)
+        properties = dict(delivery.properties)
+        headers = dict(properties.get('headers') or {})
+        headers[message.DEAD_REASON_HEADER] = reason[:1000]
+        properties['headers'] = headers
+        try:
+            get_publisher().send(runtime.queue.broker, _bytes(delivery.body), properties,
+                                 routing_key=runtime.queue.dead_letter_queue)
+        except CarrotError as publish_error:
+            self._requeue(delivery, f'it cannot run ({reason}) and the dead-letter queue '
+                                    f'could not take it ({publish_error})')
+            return
+        message_id = message.message_id_of(properties)
+        self.logger.error('%s: message %s dead-lettered to %s: %s', self.name,
+                          message_id or '(no message_id)', runtime.queue.dead_letter_queue, reason)
+        task = _text((delivery.properties.get('headers') or {}).get(message.TYPE_HEADER))
+        try:
+            log = lifecycle.record_refused(message_id=message_id, task=task or '(unknown)',
+                                           reason=reason, queue=self.queue)
+            if log is not None:
+                self._call_failure_callbacks(log.pk, error)
+        except DatabaseError as db_error:
+            self.logger.error('%s: the FAILED row of message %s could not be written: %s',
+                              self.name, message_id, db_error)
+        finally:
+            close_old_connections()
+        delivery.ack()
+
+    def _requeue(self, delivery: Delivery, why: str) -> None:
+        self.logger.error('%s: message %s handed back to the queue: %s', self.name,
+                          delivery.properties.get('message_id'), why)
+        delivery.nack(requeue=True)
+        gevent.sleep(REQUEUE_PAUSE_SECONDS)  # do not spin on a database that is down
+
+    def _call_failure_callbacks(self, pk: int, error: Any) -> None:
+        if not self.failure_callbacks:
+            return
+        try:
+            log = MessageLog.objects.get(pk=pk)
+            for callback in self.failure_callbacks:
+                try:
+                    callback(log, error)
+                except Exception:
+                    self.logger.exception('%s: failure callback %r raised', self.name, callback)
+        except DatabaseError as db_error:
+            self.logger.error('%s: failure callbacks skipped: %s', self.name, db_error)
+        finally:
+            close_old_connections()
+
+
+def _arguments_json(task_message: message.TaskMessage) -> tuple[str, str]:
+    return json.dumps(task_message.args), json.dumps(task_message.kwargs)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode('utf-8', 'replace')
+    return value if isinstance(value, str) else ''
+
+
+def _bytes(body: Any) -> bytes:
+    return body if isinstance(body, bytes) else str(body).encode()
+
+
+def _close_quietly(channel: SignallingChannel) -> None:
+    try:
+        if channel.is_open:
+            channel.close()
+    except AMQPError:
+        pass

@@ -1,0 +1,54 @@
+"""Running one task: resolve it, call it with its log captured, say how it ended."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass
+
+from django.db import close_old_connections
+
+from carrot import lifecycle, registry
+from carrot.message import TaskMessage
+from carrot.models import MessageLog
+from carrot.worker import logcapture
+
+logger = logging.getLogger('carrot.task')
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    output: str | None
+    log: str
+    exception: BaseException | None = None
+    traceback: str | None = None
+
+    @property
+    def exception_text(self) -> str | None:
+        if self.exception is None:
+            return None
+        return f'{type(self.exception).__name__}: {self.exception}'
+
+
+def execute(function: registry.Task, task_message: TaskMessage) -> Outcome:
+    """Run the task and report its outcome; only BaseExceptions such as a kill escape."""
+    with logcapture.capture() as lines:
+        # The database connections of this greenlet are opened by the task if it needs them
+        # and closed (as Django's request cycle would) around it.
+        close_old_connections()
+        try:
+            logger.info('Starting task %s (%s)', task_message.task, task_message.message_id)
+            result = function(*task_message.args, **task_message.kwargs)
+        except Exception as error:
+            logger.error('Task %s failed: %s: %s', task_message.task,
+                         type(error).__name__, error)
+            return Outcome(
+                status=MessageLog.FAILED, output=None, log='\n'.join(lines), exception=error,
+                traceback=traceback.format_exc(),
+            )
+        finally:
+            close_old_connections()
+        logger.info('Task %s completed', task_message.task)
+        return Outcome(status=MessageLog.COMPLETED, output=lifecycle.output_text(result),
+                       log='\n'.join(lines))

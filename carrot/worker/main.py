@@ -1,0 +1,93 @@
+"""The worker process: ``python manage.py carrot`` re-executes itself into this module.
+
+The first statement monkey-patches, before Django, the database driver or ssl is imported.
+"""
+
+from carrot.worker import patch
+
+IMPORTED_BEFORE_PATCHING = patch.patch_all()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import logging.handlers  # noqa: E402
+import sys  # noqa: E402
+
+LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
+LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='manage.py carrot')
+    p.add_argument('--logfile', default='/var/log/carrot.log')
+    p.add_argument('--loglevel', default='DEBUG', choices=LEVELS, type=str.upper)
+    p.add_argument('--no-scheduler', action='store_true')
+    p.add_argument('--testmode', action='store_true')
+    p.add_argument('--shutdown-timeout', type=float, default=None)
+    return p
+
+
+def configure_logging(logfile: str, level: str) -> None:
+    """Log to ``logfile`` (reopened when logrotate moves it) and to standard output."""
+    formatter = logging.Formatter(LOG_FORMAT)
+    handlers: list[logging.Handler] = [
+        logging.handlers.WatchedFileHandler(logfile),
+        logging.StreamHandler(sys.stdout),
+    ]
+    root = logging.getLogger()
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.setLevel(level)
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger('carrot').setLevel(level)
+    # amqpstorm logs every frame at DEBUG.
+    logging.getLogger('amqpstorm').setLevel(max(logging.INFO, logging.getLevelName(level)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parser().parse_args(argv)
+    try:
+        open(options.logfile, 'a').close()
+    except OSError as error:
+        print(f'carrot: --logfile {options.logfile} cannot be written: {error.strerror}. '
+              f'Pass --logfile with a path you may write to.', file=sys.stderr)
+        return 2
+
+    import django
+
+    django.setup()
+    configure_logging(options.logfile, options.loglevel)
+
+    from carrot.worker import logcapture, preflight
+    from carrot.worker.service import Service
+
+    log = logging.getLogger('carrot.worker')
+    logcapture.install(logging.getLevelName(options.loglevel))
+    if IMPORTED_BEFORE_PATCHING:
+        log.error('Monkey-patching came after %s was imported; greenlets may block each other',
+                  ', '.join(IMPORTED_BEFORE_PATCHING))
+    problems = preflight.problems()
+    if problems:
+        for problem in problems:
+            print(f'carrot: {problem}', file=sys.stderr)
+            log.error(problem)
+        return 1
+    if options.testmode:
+        patched = patch.patched_modules()
+        print('carrot testmode: monkey-patched '
+              + ', '.join(name for name, done in patched.items() if done)
+              + ('; imported before patching: ' + ', '.join(IMPORTED_BEFORE_PATCHING)
+                 if IMPORTED_BEFORE_PATCHING else '; nothing imported before patching'))
+        print('carrot testmode: broker and database answer; exiting')
+        return 1 if IMPORTED_BEFORE_PATCHING or not all(patched.values()) else 0
+
+    from carrot.conf import get_settings
+
+    settings = get_settings()
+    timeout = options.shutdown_timeout
+    service = Service(settings, settings.shutdown_timeout if timeout is None else timeout)
+    return service.run()
+
+
+if __name__ == '__main__':
+    sys.exit(main())

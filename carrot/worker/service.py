@@ -1,0 +1,123 @@
+"""The carrot service: one gevent pool of consumer greenlets, its lifecycle and signals.
+
+TERM or INT: stop taking messages, let running tasks finish within the shutdown timeout,
+hand back the rest, exit 0. A second signal stops at once; RabbitMQ redelivers whatever was
+not acknowledged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import gevent
+from django.db import connections
+from gevent.event import Event
+from gevent.pool import Pool
+
+from carrot import conf
+from carrot.broker import get_publisher
+from carrot.exceptions import CarrotConfigException
+from carrot.worker.consumer import Consumer, Runtime
+from carrot.worker.link import QueueLink
+from carrot.worker.recorder import Recorder
+
+logger = logging.getLogger('carrot.worker')
+
+READY_LINE = 'carrot service ready'
+
+
+def consumer_class(path: str) -> type[Consumer]:
+    """The class a queue's ``consumer_class`` names; it must subclass carrot's Consumer."""
+    module_name, _, name = path.rpartition('.')
+    try:
+        found = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise CarrotConfigException(
+            f"consumer_class {path!r} cannot be imported: {error}."
+        ) from None
+    if not isinstance(found, type) or not issubclass(found, Consumer):
+        raise CarrotConfigException(
+            f'consumer_class {path!r} must be a subclass of carrot.consumer.Consumer.'
+        )
+    return found
+
+
+@dataclass
+class _Worker:
+    consumer: Consumer
+    greenlet: gevent.Greenlet
+
+
+class Service:
+    def __init__(self, settings: conf.CarrotSettings, shutdown_timeout: float) -> None:
+        self.settings = settings
+        self.shutdown_timeout = shutdown_timeout
+        self.stopping = Event()
+        self.stop_now = Event()
+        self.recorder = Recorder()
+        self.links: list[QueueLink] = []
+        self.workers: list[_Worker] = []
+        self.pool = Pool()
+
+    def run(self) -> int:
+        """Consume until a signal says stop; the exit status."""
+        gevent.signal_handler(signal.SIGTERM, self.request_stop)
+        gevent.signal_handler(signal.SIGINT, self.request_stop)
+        self.recorder.start()
+        consuming = []
+        for queue in self.settings.queues:
+            if not queue.consumable:
+                continue
+            link = QueueLink(queue)
+            self.links.append(link)
+            cls = consumer_class(queue.consumer_class)
+            for index in range(queue.concurrency):
+                consumer = cls(queue.broker, queue.name, logging.getLogger('carrot'),
+                               f'{queue.name}-{index + 1}', queue.durable,
+                               dict(queue.queue_arguments), dict(queue.exchange_arguments))
+                ready = Event()
+                consumer.runtime = Runtime(queue=queue, link=link, recorder=self.recorder,
+                                           stopping=self.stopping, consuming=ready)
+                consuming.append(ready)
+                self.workers.append(_Worker(consumer, self.pool.spawn(consumer.run)))
+        gevent.spawn(self._announce_ready, consuming)
+        self.stopping.wait()
+        self._shut_down()
+        return 0
+
+    def _announce_ready(self, consuming: list[Event]) -> None:
+        for ready in consuming:
+            ready.wait()
+        queues = ', '.join(f'{q.name}×{q.concurrency}' for q in self.settings.queues
+                           if q.consumable)
+        logger.info('%s: consuming %s', READY_LINE, queues or 'no queue')
+        print(f'{READY_LINE}: consuming {queues or "no queue"}', flush=True)
+
+    def request_stop(self) -> None:
+        if self.stopping.is_set():
+            logger.warning('Second stop signal: stopping now; unfinished tasks will be '
+                           'delivered again')
+            self.stop_now.set()
+            return
+        running = sum(1 for w in self.workers if w.consumer.busy)
+        logger.warning('Stopping: no new tasks; waiting up to %.0f s for %d running task(s)',
+                       self.shutdown_timeout, running)
+        self.stopping.set()
+
+    def _shut_down(self) -> None:
+        waiter = gevent.spawn(self.pool.join)
+        gevent.wait([waiter, self.stop_now], timeout=self.shutdown_timeout, count=1)
+        unfinished = [w for w in self.workers if not w.greenlet.dead]
+        if unfinished:
+            logger.warning('%d task(s) did not finish in time; handing them back to RabbitMQ',
+                           len(unfinished))
+            self.pool.kill(block=True, timeout=5)
+        for link in self.links:
+            link.close()  # unacknowledged messages go back to their queue
+        self.recorder.stop()
+        get_publisher().close()
+        connections.close_all()
+        logger.info('carrot service stopped')
