@@ -1,0 +1,101 @@
+"""What the README's two commands share: a virtualenv with what they need, and RabbitMQ.
+
+Standard library only: this runs before anything is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get('CARROT_VENV', ROOT / '.venv'))
+RABBITMQ = ('127.0.0.1', 5672)
+POSTGRESQL = ('127.0.0.1', 5432)
+
+
+def say(text: str) -> None:
+    print(f'==> {text}', flush=True)
+
+
+def venv_python(requirements: list[Path]) -> Path:
+    """The virtualenv's python, after installing carrot and ``requirements`` when they changed."""
+    python = VENV / 'bin' / 'python'
+    if not python.exists():
+        say(f'Creating a virtualenv in {VENV}')
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    inputs = [ROOT / 'setup.py', ROOT / 'requirements.txt', *requirements]
+    digest = hashlib.sha256(b''.join(p.read_bytes() for p in inputs)).hexdigest()[:16]
+    stamp = VENV / f'.carrot-installed-{digest}'
+    if not stamp.exists():
+        say('Installing carrot and what it needs (pip)')
+        pip = [str(python), '-m', 'pip', 'install', '--disable-pip-version-check', '-q']
+        subprocess.run([*pip, '--upgrade', 'pip'], check=True)
+        args = [*pip, '-e', str(ROOT)]
+        for requirement in requirements:
+            args += ['-r', str(requirement)]
+        subprocess.run(args, check=True)
+        stamp.touch()
+    return python
+
+
+def answering(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until_answering(address: tuple[str, int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if answering(address):
+            return True
+        time.sleep(1)
+    return False
+
+
+def ensure_rabbitmq() -> None:
+    """RabbitMQ on 127.0.0.1:5672: already there, started here, or a message and exit 2."""
+    if answering(RABBITMQ):
+        return
+    server = shutil.which('rabbitmq-server')
+    if server is None:
+        sys.exit(
+            'RabbitMQ is not answering on 127.0.0.1:5672 and rabbitmq-server is not installed.\n'
+            'Install it (Debian/Ubuntu: sudo apt-get install rabbitmq-server; macOS: brew '
+            'install rabbitmq) or start one, for example:\n'
+            '  docker run -d -p 5672:5672 rabbitmq:3\n'
+            'then run this command again.'
+        )
+    say('Starting RabbitMQ (rabbitmq-server -detached)')
+    subprocess.run([server, '-detached'], check=False)
+    if not wait_until_answering(RABBITMQ, 90):
+        sys.exit('rabbitmq-server was started but 127.0.0.1:5672 is still not answering after '
+                 '90 s; see its log (usually /var/log/rabbitmq/).')
+    ctl = shutil.which('rabbitmqctl')
+    if ctl:
+        subprocess.run([ctl, '-q', 'await_startup'], check=False, timeout=120)
+
+
+def ensure_postgresql() -> bool:
+    """Whether PostgreSQL answers on 127.0.0.1:5432, starting a local cluster if it can."""
+    if answering(POSTGRESQL):
+        return True
+    ctl = shutil.which('pg_ctlcluster')
+    versions = Path('/etc/postgresql')
+    if ctl and versions.is_dir():
+        for version in sorted(p.name for p in versions.iterdir()):
+            say(f'Starting PostgreSQL {version} (pg_ctlcluster)')
+            subprocess.run([ctl, '--skip-systemctl-redirect', version, 'main', 'start'],
+                           check=False)
+        return wait_until_answering(POSTGRESQL, 60)
+    return False

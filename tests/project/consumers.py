@@ -1,0 +1,20 @@
+"""A consumer_class in the form upstream django-carrot documented."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from carrot.consumer import Consumer
+from carrot.models import MessageLog
+
+
+class FailureRecordingConsumer(Consumer):
+    def __init__(self, host: Any, queue: str, logger: Any, name: str, durable: bool = True,
+                 queue_arguments: Any = None, exchange_arguments: Any = None) -> None:
+        super().__init__(host, queue, logger, name, durable, queue_arguments, exchange_arguments)
+        self.add_failure_callback(self.failure_callback)
+
+    def failure_callback(self, log: MessageLog, exception: Any) -> None:
+        with open(os.environ['CARROT_TEST_CALLBACK_FILE'], 'a') as handle:
+            handle.write(f'{log.uuid} {log.task} {exception}\n')

@@ -1,0 +1,65 @@
+"""Tasks the tests publish. The worker is monkey-patched, so time.sleep yields."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from os import getcwd  # noqa: F401  (imported, not defined here: must not be runnable)
+from typing import Any
+
+logger = logging.getLogger('carrot.tests')
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def noop() -> None:
+    return None
+
+
+def echo(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return {'args': list(args), 'kwargs': kwargs}
+
+
+def fail(message: str = 'boom') -> None:
+    raise ValueError(message)
+
+
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def log_lines(tag: str, count: int = 3, pause: float = 0.01) -> str:
+    """Logs ``count`` lines tagged ``tag``, yielding between them so tasks interleave."""
+    for index in range(count):
+        logger.info('line %d of %s', index, tag)
+        time.sleep(pause)
+    return tag
+
+
+def not_json() -> object:
+    return object()
+
+
+def touch(path: str, seconds: float = 0.0) -> str:
+    """Appends a line to ``path`` each time it runs (to count runs), after sleeping."""
+    time.sleep(seconds)
+    with open(path, 'a') as handle:
+        handle.write(f'{os.getpid()}\n')
+    return path
+
+
+class NotAFunction:
+    pass
+
+
+def use_database(name: str) -> int:
+    """Reads and writes the database, as many real tasks do."""
+    from carrot.models import ScheduledTask
+
+    ScheduledTask.objects.create(task_name=name, task='tests.project.tasks.noop')
+    time.sleep(0.02)
+    return ScheduledTask.objects.filter(task_name=name).count()

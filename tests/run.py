@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""Run the whole test suite: ``python3 tests/run.py`` (extra arguments go to pytest).
+
+Installs what the tests need into .venv, makes sure RabbitMQ (and, for the PostgreSQL leg,
+PostgreSQL) answers, then runs pytest on SQLite (everything, with lint, type check, docs
+build and migrations check) and the database-bound tests again on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.bootstrap import ROOT, ensure_postgresql, ensure_rabbitmq, say, venv_python  # noqa: E402
+
+POSTGRESQL_LEG = ['tests/test_publish.py', 'tests/test_worker.py', 'tests/test_database.py']
+
+
+def main() -> int:
+    python = venv_python([ROOT / 'tests' / 'requirements.txt'])
+    ensure_rabbitmq()
+    pytest = [str(python), '-m', 'pytest', *sys.argv[1:]]
+
+    say('Tests on SQLite')
+    code = subprocess.run(pytest, cwd=ROOT, env={**os.environ, 'CARROT_TEST_DB': 'sqlite'}
+                          ).returncode
+    if code != 0:
+        return code
+    if sys.argv[1:]:
+        return 0  # a chosen subset: one leg is enough
+    if not ensure_postgresql():
+        if os.environ.get('CARROT_REQUIRE_POSTGRESQL'):
+            print('PostgreSQL is not answering on 127.0.0.1:5432.', file=sys.stderr)
+            return 1
+        say('PostgreSQL is not answering on 127.0.0.1:5432: skipping the PostgreSQL leg')
+        return 0
+    say('Database-bound tests on PostgreSQL')
+    return subprocess.run(
+        [*pytest, *POSTGRESQL_LEG], cwd=ROOT,
+        env={**os.environ, 'CARROT_TEST_DB': 'postgresql'},
+    ).returncode
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The database under gevent: 100 tasks at once using it, connections closed after each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from django.db import connection
+
+from carrot.models import MessageLog, ScheduledTask
+from carrot.utilities import publish_message
+from tests.conftest import Worker, carrot_settings, statuses, wait_for
+from tests.project import tasks
+
+StartWorker = Callable[..., Worker]
+
+
+def _open_connections() -> int:
+    """Connections to the test database other than this process's own (PostgreSQL)."""
+    with connection.cursor() as cursor:
+        cursor.execute('SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() '
+                       'AND pid <> pg_backend_pid()')
+        return int(cursor.fetchone()[0])
+
+
+def test_concurrency_100_with_tasks_that_use_the_database(
+        queue: str, start_worker: StartWorker) -> None:
+    start_worker(carrot_settings(queue, concurrency=100), '--loglevel', 'WARNING')
+    for index in range(300):
+        publish_message(tasks.use_database, f'row-{index}')
+    wait_for(lambda: statuses() == {'COMPLETED': 300}, timeout=120, what='300 completions')
+    assert ScheduledTask.objects.count() == 300
+    assert set(MessageLog.objects.values_list('output', flat=True)) == {'1'}
+    if connection.vendor == 'postgresql':
+        # Each task's connection is closed after it; the recorder keeps one.
+        wait_for(lambda: _open_connections() <= 2, timeout=10, what='connections to close')

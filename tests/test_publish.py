@@ -1,0 +1,137 @@
+"""publish_message against the real RabbitMQ: what is written, what is sent, and when."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.db import transaction
+from django.test.utils import override_settings
+
+from carrot.broker import get_publisher
+from carrot.exceptions import (
+    ArgumentsNotSerializable,
+    BrokerUnavailable,
+    CarrotConfigException,
+    TaskNotRegistered,
+)
+from carrot.models import MessageLog
+from carrot.utilities import create_message, get_host_from_name, publish_message, validate_task
+from tests.conftest import Broker, carrot_settings
+from tests.project import tasks
+
+
+def test_publish_writes_a_published_row_and_an_upstream_format_message(
+        queue: str, broker: Broker) -> None:
+    log = publish_message(tasks.add, 1, 2, priority=3, key='value')
+
+    row = MessageLog.objects.get(pk=log.pk)
+    assert row.status == MessageLog.PUBLISHED
+    assert (row.task, row.queue, row.routing_key, row.priority) == \
+        ('tests.project.tasks.add', queue, queue, 3)
+    assert json.loads(row.task_args or '') == [1, 2]
+    assert json.loads(row.content or '') == {'key': 'value'}
+    assert row.publish_time is not None
+
+    [sent] = broker.get_all(queue)
+    assert sent.properties['headers']['type'] == 'tests.project.tasks.add'
+    assert sent.properties['message_id'] == log.uuid
+    assert sent.properties['delivery_mode'] == 2
+    assert json.loads(sent.body) == {'args': [1, 2], 'kwargs': {'key': 'value'}}
+
+
+def test_the_first_message_before_any_worker_ran_is_kept(broker: Broker) -> None:
+    name = broker.queue_name('fresh')  # this queue has never been declared by anyone
+    with override_settings(CARROT=carrot_settings(name)):
+        publish_message('tests.project.tasks.noop', queue=name)
+    assert broker.message_count(name) == 1
+
+
+def test_a_task_can_be_given_by_path(queue: str, broker: Broker) -> None:
+    log = publish_message('tests.project.tasks.echo', 'x')
+    assert log.task == 'tests.project.tasks.echo'
+    assert broker.message_count(queue) == 1
+
+
+@pytest.mark.parametrize(('call', 'error'), [
+    (lambda: publish_message('os.system', 'rm -rf /'), TaskNotRegistered),
+    (lambda: publish_message(tasks.add, object()), ArgumentsNotSerializable),
+    (lambda: publish_message(tasks.add, 1, 2, queue='nope'), CarrotConfigException),
+    (lambda: publish_message(tasks.add, priority=300), ValueError),
+])
+def test_bad_input_raises_before_anything_is_written_or_sent(
+        queue: str, broker: Broker, call: object, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        call()  # type: ignore[operator]
+    assert MessageLog.objects.count() == 0
+    assert broker.message_count(queue) == 0
+
+
+def test_inside_a_transaction_the_message_goes_out_on_commit(
+        queue: str, broker: Broker) -> None:
+    with transaction.atomic():
+        log = publish_message(tasks.noop)
+        assert broker.message_count(queue) == 0
+    assert broker.message_count(queue) == 1
+    assert MessageLog.objects.get(pk=log.pk).status == MessageLog.PUBLISHED
+
+
+def test_a_rolled_back_transaction_sends_nothing_and_keeps_no_row(
+        queue: str, broker: Broker) -> None:
+    with pytest.raises(RuntimeError), transaction.atomic():
+        publish_message(tasks.noop)
+        raise RuntimeError('roll back')
+    assert broker.message_count(queue) == 0
+    assert MessageLog.objects.count() == 0
+
+
+def test_an_unreachable_broker_raises_and_leaves_no_published_row(broker: Broker) -> None:
+    name = broker.queue_name()
+    settings = carrot_settings(name)
+    settings['queues'][0]['host'] = 'amqp://guest:s3cret@127.0.0.1:1/'
+    with override_settings(CARROT=settings):
+        with pytest.raises(BrokerUnavailable) as caught:
+            publish_message(tasks.noop, queue=name)
+    assert '127.0.0.1:1' in str(caught.value)
+    assert 's3cret' not in str(caught.value)
+    assert MessageLog.objects.count() == 0
+
+
+def test_a_failed_publish_after_commit_marks_the_row_failed(broker: Broker) -> None:
+    name = broker.queue_name()
+    settings = carrot_settings(name)
+    settings['queues'][0]['host'] = 'amqp://guest:guest@127.0.0.1:1/'
+    with override_settings(CARROT=settings):
+        with pytest.raises(BrokerUnavailable), transaction.atomic():
+            log = publish_message(tasks.noop, queue=name)
+    row = MessageLog.objects.get(pk=log.pk)
+    assert row.status == MessageLog.FAILED
+    assert 'Not published' in (row.exception or '')
+
+
+def test_an_unroutable_exchange_is_an_error_not_a_silent_drop(
+        queue: str, broker: Broker) -> None:
+    with pytest.raises(CarrotConfigException, match='NOT_FOUND|could not route'):
+        publish_message(tasks.noop, exchange='amq.direct', routing_key='nowhere-bound')
+    assert MessageLog.objects.count() == 0
+
+
+def test_connections_and_channels_are_reused(queue: str, broker: Broker) -> None:
+    publish_message(tasks.noop)
+    publisher = get_publisher()
+    [link] = publisher._links.values()
+    connection = link.connection
+    for _ in range(50):
+        publish_message(tasks.noop)
+    [same] = publisher._links.values()
+    assert same.connection is connection
+    assert len(same.idle) == 1  # one channel did all the sequential publishes
+    assert broker.message_count(queue) == 51
+
+
+def test_upstream_helpers_keep_their_names(queue: str) -> None:
+    assert validate_task(tasks.add) == 'tests.project.tasks.add'
+    assert get_host_from_name(queue).host == '127.0.0.1'
+    assert get_host_from_name(None).port == 5672
+    message = create_message(tasks.add, task_args=(1, 2), queue=queue)
+    assert message.task == 'tests.project.tasks.add' and message.uuid

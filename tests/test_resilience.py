@@ -1,0 +1,88 @@
+"""Bad messages, a broker that restarts, a database that is busy: nothing is lost."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+
+import pytest
+from django.test.utils import override_settings
+
+from carrot.models import MessageLog
+from carrot.utilities import publish_message
+from tests.conftest import Broker, Worker, carrot_settings, statuses, wait_for
+from tests.project import tasks
+
+StartWorker = Callable[..., Worker]
+
+
+def _dead_reason(message: object) -> str:
+    headers = message.properties['headers']  # type: ignore[attr-defined]
+    reason = headers['x-carrot-dead-reason']
+    return reason.decode() if isinstance(reason, bytes) else str(reason)
+
+
+@pytest.mark.parametrize(('body', 'properties', 'reason'), [
+    (b'not json at all', {'message_id': 'bad-body',
+                          'headers': {'type': 'tests.project.tasks.noop'}},
+     'The message body is not JSON'),
+    (b'{"args": []}', {'message_id': 'no-type'}, "no 'type' header"),
+    (b'{"args": []}', {'message_id': 'unknown-task', 'headers': {'type': 'os.system'}},
+     'os.system is not a registered task'),
+    (b'{"args": []}', {'message_id': 'import-fails',
+                       'headers': {'type': 'tests.project.broken_tasks.never'}},
+     'broken_tasks cannot be imported'),
+    (b'{"args": []}', {'message_id': 'missing-function',
+                       'headers': {'type': 'tests.project.tasks.nothing_here'}},
+     'has no function called nothing_here'),
+])
+def test_a_message_that_cannot_run_is_dead_lettered_with_a_failed_row_saying_why(
+        broker: Broker, start_worker: StartWorker, body: bytes,
+        properties: dict[str, object], reason: str) -> None:
+    queue = broker.queue_name()
+    settings = carrot_settings(queue, broken_module=True)
+    with override_settings(CARROT=settings):
+        start_worker(settings)
+        broker.publish_raw(queue, body, {**properties, 'delivery_mode': 2})
+        good = publish_message(tasks.add, 1, 1)  # the worker goes on consuming
+        wait_for(lambda: statuses() == {'FAILED': 1, 'COMPLETED': 1}, what='both messages')
+
+    row = MessageLog.objects.get(uuid=properties['message_id'])
+    assert reason in (row.exception or '')
+    assert MessageLog.objects.get(pk=good.pk).output == '2'
+    [dead] = broker.get_all(f'{queue}.dead')
+    assert dead.body == body
+    assert reason in _dead_reason(dead)
+    assert broker.counts(queue) == (0, 0)
+
+
+def test_a_bad_message_without_an_id_is_dead_lettered_with_an_error_log_line(
+        queue: str, broker: Broker, start_worker: StartWorker) -> None:
+    worker = start_worker(carrot_settings(queue))
+    broker.publish_raw(queue, b'\x00\x01garbage', {'delivery_mode': 2})
+    wait_for(lambda: broker.counts(f'{queue}.dead') == (1, 0), what='the dead letter')
+    worker.stop()
+    assert MessageLog.objects.count() == 0
+    assert "ERROR carrot: carrot_test" in worker.logfile.read_text()
+    assert 'dead-lettered' in worker.logfile.read_text()
+
+
+@pytest.mark.broker_restart
+def test_the_broker_restarting_mid_consumption_loses_no_task(
+        queue: str, start_worker: StartWorker, broker: Broker) -> None:
+    for _ in range(300):
+        publish_message(tasks.sleep, 0.05)
+    worker = start_worker(carrot_settings(queue, concurrency=5), '--loglevel', 'WARNING')
+    wait_for(lambda: statuses().get('COMPLETED', 0) >= 20, what='some completions')
+    subprocess.run(['rabbitmqctl', '-q', 'stop_app'], check=True, timeout=120)
+    try:
+        completed_while_down = statuses().get('COMPLETED', 0)
+        assert completed_while_down < 300
+    finally:
+        subprocess.run(['rabbitmqctl', '-q', 'start_app'], check=True, timeout=120)
+        subprocess.run(['rabbitmqctl', '-q', 'await_startup'], check=True, timeout=120)
+    wait_for(lambda: statuses().get('COMPLETED', 0) == 300, timeout=180,
+             what='all 300 tasks to complete after the restart')
+    assert statuses() == {'COMPLETED': 300}
+    assert 'reconnecting' in worker.output or 'broker unavailable' in worker.output
+    assert broker.counts(queue) == (0, 0)
