@@ -25,14 +25,19 @@ def say(text: str) -> None:
     print(f'==> {text}', flush=True)
 
 
-def venv_python(requirements: list[Path]) -> Path:
-    """The virtualenv's python, after installing carrot and ``requirements`` when they changed."""
+def venv_python(requirements: list[Path], extra: list[str] | None = None) -> Path:
+    """The virtualenv's python, after installing carrot and ``requirements`` when they changed.
+
+    ``extra`` are further requirement specifiers, such as a Django version to test against.
+    """
     python = VENV / 'bin' / 'python'
     if not python.exists():
         say(f'Creating a virtualenv in {VENV}')
         venv.EnvBuilder(with_pip=True).create(VENV)
     inputs = [ROOT / 'setup.py', ROOT / 'requirements.txt', *requirements]
-    digest = hashlib.sha256(b''.join(p.read_bytes() for p in inputs)).hexdigest()[:16]
+    extra = extra or []
+    contents = b''.join(p.read_bytes() for p in inputs) + ' '.join(extra).encode()
+    digest = hashlib.sha256(contents).hexdigest()[:16]
     stamp = VENV / f'.carrot-installed-{digest}'
     if not stamp.exists():
         say('Installing carrot and what it needs (pip)')
@@ -41,6 +46,7 @@ def venv_python(requirements: list[Path]) -> Path:
         args = [*pip, '-e', str(ROOT)]
         for requirement in requirements:
             args += ['-r', str(requirement)]
+        args += extra
         subprocess.run(args, check=True)
         stamp.touch()
     return python

@@ -4,6 +4,9 @@
 Installs what the tests need into .venv, makes sure RabbitMQ (and, for the PostgreSQL leg,
 PostgreSQL) answers, then runs pytest on SQLite (everything, with lint, type check, docs
 build and migrations check) and the database-bound tests again on PostgreSQL.
+
+CARROT_TEST_DJANGO (a requirement such as ``django>=6.0,<6.1``) and CARROT_VENV (another
+virtualenv folder) run the suite against another Django.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ POSTGRESQL_LEG = ['tests/test_publish.py', 'tests/test_worker.py', 'tests/test_d
 
 
 def main() -> int:
-    python = venv_python([ROOT / 'tests' / 'requirements.txt'])
+    django = os.environ.get('CARROT_TEST_DJANGO')
+    python = venv_python([ROOT / 'tests' / 'requirements.txt'], [django] if django else [])
     ensure_rabbitmq()
     pytest = [str(python), '-m', 'pytest', *sys.argv[1:]]
 

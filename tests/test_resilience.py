@@ -86,3 +86,27 @@ def test_the_broker_restarting_mid_consumption_loses_no_task(
     assert statuses() == {'COMPLETED': 300}
     assert 'reconnecting' in worker.output or 'broker unavailable' in worker.output
     assert broker.counts(queue) == (0, 0)
+
+
+def test_a_fault_in_carrot_itself_dead_letters_the_message_and_consuming_goes_on(
+        queue: str, broker: Broker, start_worker: StartWorker) -> None:
+    worker = start_worker(carrot_settings(
+        queue, consumer_class='tests.project.consumers.CrashingConsumer'))
+    crashed = publish_message(tasks.echo, 1)
+    good = publish_message(tasks.add, 1, 2)
+    wait_for(lambda: MessageLog.objects.get(pk=good.pk).status == 'COMPLETED', what='add')
+    wait_for(lambda: MessageLog.objects.get(pk=crashed.pk).status == 'FAILED', what='echo')
+    crashed.refresh_from_db()
+    assert 'RuntimeError: a bug in the consumer' in (crashed.exception or '')
+    [dead] = broker.get_all(f'{queue}.dead')
+    assert 'a bug in the consumer' in _dead_reason(dead)
+    assert 'Traceback' in worker.output
+
+
+def test_a_task_that_blocks_the_hub_is_reported(
+        queue: str, start_worker: StartWorker) -> None:
+    worker = start_worker(carrot_settings(queue))
+    log = publish_message(tasks.compute, 2.5)
+    wait_for(lambda: MessageLog.objects.get(pk=log.pk).status == 'COMPLETED', what='compute')
+    wait_for(lambda: 'The gevent hub was blocked' in worker.output, what='the warning')
+    assert 'by task tests.project.tasks.compute' in worker.output

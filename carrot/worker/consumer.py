@@ -73,6 +73,8 @@ class Consumer:
         self.failure_callbacks: list[FailureCallback] = []
         self.runtime: Runtime | None = None
         self.busy = False
+        self.current_task: str | None = None
+        self._settled = False
 
     def add_failure_callback(self, callback: FailureCallback) -> None:
         """Call ``callback(message_log, exception)`` whenever a task of this consumer fails."""
@@ -111,14 +113,19 @@ class Consumer:
             delivery = channel.wait_for_message(IDLE_CHECK_SECONDS)
             if delivery is not None:
                 self.busy = True
+                self._settled = False
                 try:
                     self.handle(delivery)
+                except AMQPError:
+                    raise
+                except Exception as error:
+                    self._recover(delivery, error)
                 finally:
                     self.busy = False
         # Stopping: take no more, and hand back what was prefetched but not started.
         channel.basic.cancel(tag)
         while (prefetched := channel.wait_for_message(0)) is not None:
-            prefetched.nack(requeue=True)
+            self._nack(prefetched)
 
     def _runtime(self) -> Runtime:
         if self.runtime is None:
@@ -155,10 +162,14 @@ class Consumer:
             self.logger.info('%s: task %s (%s) was completed before; acknowledging the '
                              'redelivery without running it again', self.name,
                              task_message.task, task_message.message_id)
-            delivery.ack()
+            self._ack(delivery)
             return
 
-        outcome = executor.execute(function, task_message)
+        self.current_task = task_message.task
+        try:
+            outcome = executor.execute(function, task_message)
+        finally:
+            self.current_task = None
         try:
             runtime.recorder.record_finish(lifecycle.Finish(
                 pk=started.pk, status=outcome.status, output=outcome.output, log=outcome.log,
@@ -169,7 +180,7 @@ class Consumer:
             return
         if outcome.exception is not None:
             self._call_failure_callbacks(started.pk, outcome.exception)
-        delivery.ack()
+        self._ack(delivery)
 
     def refuse(self, delivery: Delivery, error: CarrotError) -> None:
         """Dead-letter a message that cannot run, with a FAILED row where it has an id."""
@@ -200,12 +211,28 @@ class Consumer:
                               self.name, message_id, db_error)
         finally:
             close_old_connections()
+        self._ack(delivery)
+
+    def _recover(self, delivery: Delivery, error: Exception) -> None:
+        """A fault in carrot itself while handling a message: log it, never lose the message."""
+        self.logger.exception('%s: handling message %s failed', self.name,
+                              delivery.properties.get('message_id'))
+        if not self._settled:
+            self.refuse(delivery, CarrotError(
+                f'carrot could not handle this message: {type(error).__name__}: {error}'))
+
+    def _ack(self, delivery: Delivery) -> None:
         delivery.ack()
+        self._settled = True
+
+    def _nack(self, delivery: Delivery) -> None:
+        delivery.nack(requeue=True)
+        self._settled = True
 
     def _requeue(self, delivery: Delivery, why: str) -> None:
         self.logger.error('%s: message %s handed back to the queue: %s', self.name,
                           delivery.properties.get('message_id'), why)
-        delivery.nack(requeue=True)
+        self._nack(delivery)
         gevent.sleep(REQUEUE_PAUSE_SECONDS)  # do not spin on a database that is down
 
     def _call_failure_callbacks(self, pk: int, error: Any) -> None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 
-import gevent
 from amqpstorm.exception import AMQPError
+from gevent.event import Event
 from gevent.lock import Semaphore
 
 from carrot import broker, conf
 from carrot.amqp import Connection, SignallingChannel
-from carrot.exceptions import BrokerUnavailable
+from carrot.exceptions import CarrotError
 
 logger = logging.getLogger('carrot.worker')
 
@@ -25,61 +26,70 @@ def backoff_delay(attempt: int) -> float:
 
 
 class QueueLink:
-    """One connection per consumable queue, shared by that queue's consumers' channels."""
+    """One connection per consumable queue, shared by that queue's consumers' channels.
+
+    While the broker is away, one consumer tries to reconnect at a time and the others wait
+    for the next try, so a hundred consumers do not hammer the broker (or the log).
+    """
 
     def __init__(self, queue: conf.Queue) -> None:
         self.queue = queue
         self._connection: Connection | None = None
         self._lock = Semaphore()
+        self._failures = 0
+        self._retry_at = 0.0
 
-    def open_channel(self, stopping: gevent.event.Event) -> SignallingChannel | None:
-        """A channel on a healthy connection; waits with backoff while the broker is away.
-
-        None when ``stopping`` is set while waiting.
-        """
-        attempt = 0
+    def open_channel(self, stopping: Event) -> SignallingChannel | None:
+        """A channel on a healthy connection, once there is one; None when stopping."""
         while not stopping.is_set():
-            try:
-                connection = self._healthy_connection()
-                return connection.channel()
-            except (BrokerUnavailable, AMQPError) as error:
-                delay = backoff_delay(attempt)
-                logger.warning('Queue %s: broker unavailable (%s); retrying in %.1f s',
-                               self.queue.name, error, delay)
-                attempt += 1
-                stopping.wait(delay)
+            with self._lock:
+                wait = self._retry_at - time.monotonic()
+                if wait <= 0:
+                    try:
+                        return self._healthy_connection().channel()
+                    except (CarrotError, AMQPError) as error:
+                        delay = backoff_delay(self._failures)
+                        self._failures += 1
+                        self._retry_at = time.monotonic() + delay
+                        logger.warning('Queue %s: broker unavailable (%s); reconnecting in '
+                                       '%.1f s', self.queue.name, error, delay)
+                        wait = delay
+            stopping.wait(wait)
         return None
 
     def _healthy_connection(self) -> Connection:
-        with self._lock:
-            connection = self._connection
-            if connection is not None and connection.is_open:
-                try:
-                    connection.check_for_errors()
-                    return connection
-                except AMQPError:
-                    pass
-            if connection is not None:
-                self._close(connection)
-            connection = broker.connect(self.queue.broker, f'consumer of {self.queue.name}')
+        connection = self._connection
+        if connection is not None and connection.is_open:
             try:
-                with connection.channel() as channel:
-                    broker.declare(channel, self.queue)
-            except BaseException:
-                self._close(connection)
-                raise
-            self._connection = connection
-            return connection
-
-    @staticmethod
-    def _close(connection: Connection) -> None:
+                connection.check_for_errors()
+                return connection
+            except AMQPError:
+                pass
+        if connection is not None:
+            _close(connection)
+            self._connection = None
+        connection = broker.connect(self.queue.broker, f'consumer of {self.queue.name}')
         try:
-            connection.close()
-        except AMQPError:
-            pass
+            with connection.channel() as channel:
+                broker.declare(channel, self.queue)
+        except BaseException:
+            _close(connection)
+            raise
+        if self._failures:
+            logger.warning('Queue %s: reconnected to %s', self.queue.name, self.queue.broker)
+        self._failures = 0
+        self._connection = connection
+        return connection
 
     def close(self) -> None:
         with self._lock:
             if self._connection is not None:
-                self._close(self._connection)
+                _close(self._connection)
                 self._connection = None
+
+
+def _close(connection: Connection) -> None:
+    try:
+        connection.close()
+    except AMQPError:
+        pass

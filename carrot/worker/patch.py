@@ -12,13 +12,19 @@ import sys
 # Modules that must not be imported yet when patching happens.
 MUST_COME_AFTER = ('django', 'ssl', 'psycopg', 'psycopg2', 'MySQLdb', 'sqlite3', 'amqpstorm')
 PATCHED = ('socket', 'ssl', 'threading', 'time', 'select')
+# A task that computes this long without yielding stalls every other task and the broker
+# heartbeats; gevent's monitor thread notices and the service logs a warning.
+MAX_BLOCKING_SECONDS = 1.0
 
 
 def patch_all() -> list[str]:
     """Monkey-patch with gevent; the list of modules that were (wrongly) imported before."""
     early = [name for name in MUST_COME_AFTER if name in sys.modules]
+    import gevent
     from gevent import monkey
 
+    gevent.config.monitor_thread = True
+    gevent.config.max_blocking_time = MAX_BLOCKING_SECONDS
     monkey.patch_all()
     return early
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import gevent
 from django.db import connections
+from gevent import events
 from gevent.event import Event
 from gevent.pool import Pool
 
@@ -66,6 +67,7 @@ class Service:
         """Consume until a signal says stop; the exit status."""
         gevent.signal_handler(signal.SIGTERM, self.request_stop)
         gevent.signal_handler(signal.SIGINT, self.request_stop)
+        events.subscribers.append(self._on_hub_event)
         self.recorder.start()
         consuming = []
         for queue in self.settings.queues:
@@ -95,6 +97,18 @@ class Service:
                            if q.consumable)
         logger.info('%s: consuming %s', READY_LINE, queues or 'no queue')
         print(f'{READY_LINE}: consuming {queues or "no queue"}', flush=True)
+
+    def _on_hub_event(self, event: object) -> None:
+        if not isinstance(event, events.EventLoopBlocked):
+            return
+        tasks = [w.consumer.current_task for w in self.workers
+                 if w.greenlet is event.greenlet and w.consumer.current_task]
+        logger.warning(
+            'The gevent hub was blocked for more than %.1f s by %s: while a task computes '
+            'without waiting on I/O, every other task and the broker heartbeats stand still. '
+            'Move CPU-bound work to a subprocess or a queue of its own.',
+            event.blocking_time, f'task {tasks[0]}' if tasks else 'a greenlet',
+        )
 
     def request_stop(self) -> None:
         if self.stopping.is_set():

@@ -18,3 +18,13 @@ class FailureRecordingConsumer(Consumer):
     def failure_callback(self, log: MessageLog, exception: Any) -> None:
         with open(os.environ['CARROT_TEST_CALLBACK_FILE'], 'a') as handle:
             handle.write(f'{log.uuid} {log.task} {exception}\n')
+
+
+class CrashingConsumer(Consumer):
+    """Fails inside carrot's own handling for echo tasks, to show the message is not lost."""
+
+    def handle(self, delivery: Any) -> None:
+        if delivery.properties['headers'].get('type') in (b'tests.project.tasks.echo',
+                                                          'tests.project.tasks.echo'):
+            raise RuntimeError('a bug in the consumer')
+        super().handle(delivery)

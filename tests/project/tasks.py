@@ -63,3 +63,11 @@ def use_database(name: str) -> int:
     ScheduledTask.objects.create(task_name=name, task='tests.project.tasks.noop')
     time.sleep(0.02)
     return ScheduledTask.objects.filter(task_name=name).count()
+
+
+def compute(seconds: float) -> float:
+    """Burns CPU without yielding, blocking the gevent hub."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return seconds

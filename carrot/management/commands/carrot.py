@@ -13,7 +13,7 @@ import site
 import sys
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandParser
 
 LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
 
@@ -51,17 +51,6 @@ def worker_environment() -> dict[str, str]:
     return env
 
 
-def check_logfile(path: str) -> None:
-    try:
-        with open(path, 'a'):
-            pass
-    except OSError as error:
-        raise CommandError(
-            f'--logfile {path} cannot be written ({error.strerror}). Pass --logfile with a '
-            f'path you may write to, for example --logfile carrot.log.'
-        ) from None
-
-
 class Command(BaseCommand):
     help = 'Run the carrot service in the foreground: consume tasks from RabbitMQ and run them.'
     requires_system_checks: list[str] = []  # the worker runs them after patching
@@ -80,7 +69,6 @@ class Command(BaseCommand):
                                  "(default CARROT['shutdown_timeout'], 60).")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        check_logfile(options['logfile'])
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, worker_argv(options), worker_environment())
