@@ -179,6 +179,12 @@ class Publisher:
                     mandatory=True,
                 )
             except AMQPMessageError as error:
+                if declare_queue is not None and declare_queue.name in link.declared \
+                        and not exchange:
+                    # The queue was deleted since this connection declared it: again.
+                    link.declared.discard(declare_queue.name)
+                    last_error = error
+                    continue
                 raise CarrotConfigException(
                     f'RabbitMQ could not route the message to exchange {exchange!r} with routing '
                     f'key {routing_key!r} ({error}); no queue is bound there. Check the '

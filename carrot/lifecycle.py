@@ -8,9 +8,11 @@ finishing together cost a few statements, not a few hundred.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from django.db import connections, router, transaction
 from django.db.models import F
@@ -24,16 +26,48 @@ def database() -> str:
     return router.db_for_write(MessageLog)
 
 
+PUBLISHED_COLUMNS = ('status', 'uuid', 'task', 'task_args', 'content', 'queue', 'exchange',
+                     'routing_key', 'priority', 'publish_time', 'attempts')
+
+
 def record_published(
     *, message_id: str, task: str, args_json: str, kwargs_json: str, queue: str,
     exchange: str, routing_key: str, priority: int,
 ) -> MessageLog:
-    """The new PUBLISHED row of a message about to be sent."""
-    return MessageLog.objects.create(
-        status=MessageLog.PUBLISHED, uuid=message_id, task=task, task_args=args_json,
-        content=kwargs_json, queue=queue, exchange=exchange, routing_key=routing_key,
-        priority=priority, publish_time=timezone.now(),
-    )
+    """The new PUBLISHED row of a message about to be sent.
+
+    Written with one prepared INSERT rather than ``objects.create()``: on the publishing hot
+    path the ORM's query compilation cost more than the database round trip. (So no
+    ``pre_save``/``post_save`` signals are sent for MessageLog rows.)
+    """
+    alias = database()
+    connection = connections[alias]
+    values: list[Any] = [MessageLog.PUBLISHED, message_id, task, args_json, kwargs_json, queue,
+                         exchange, routing_key, priority, timezone.now(), 0]
+    prepared = list(values)
+    prepared[9] = MessageLog._meta.get_field('publish_time').get_db_prep_value(
+        values[9], connection)
+    with connection.cursor() as cursor:
+        if connection.features.can_return_columns_from_insert:
+            cursor.execute(_insert_sql(alias) + f' RETURNING {connection.ops.quote_name("id")}',
+                           prepared)
+            pk = cursor.fetchone()[0]
+        else:
+            cursor.execute(_insert_sql(alias), prepared)
+            pk = cursor.lastrowid
+    log = MessageLog(pk=pk, **dict(zip(PUBLISHED_COLUMNS, values, strict=True)))
+    log._state.adding = False
+    log._state.db = alias
+    return log
+
+
+@functools.cache
+def _insert_sql(alias: str) -> str:
+    ops = connections[alias].ops
+    columns = ', '.join(ops.quote_name(c) for c in PUBLISHED_COLUMNS)
+    placeholders = ', '.join(['%s'] * len(PUBLISHED_COLUMNS))
+    return (f'INSERT INTO {ops.quote_name(MessageLog._meta.db_table)} ({columns}) '
+            f'VALUES ({placeholders})')
 
 
 def discard_unpublished(log: MessageLog) -> None:

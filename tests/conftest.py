@@ -36,7 +36,7 @@ import django  # noqa: E402
 
 django.setup()
 
-from amqpstorm import UriConnection  # noqa: E402
+from amqpstorm import AMQPChannelError, UriConnection  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import connection, connections  # noqa: E402
 from django.test.utils import override_settings  # noqa: E402
@@ -119,6 +119,13 @@ class Broker:
     def message_count(self, queue: str) -> int:
         with self.connection() as conn, conn.channel() as channel:
             return int(channel.queue.declare(queue, passive=True)['message_count'])
+
+    def exists(self, queue: str) -> bool:
+        try:
+            self.message_count(queue)
+        except AMQPChannelError:
+            return False
+        return True
 
     def get_all(self, queue: str) -> list[Any]:
         """Take every message now in ``queue`` (acknowledged)."""

@@ -110,3 +110,14 @@ def test_a_task_that_blocks_the_hub_is_reported(
     wait_for(lambda: MessageLog.objects.get(pk=log.pk).status == 'COMPLETED', what='compute')
     wait_for(lambda: 'The gevent hub was blocked' in worker.output, what='the warning')
     assert 'by task tests.project.tasks.compute' in worker.output
+
+
+def test_a_queue_deleted_under_the_worker_is_declared_again_and_consumed(
+        queue: str, broker: Broker, start_worker: StartWorker) -> None:
+    worker = start_worker(carrot_settings(queue, concurrency=2))
+    with broker.connection() as conn, conn.channel() as channel:
+        channel.queue.delete(queue)
+    wait_for(lambda: 'cancelled the consumer' in worker.output, what='the cancel')
+    wait_for(lambda: broker.exists(queue), what='the queue to be declared again')
+    log = publish_message(tasks.add, 2, 2)
+    wait_for(lambda: MessageLog.objects.get(pk=log.pk).status == 'COMPLETED', what='the task')

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
-from amqpstorm.exception import AMQPError
+from amqpstorm.exception import AMQPChannelError, AMQPError
 from amqpstorm.message import Message as Delivery
 from django.db import DatabaseError, close_old_connections
 from gevent.event import Event
 
 from carrot import conf, lifecycle, message, registry
 from carrot.amqp import SignallingChannel
-from carrot.broker import get_publisher
+from carrot.broker import declare, get_publisher
 from carrot.exceptions import BadMessage, CarrotError, TaskImportError, TaskNotRegistered
 from carrot.models import MessageLog
 from carrot.worker import executor
@@ -106,11 +106,16 @@ class Consumer:
 
     def _consume(self, channel: SignallingChannel) -> None:
         runtime = self._runtime()
+        # Declared on every (re)start: the queue may have been deleted while we were away.
+        declare(channel, runtime.queue)
         channel.basic.qos(prefetch_count=runtime.queue.prefetch)
         tag = channel.basic.consume(queue=self.queue, no_ack=False)
         runtime.consuming.set()
         while not runtime.stopping.is_set():
             delivery = channel.wait_for_message(IDLE_CHECK_SECONDS)
+            if delivery is None and not channel.consumer_tags:
+                # RabbitMQ cancelled us (the queue was deleted): start over.
+                raise AMQPChannelError(f'RabbitMQ cancelled the consumer of {self.queue}')
             if delivery is not None:
                 self.busy = True
                 self._settled = False

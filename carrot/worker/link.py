@@ -69,12 +69,6 @@ class QueueLink:
             _close(connection)
             self._connection = None
         connection = broker.connect(self.queue.broker, f'consumer of {self.queue.name}')
-        try:
-            with connection.channel() as channel:
-                broker.declare(channel, self.queue)
-        except BaseException:
-            _close(connection)
-            raise
         if self._failures:
             logger.warning('Queue %s: reconnected to %s', self.queue.name, self.queue.broker)
         self._failures = 0
