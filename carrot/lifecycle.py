@@ -107,15 +107,16 @@ class Started:
 
 @dataclass(frozen=True)
 class Finish:
-    """How a task ended."""
+    """How a task ended (``pk`` is its row's, once the start is recorded)."""
 
-    pk: int
+    message_id: str
     status: str
     output: str | None = None
     log: str = ''
     exception: str | None = None
     traceback: str | None = None
     at: datetime.datetime | None = None
+    pk: int = 0
 
 
 def start_many(starts: Sequence[Start]) -> list[Started]:

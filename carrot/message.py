@@ -38,11 +38,16 @@ class TaskMessage:
 
 def encode_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[str, str]:
     """``(args_json, kwargs_json)``, or ArgumentsNotSerializable naming the bad argument."""
+    try:
+        return json.dumps(list(args), allow_nan=False), json.dumps(dict(kwargs), allow_nan=False)
+    except (TypeError, ValueError):
+        pass
+    # Encode one by one only to say which argument it was.
     for position, value in enumerate(args):
         _check_json(value, f'positional argument {position}')
     for name, value in kwargs.items():
         _check_json(value, f'keyword argument {name!r}')
-    return json.dumps(list(args)), json.dumps(dict(kwargs))
+    raise ArgumentsNotSerializable('The arguments cannot be sent as JSON.')
 
 
 def _check_json(value: Any, what: str) -> None:
@@ -56,9 +61,15 @@ def _check_json(value: Any, what: str) -> None:
         ) from None
 
 
-def encode(message: TaskMessage) -> tuple[bytes, dict[str, Any]]:
-    """The body and AMQP properties of ``message``."""
-    body = json.dumps({'args': message.args, 'kwargs': message.kwargs}).encode()
+def encode(message: TaskMessage, arguments_json: tuple[str, str] | None = None,
+           ) -> tuple[bytes, dict[str, Any]]:
+    """The body and AMQP properties of ``message``.
+
+    ``arguments_json``, when the caller has encoded the arguments already, saves doing it twice.
+    """
+    args_json, kwargs_json = arguments_json or (json.dumps(message.args),
+                                                json.dumps(message.kwargs))
+    body = f'{{"args": {args_json}, "kwargs": {kwargs_json}}}'.encode()
     properties = {
         'headers': {TYPE_HEADER: message.task, ATTEMPT_HEADER: message.attempt},
         'content_type': CONTENT_TYPE,

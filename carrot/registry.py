@@ -55,6 +55,21 @@ def resolve(path: str) -> Task:
     Raises TaskNotRegistered for a path outside the listed modules and TaskImportError when
     the module does not import or has no such function.
     """
+    modules = get_settings().task_modules
+    found = _resolved.get((modules, path))
+    if found is not None:
+        return found
+    function = _resolve(path)
+    _resolved[(modules, path)] = function
+    return function
+
+
+# Resolved paths, per list of task modules (so a settings change starts afresh). Only
+# successes are kept: a module that failed to import may be fixed by a reload.
+_resolved: dict[tuple[tuple[str, ...], str], Task] = {}
+
+
+def _resolve(path: str) -> Task:
     module_name, name = check_registered(path)
     try:
         module = importlib.import_module(module_name)

@@ -76,7 +76,7 @@ class Message:
 
     def send(self) -> None:
         """Send the message to RabbitMQ and wait for the broker's confirm."""
-        body, properties = message.encode(self.task_message)
+        body, properties = message.encode(self.task_message, (self.args_json, self.kwargs_json))
         get_publisher().send(
             self.queue.broker, body, properties, routing_key=self.routing_key,
             exchange=self.exchange, declare_queue=self.queue,

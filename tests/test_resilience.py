@@ -121,3 +121,32 @@ def test_a_queue_deleted_under_the_worker_is_declared_again_and_consumed(
     wait_for(lambda: broker.exists(queue), what='the queue to be declared again')
     log = publish_message(tasks.add, 2, 2)
     wait_for(lambda: MessageLog.objects.get(pk=log.pk).status == 'COMPLETED', what='the task')
+
+
+def test_a_message_the_database_cannot_record_is_handed_back_and_runs_later(
+        queue: str, broker: Broker, start_worker: StartWorker, database: str) -> None:
+    if database != 'sqlite':
+        pytest.skip('holds the SQLite write lock to make every write fail')
+    import sqlite3
+
+    from django.conf import settings as django_settings
+
+    worker = start_worker(carrot_settings(queue), env={'CARROT_TEST_SQLITE_TIMEOUT': '0.2'})
+    blocker = sqlite3.connect(django_settings.DATABASES['default']['NAME'],
+                              isolation_level=None)
+    blocker.execute('BEGIN IMMEDIATE')  # every other writer now gets "database is locked"
+    try:
+        broker.publish_raw(queue, b'{"args": [20, 22]}', {
+            'message_id': 'while-locked', 'headers': {'type': 'tests.project.tasks.add'},
+            'delivery_mode': 2,
+        })
+        wait_for(lambda: 'handed back to the queue' in worker.output, timeout=60,
+                 what='the message to be handed back')
+    finally:
+        blocker.execute('ROLLBACK')
+        blocker.close()
+    row = wait_for(lambda: MessageLog.objects.filter(uuid='while-locked',
+                                                     status='COMPLETED').first(),
+                   timeout=60, what='the message to run once the database is back')
+    assert row.output == '42'
+    wait_for(lambda: broker.counts(queue) == (0, 0), what='the queue to be empty')

@@ -152,40 +152,60 @@ class Consumer:
 
         args_json, kwargs_json = _arguments_json(task_message)
         method = delivery.method or {}
-        try:
-            started = runtime.recorder.record_start(lifecycle.Start(
-                message_id=task_message.message_id, task=task_message.task,
-                args_json=args_json, kwargs_json=kwargs_json, queue=self.queue,
-                exchange=_text(method.get('exchange')),
-                routing_key=_text(method.get('routing_key')),
-                priority=task_message.priority,
-            ))
-        except RecordingFailed as error:
-            self._requeue(delivery, f'its start could not be recorded ({error})')
-            return
-        if started.already_completed:
-            self.logger.info('%s: task %s (%s) was completed before; acknowledging the '
-                             'redelivery without running it again', self.name,
-                             task_message.task, task_message.message_id)
-            self._ack(delivery)
-            return
+        started = runtime.recorder.record_start(lifecycle.Start(
+            message_id=task_message.message_id, task=task_message.task,
+            args_json=args_json, kwargs_json=kwargs_json, queue=self.queue,
+            exchange=_text(method.get('exchange')),
+            routing_key=_text(method.get('routing_key')),
+            priority=task_message.priority,
+        ))
+        if method.get('redelivered'):
+            # It may have completed before the ack was lost: look before running again.
+            try:
+                already_completed = started.get().already_completed
+            except RecordingFailed as error:
+                self._requeue(delivery, f'its start could not be recorded ({error})')
+                return
+            if already_completed:
+                self.logger.info('%s: task %s (%s) was completed before; acknowledging the '
+                                 'redelivery without running it again', self.name,
+                                 task_message.task, task_message.message_id)
+                self._ack(delivery)
+                return
 
         self.current_task = task_message.task
         try:
             outcome = executor.execute(function, task_message)
         finally:
             self.current_task = None
+        # The recorder acknowledges the message once this end is committed (or hands it
+        # back when it cannot be); meanwhile this consumer takes its next message.
+        recorded = runtime.recorder.record_finish(started, lifecycle.Finish(
+            message_id=task_message.message_id, status=outcome.status, output=outcome.output,
+            log=outcome.log, exception=outcome.exception_text, traceback=outcome.traceback,
+        ), settle=lambda ok: self._settle_recorded(delivery, ok))
+        self._settled = True
+        if outcome.exception is not None and self.failure_callbacks:
+            try:
+                recorded.get()
+            except RecordingFailed:
+                return
+            self._call_failure_callbacks(task_message.message_id, outcome.exception)
+
+    def _settle_recorded(self, delivery: Delivery, recorded: bool) -> None:
+        """Called by the recorder: ack a recorded message, hand back one that was not."""
         try:
-            runtime.recorder.record_finish(lifecycle.Finish(
-                pk=started.pk, status=outcome.status, output=outcome.output, log=outcome.log,
-                exception=outcome.exception_text, traceback=outcome.traceback,
-            ))
-        except RecordingFailed as error:
-            self._requeue(delivery, f'its end could not be recorded ({error})')
-            return
-        if outcome.exception is not None:
-            self._call_failure_callbacks(started.pk, outcome.exception)
-        self._ack(delivery)
+            if recorded:
+                delivery.ack()
+            else:
+                self.logger.error('%s: message %s handed back to the queue: its end could not '
+                                  'be recorded', self.name, delivery.properties.get('message_id'))
+                delivery.nack(requeue=True)
+        except AMQPError as error:
+            # The channel is gone; RabbitMQ redelivers the message, and a completed one is
+            # then acknowledged without running again.
+            self.logger.warning('%s: could not settle message %s: %s', self.name,
+                                delivery.properties.get('message_id'), error)
 
     def refuse(self, delivery: Delivery, error: CarrotError) -> None:
         """Dead-letter a message that cannot run, with a FAILED row where it has an id."""
@@ -210,7 +230,7 @@ class Consumer:
             log = lifecycle.record_refused(message_id=message_id, task=task or '(unknown)',
                                            reason=reason, queue=self.queue)
             if log is not None:
-                self._call_failure_callbacks(log.pk, error)
+                self._call_failure_callbacks(log.uuid, error)
         except DatabaseError as db_error:
             self.logger.error('%s: the FAILED row of message %s could not be written: %s',
                               self.name, message_id, db_error)
@@ -240,11 +260,11 @@ class Consumer:
         self._nack(delivery)
         gevent.sleep(REQUEUE_PAUSE_SECONDS)  # do not spin on a database that is down
 
-    def _call_failure_callbacks(self, pk: int, error: Any) -> None:
+    def _call_failure_callbacks(self, message_id: str, error: Any) -> None:
         if not self.failure_callbacks:
             return
         try:
-            log = MessageLog.objects.get(pk=pk)
+            log = MessageLog.objects.get(uuid=message_id)
             for callback in self.failure_callbacks:
                 try:
                     callback(log, error)

@@ -1,17 +1,18 @@
 """The one greenlet that writes task starts and ends to the database, in batches.
 
-Consumers hand it their writes and wait for them to be committed before they run the task
-or acknowledge the message. Whatever piles up while one batch is written goes in the next,
-so the cost per task falls as the load rises, and carrot holds one database connection for
-its own bookkeeping however many consumers run.
+Consumers hand it a start before they run a task and an end after it, and go on; whatever
+piles up while one batch is written goes in the next, so the cost per task falls as the load
+rises and carrot holds one database connection for its bookkeeping however many consumers
+run. Once a batch of ends is committed the recorder settles each message: ack, or, when the
+database would not take the write, a requeue. So the database is never on a consumer's
+critical path, and a message is still never acknowledged before its end is recorded.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import gevent
 from django.db import DatabaseError, connections
@@ -24,21 +25,31 @@ logger = logging.getLogger('carrot.recorder')
 BATCH_LIMIT = 500
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
+Settle = Callable[[bool], None]
+
 
 class RecordingFailed(Exception):
     """The database refused the write after every retry."""
 
 
 @dataclass
-class _Job:
-    kind: str  # 'start' or 'finish'
-    item: Any
+class _StartJob:
+    start: lifecycle.Start
+    result: AsyncResult = field(default_factory=AsyncResult)
+
+
+@dataclass
+class _FinishJob:
+    started: AsyncResult  # of the task's _StartJob, written in an earlier or the same batch
+    finish: lifecycle.Finish  # its pk is filled in from ``started``
+    settle: Settle
     result: AsyncResult = field(default_factory=AsyncResult)
 
 
 class Recorder:
     def __init__(self) -> None:
-        self._pending: list[_Job] = []
+        self._starts: list[_StartJob] = []
+        self._finishes: list[_FinishJob] = []
         self._wakeup = Event()
         self._stopping = False
         self._greenlet: gevent.Greenlet | None = None
@@ -46,67 +57,111 @@ class Recorder:
     def start(self) -> None:
         self._greenlet = gevent.spawn(self._run)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Write what is pending, then stop."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Write and settle what is pending, then stop."""
         self._stopping = True
         self._wakeup.set()
         if self._greenlet is not None:
             self._greenlet.join(timeout)
             self._greenlet.kill()
 
-    def record_start(self, start: lifecycle.Start) -> lifecycle.Started:
-        """Mark a message IN_PROGRESS (creating its row if needed); waits for the commit."""
-        return self._submit('start', start)  # type: ignore[no-any-return]
+    def record_start(self, start: lifecycle.Start) -> AsyncResult:
+        """Queue the IN_PROGRESS write; ``.get()`` on the result gives a lifecycle.Started."""
+        self._check_running()
+        job = _StartJob(start)
+        self._starts.append(job)
+        self._wakeup.set()
+        return job.result
 
-    def record_finish(self, finish: lifecycle.Finish) -> None:
-        """Write how a task ended; waits for the commit."""
-        self._submit('finish', finish)
+    def record_finish(self, started: AsyncResult, finish: lifecycle.Finish,
+                      settle: Settle) -> AsyncResult:
+        """Queue the end of a task; ``settle(recorded)`` is called once it is committed or not.
 
-    def _submit(self, kind: str, item: Any) -> Any:
+        ``.get()`` on the result waits for the commit (and raises RecordingFailed).
+        """
+        self._check_running()
+        job = _FinishJob(started, finish, settle)
+        self._finishes.append(job)
+        self._wakeup.set()
+        return job.result
+
+    def _check_running(self) -> None:
         if self._greenlet is None or self._greenlet.dead:
             raise RecordingFailed('the recorder is not running')
-        job = _Job(kind, item)
-        self._pending.append(job)
-        self._wakeup.set()
-        return job.result.get()
 
     def _run(self) -> None:
         while True:
             self._wakeup.wait()
             self._wakeup.clear()
-            while self._pending:
-                batch, self._pending = self._pending[:BATCH_LIMIT], self._pending[BATCH_LIMIT:]
-                self._write(batch)
+            while self._starts or self._finishes:
+                starts, self._starts = self._starts[:BATCH_LIMIT], self._starts[BATCH_LIMIT:]
+                if starts:
+                    self._write_starts(starts)
+                finishes, self._finishes = (self._finishes[:BATCH_LIMIT],
+                                            self._finishes[BATCH_LIMIT:])
+                if finishes:
+                    self._write_finishes(finishes)
             if self._stopping:
                 connections.close_all()
                 return
 
-    def _write(self, batch: list[_Job]) -> None:
-        starts = [job for job in batch if job.kind == 'start']
-        finishes = [job for job in batch if job.kind == 'finish']
-        for jobs, write in ((starts, lifecycle.start_many), (finishes, lifecycle.finish_many)):
-            if jobs:
-                self._write_with_retries(jobs, write)
+    def _write_starts(self, jobs: list[_StartJob]) -> None:
+        try:
+            results = self._with_retries(lambda: lifecycle.start_many([j.start for j in jobs]))
+        except RecordingFailed as error:
+            for job in jobs:
+                job.result.set_exception(error)
+            return
+        for job, started in zip(jobs, results, strict=True):
+            job.result.set(started)
 
-    def _write_with_retries(
-        self, jobs: list[_Job], write: Callable[[Sequence[Any]], Any]
-    ) -> None:
-        items = [job.item for job in jobs]
+    def _write_finishes(self, jobs: list[_FinishJob]) -> None:
+        ready: list[tuple[_FinishJob, lifecycle.Finish]] = []
+        waiting: list[_FinishJob] = []
+        for job in jobs:
+            if not job.started.ready():
+                waiting.append(job)  # its start came in after this round's starts were taken
+            elif job.started.successful():
+                ready.append((job, replace(job.finish, pk=job.started.value.pk)))
+            else:
+                # Its start was never recorded: let the message come back rather than ack it.
+                self._settle(job, RecordingFailed('its start could not be recorded'))
+        self._finishes[:0] = waiting
+        if not ready:
+            return
+        try:
+            self._with_retries(lambda: lifecycle.finish_many([f for _, f in ready]))
+        except RecordingFailed as error:
+            for job, _ in ready:
+                self._settle(job, error)
+            return
+        for job, _ in ready:
+            self._settle(job, None)
+
+    @staticmethod
+    def _settle(job: _FinishJob, error: RecordingFailed | None) -> None:
+        try:
+            job.settle(error is None)
+        except Exception:
+            logger.exception('Settling message %s failed', job.finish.message_id)
+        if error is None:
+            job.result.set(None)
+        else:
+            job.result.set_exception(error)
+
+    @staticmethod
+    def _with_retries(
+        write: Callable[[], list[lifecycle.Started] | None],
+    ) -> list[lifecycle.Started]:
         for delay in (*RETRY_DELAYS, None):
             try:
-                results = write(items)
+                return write() or []
             except DatabaseError as error:
                 # Reconnect on the next try, in case the connection itself broke.
                 connections[lifecycle.database()].close()
                 if delay is None:
-                    failure = RecordingFailed(f'{type(error).__name__}: {error}')
-                    for job in jobs:
-                        job.result.set_exception(failure)
-                    return
-                logger.warning('Writing %d task record(s) failed (%s); retrying in %.1f s',
-                               len(jobs), error, delay)
+                    raise RecordingFailed(f'{type(error).__name__}: {error}') from error
+                logger.warning('Writing task records failed (%s); retrying in %.1f s',
+                               error, delay)
                 gevent.sleep(delay)
-            else:
-                for index, job in enumerate(jobs):
-                    job.result.set(results[index] if results is not None else None)
-                return
+        raise AssertionError('unreachable')

@@ -129,9 +129,9 @@ class Service:
             logger.warning('%d task(s) did not finish in time; handing them back to RabbitMQ',
                            len(unfinished))
             self.pool.kill(block=True, timeout=5)
+        self.recorder.stop()  # writes the last ends and acknowledges their messages
         for link in self.links:
-            link.close()  # unacknowledged messages go back to their queue
-        self.recorder.stop()
+            link.close()  # what is still unacknowledged goes back to its queue
         get_publisher().close()
         connections.close_all()
         logger.info('carrot service stopped')

@@ -60,7 +60,7 @@ else:
         'OPTIONS': {
             'init_command': 'PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;',
             'transaction_mode': 'IMMEDIATE',
-            'timeout': 30,
+            'timeout': float(os.environ.get('CARROT_TEST_SQLITE_TIMEOUT', 30)),
         },
     }}
 
