@@ -181,11 +181,12 @@ class Worker:
     """``manage.py carrot`` in a subprocess, its output collected as it runs."""
 
     def __init__(self, settings: dict[str, Any], logfile: Path, args: list[str],
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, command: list[str] | None = None) -> None:
         self.logfile = logfile
         environment = {**os.environ, 'CARROT_TEST_CARROT': json.dumps(settings), **(env or {})}
         self.process = subprocess.Popen(
-            [sys.executable, str(MANAGE), 'carrot', '--logfile', str(logfile), *args],
+            [sys.executable, *(command or [str(MANAGE), 'carrot']), '--logfile', str(logfile),
+             *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
             start_new_session=True,
         )
@@ -244,9 +245,9 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
 
     def start(settings: dict[str, Any], *args: str, ready: bool = True,
-              env: dict[str, str] | None = None) -> Worker:
+              env: dict[str, str] | None = None, command: list[str] | None = None) -> Worker:
         worker = Worker(settings, tmp_path / f'carrot-{len(started)}.log',
-                        ['--loglevel', 'INFO', *args], env)
+                        ['--loglevel', 'INFO', *args], env, command)
         started.append(worker)
         return worker.wait_ready() if ready else worker
 

@@ -220,3 +220,21 @@ def test_carrot_send_refuses_an_unregistered_task(queue: str) -> None:
     )
     assert result.returncode == 1
     assert 'is not a registered task' in result.stderr
+
+
+def test_a_graceful_stop_acknowledges_everything_that_ran(
+        queue: str, start_worker: StartWorker) -> None:
+    for _ in range(300):
+        publish_message(tasks.sleep, 0.01)
+    # Task ends take half a second to commit, so some are still pending at the stop.
+    slow_worker = Path(__file__).parent / 'project' / 'slow_recorder_worker.py'
+    first = start_worker(carrot_settings(queue, concurrency=20, prefetch=2),
+                         command=[str(slow_worker)])
+    wait_for(lambda: statuses().get('COMPLETED', 0) >= 60, what='some completions')
+    assert first.stop() == 0
+    second = start_worker(carrot_settings(queue, concurrency=20))
+    wait_for(lambda: statuses() == {'COMPLETED': 300}, timeout=60, what='all 300')
+    assert second.stop() == 0
+    # Nothing that completed under the first worker came back unacknowledged.
+    assert 'was completed before' not in second.output
+    assert set(MessageLog.objects.values_list('attempts', flat=True)) == {1}

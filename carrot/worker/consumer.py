@@ -17,7 +17,7 @@ import gevent
 from amqpstorm.exception import AMQPChannelError, AMQPError
 from amqpstorm.message import Message as Delivery
 from django.db import DatabaseError, close_old_connections
-from gevent.event import Event
+from gevent.event import AsyncResult, Event
 
 from carrot import conf, lifecycle, message, registry
 from carrot.amqp import SignallingChannel
@@ -75,6 +75,8 @@ class Consumer:
         self.busy = False
         self.current_task: str | None = None
         self._settled = False
+        # Ends handed to the recorder whose messages it has not acknowledged yet.
+        self._unsettled: set[AsyncResult] = set()
 
     def add_failure_callback(self, callback: FailureCallback) -> None:
         """Call ``callback(message_log, exception)`` whenever a task of this consumer fails."""
@@ -127,10 +129,12 @@ class Consumer:
                     self._recover(delivery, error)
                 finally:
                     self.busy = False
-        # Stopping: take no more, and hand back what was prefetched but not started.
+        # Stopping: take no more, hand back what was prefetched but not started, and keep
+        # the channel open until the recorder has acknowledged what ran on it.
         channel.basic.cancel(tag)
         while (prefetched := channel.wait_for_message(0)) is not None:
             self._nack(prefetched)
+        gevent.wait(list(self._unsettled))
 
     def _runtime(self) -> Runtime:
         if self.runtime is None:
@@ -185,6 +189,8 @@ class Consumer:
             log=outcome.log, exception=outcome.exception_text, traceback=outcome.traceback,
         ), settle=lambda ok: self._settle_recorded(delivery, ok))
         self._settled = True
+        self._unsettled.add(recorded)
+        recorded.rawlink(self._unsettled.discard)
         if outcome.exception is not None and self.failure_callbacks:
             try:
                 recorded.get()

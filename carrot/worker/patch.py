@@ -8,6 +8,7 @@ this as the first thing in a fresh interpreter.
 from __future__ import annotations
 
 import sys
+import warnings
 
 # Modules that must not be imported yet when patching happens.
 MUST_COME_AFTER = ('django', 'ssl', 'psycopg', 'psycopg2', 'MySQLdb', 'sqlite3', 'amqpstorm')
@@ -25,6 +26,9 @@ def patch_all() -> list[str]:
 
     gevent.config.monitor_thread = True
     gevent.config.max_blocking_time = MAX_BLOCKING_SECONDS
+    # carrot watches blocking only; gevent would warn that it cannot watch memory without
+    # psutil, which carrot does not need.
+    warnings.filterwarnings('ignore', message='Unable to monitor memory usage')
     monkey.patch_all()
     return early
 

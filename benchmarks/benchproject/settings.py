@@ -1,0 +1,58 @@
+"""Minimal Django settings for benchmarking carrot.
+
+PostgreSQL (database ``carrot_bench``) by default; ``BENCH_DB=sqlite`` for a SQLite file in
+/tmp (WAL, IMMEDIATE transactions, so 100 worker greenlets wait instead of failing).
+"""
+
+from __future__ import annotations
+
+import os
+
+SECRET_KEY = 'carrot-benchmark-not-secret'
+DEBUG = False  # DEBUG=True would keep every SQL query in memory
+USE_TZ = True
+TIME_ZONE = 'UTC'
+ALLOWED_HOSTS = ['*']
+
+INSTALLED_APPS = [
+    'django.contrib.contenttypes',
+    'django.contrib.auth',
+    'carrot',
+]
+
+if os.environ.get('BENCH_DB', 'postgres') == 'sqlite':
+    DATABASES = {
+        'default': {
+            'ENGINE': 'django.db.backends.sqlite3',
+            'NAME': os.environ.get('BENCH_SQLITE_PATH', '/tmp/carrot-bench.sqlite3'),
+            'OPTIONS': {
+                'init_command': 'PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL',
+                'transaction_mode': 'IMMEDIATE',
+                'timeout': 30,
+            },
+        },
+    }
+else:
+    DATABASES = {
+        'default': {
+            'ENGINE': 'django.db.backends.postgresql',
+            'NAME': os.environ.get('BENCH_PG_NAME', 'carrot_bench'),
+            'USER': 'postgres',
+            'HOST': '127.0.0.1',
+        },
+    }
+
+DEFAULT_AUTO_FIELD = 'django.db.models.AutoField'
+
+CARROT = {
+    'default_broker': 'amqp://guest:guest@127.0.0.1:5672/',
+    'queues': [{'name': 'bench_carrot', 'concurrency': 100, 'prefetch': 2}],
+    'task_modules': ['tasks'],
+}
+
+LOGGING = {
+    'version': 1,
+    'disable_existing_loggers': False,
+    'handlers': {'console': {'class': 'logging.StreamHandler'}},
+    'root': {'handlers': ['console'], 'level': 'WARNING'},
+}

@@ -1,0 +1,132 @@
+"""carrot: the system under test. All carrot-specific benchmark code lives here.
+
+Harness side (CarrotAdapter): creates the database, migrates, empties MessageLog, starts
+``manage.py carrot`` and counts COMPLETED rows. Publisher side (make_publisher): runs in a
+gevent-patched publisher subprocess and calls ``carrot.utilities.publish_message``.
+
+Environment: BENCH_DB=sqlite switches the benchmark project to SQLite (see settings.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common import BENCH_DIR, Adapter, BenchError, WorkerSpec
+
+PROJECT_DIR = BENCH_DIR / 'benchproject'
+REPO_DIR = BENCH_DIR.parent
+QUEUE = 'bench_carrot'
+PUBLISH_GREENLETS = 50
+WORKER_LOG = Path('/tmp/carrot-bench.log')
+PG_NAME = os.environ.get('BENCH_PG_NAME', 'carrot_bench')
+
+
+def _setup_django() -> None:
+    """Make the benchmark project importable and configure Django (idempotent)."""
+    for path in (str(REPO_DIR), str(PROJECT_DIR)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'settings')
+    import django
+
+    django.setup()
+
+
+def _using_sqlite() -> bool:
+    return os.environ.get('BENCH_DB', 'postgres') == 'sqlite'
+
+
+def _ensure_database() -> None:
+    """createdb carrot_bench when missing (PostgreSQL, trust auth on 127.0.0.1)."""
+    if _using_sqlite():
+        return
+    query = ['psql', '-h', '127.0.0.1', '-U', 'postgres', '-Atc',
+             f"SELECT 1 FROM pg_database WHERE datname = '{PG_NAME}'"]
+    exists = subprocess.run(query, capture_output=True, text=True, timeout=30)
+    if exists.returncode != 0:
+        raise BenchError(f'cannot reach PostgreSQL: {exists.stderr.strip()}')
+    if exists.stdout.strip() != '1':
+        subprocess.run(['createdb', '-h', '127.0.0.1', '-U', 'postgres', PG_NAME],
+                       check=True, timeout=30)
+
+
+class CarrotAdapter(Adapter):
+    name = 'carrot'
+    # carrot declares a direct exchange named after the queue, and a dead-letter queue.
+    queues = (QUEUE, f'{QUEUE}.dead')
+    exchanges = (QUEUE,)
+    publish_concurrency = PUBLISH_GREENLETS
+    publish_description = (
+        f'`publish_message()` from {PUBLISH_GREENLETS} long-lived greenlets of one '
+        'gevent-patched process '
+        '(every publish writes a MessageLog row and is confirmed)'
+    )
+    confirm_description = '`publish_message()` (writes a MessageLog row, confirmed publish)'
+    worker_description = (
+        '`manage.py carrot --no-scheduler`, queue bench_carrot concurrency 100 prefetch 2, '
+        f'{"SQLite (WAL)" if _using_sqlite() else "PostgreSQL"} MessageLog'
+    )
+    # A COUNT(*) in the database costs more than a Redis GET; poll less often.
+    poll_interval = 0.02
+
+    def __init__(self) -> None:
+        self._model: Any = None
+
+    def prepare(self) -> None:
+        _ensure_database()
+        migrate = subprocess.run(
+            [sys.executable, str(PROJECT_DIR / 'manage.py'), 'migrate', '--noinput', '-v', '0'],
+            cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300,
+        )
+        if migrate.returncode != 0:
+            raise BenchError(f'migrate failed:\n{migrate.stdout}\n{migrate.stderr}')
+        _setup_django()
+        from carrot.models import MessageLog
+
+        self._model = MessageLog
+
+    def reset(self) -> None:
+        super().reset()  # the Redis first-start stamp written by tasks.sleep50
+        if self._model is not None:  # None when prepare() failed
+            self._model.objects.all().delete()
+
+    def worker_spec(self) -> WorkerSpec:
+        argv = [
+            sys.executable, str(PROJECT_DIR / 'manage.py'), 'carrot',
+            '--logfile', str(WORKER_LOG), '--loglevel', 'WARNING', '--no-scheduler',
+        ]
+        return WorkerSpec(argv=argv, cwd=PROJECT_DIR, ready_pattern=r'carrot service ready')
+
+    def done_count(self) -> int:
+        count: int = self._model.objects.filter(status='COMPLETED').count()
+        return count
+
+    def close(self) -> None:
+        if self._model is not None:
+            from django.db import connections
+
+            connections.close_all()
+
+
+ADAPTER = CarrotAdapter()
+
+
+def make_publisher(task: str, confirm: bool) -> Callable[[], None]:
+    """Runs in the publisher subprocess, which publisher.py has gevent-patched already.
+
+    carrot always confirms, so ``confirm`` changes nothing here.
+    """
+    _setup_django()
+    from carrot.utilities import publish_message
+
+    name = f'tasks.{task}'
+
+    def publish() -> None:
+        publish_message(name, queue=QUEUE)
+
+    return publish
