@@ -19,26 +19,28 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get('CARROT_VENV', ROOT / '.venv'))
 RABBITMQ = ('127.0.0.1', 5672)
 POSTGRESQL = ('127.0.0.1', 5432)
+REDIS = ('127.0.0.1', 6379)
 
 
 def say(text: str) -> None:
     print(f'==> {text}', flush=True)
 
 
-def venv_python(requirements: list[Path], extra: list[str] | None = None) -> Path:
+def venv_python(requirements: list[Path], extra: list[str] | None = None,
+                folder: Path = VENV) -> Path:
     """The virtualenv's python, after installing carrot and ``requirements`` when they changed.
 
     ``extra`` are further requirement specifiers, such as a Django version to test against.
     """
-    python = VENV / 'bin' / 'python'
+    python = folder / 'bin' / 'python'
     if not python.exists():
-        say(f'Creating a virtualenv in {VENV}')
-        venv.EnvBuilder(with_pip=True).create(VENV)
+        say(f'Creating a virtualenv in {folder}')
+        venv.EnvBuilder(with_pip=True).create(folder)
     inputs = [ROOT / 'setup.py', ROOT / 'requirements.txt', *requirements]
     extra = extra or []
     contents = b''.join(p.read_bytes() for p in inputs) + ' '.join(extra).encode()
     digest = hashlib.sha256(contents).hexdigest()[:16]
-    stamp = VENV / f'.carrot-installed-{digest}'
+    stamp = folder / f'.carrot-installed-{digest}'
     if not stamp.exists():
         say('Installing carrot and what it needs (pip)')
         pip = [str(python), '-m', 'pip', 'install', '--disable-pip-version-check', '-q']
@@ -90,6 +92,19 @@ def ensure_rabbitmq() -> None:
     ctl = shutil.which('rabbitmqctl')
     if ctl:
         subprocess.run([ctl, '-q', 'await_startup'], check=False, timeout=120)
+
+
+def ensure_redis() -> bool:
+    """Whether Redis answers on 127.0.0.1:6379, starting a local redis-server if it can."""
+    if answering(REDIS):
+        return True
+    server = shutil.which('redis-server')
+    if server:
+        say('Starting Redis (redis-server --daemonize yes)')
+        subprocess.run([server, '--daemonize', 'yes', '--bind', '127.0.0.1', '--port', '6379',
+                        '--save', '', '--appendonly', 'no'], check=False)
+        return wait_until_answering(REDIS, 30)
+    return False
 
 
 def ensure_postgresql() -> bool:
