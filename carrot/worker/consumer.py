@@ -21,7 +21,7 @@ from gevent.event import AsyncResult, Event
 
 from carrot import conf, lifecycle, message, registry
 from carrot.amqp import SignallingChannel
-from carrot.broker import declare, get_publisher
+from carrot.broker import get_publisher
 from carrot.exceptions import BadMessage, CarrotError, TaskImportError, TaskNotRegistered
 from carrot.models import MessageLog
 from carrot.worker import executor
@@ -108,15 +108,15 @@ class Consumer:
 
     def _consume(self, channel: SignallingChannel) -> None:
         runtime = self._runtime()
-        # Declared on every (re)start: the queue may have been deleted while we were away.
-        declare(channel, runtime.queue)
+        runtime.link.ensure_declared(channel)
         channel.basic.qos(prefetch_count=runtime.queue.prefetch)
         tag = channel.basic.consume(queue=self.queue, no_ack=False)
         runtime.consuming.set()
         while not runtime.stopping.is_set():
             delivery = channel.wait_for_message(IDLE_CHECK_SECONDS)
             if delivery is None and not channel.consumer_tags:
-                # RabbitMQ cancelled us (the queue was deleted): start over.
+                # RabbitMQ cancelled us (the queue was deleted): declare it and start over.
+                runtime.link.forget_declared()
                 raise AMQPChannelError(f'RabbitMQ cancelled the consumer of {self.queue}')
             if delivery is not None:
                 self.busy = True
@@ -156,13 +156,17 @@ class Consumer:
 
         args_json, kwargs_json = _arguments_json(task_message)
         method = delivery.method or {}
-        started = runtime.recorder.record_start(lifecycle.Start(
-            message_id=task_message.message_id, task=task_message.task,
-            args_json=args_json, kwargs_json=kwargs_json, queue=self.queue,
-            exchange=_text(method.get('exchange')),
-            routing_key=_text(method.get('routing_key')),
-            priority=task_message.priority,
-        ))
+        try:
+            started = runtime.recorder.record_start(lifecycle.Start(
+                message_id=task_message.message_id, task=task_message.task,
+                args_json=args_json, kwargs_json=kwargs_json, queue=self.queue,
+                exchange=_text(method.get('exchange')),
+                routing_key=_text(method.get('routing_key')),
+                priority=task_message.priority,
+            ))
+        except RecordingFailed as error:
+            self._requeue(delivery, f'its start could not be recorded ({error})')
+            return
         if method.get('redelivered'):
             # It may have completed before the ack was lost: look before running again.
             try:
@@ -184,10 +188,15 @@ class Consumer:
             self.current_task = None
         # The recorder acknowledges the message once this end is committed (or hands it
         # back when it cannot be); meanwhile this consumer takes its next message.
-        recorded = runtime.recorder.record_finish(started, lifecycle.Finish(
-            message_id=task_message.message_id, status=outcome.status, output=outcome.output,
-            log=outcome.log, exception=outcome.exception_text, traceback=outcome.traceback,
-        ), settle=lambda ok: self._settle_recorded(delivery, ok))
+        try:
+            recorded = runtime.recorder.record_finish(started, lifecycle.Finish(
+                message_id=task_message.message_id, status=outcome.status,
+                output=outcome.output, log=outcome.log, exception=outcome.exception_text,
+                traceback=outcome.traceback,
+            ), settle=lambda ok: self._settle_recorded(delivery, ok))
+        except RecordingFailed as error:
+            self._requeue(delivery, f'its end could not be recorded ({error})')
+            return
         self._settled = True
         self._unsettled.add(recorded)
         recorded.rawlink(self._unsettled.discard)

@@ -38,6 +38,7 @@ class QueueLink:
         self._lock = Semaphore()
         self._failures = 0
         self._retry_at = 0.0
+        self._declared = False
 
     def open_channel(self, stopping: Event) -> SignallingChannel | None:
         """A channel on a healthy connection, once there is one; None when stopping."""
@@ -69,11 +70,23 @@ class QueueLink:
             _close(connection)
             self._connection = None
         connection = broker.connect(self.queue.broker, f'consumer of {self.queue.name}')
+        self._declared = False
         if self._failures:
             logger.warning('Queue %s: reconnected to %s', self.queue.name, self.queue.broker)
         self._failures = 0
         self._connection = connection
         return connection
+
+    def ensure_declared(self, channel: SignallingChannel) -> None:
+        """Declare the queue once per connection (and again after ``forget_declared``)."""
+        with self._lock:
+            if not self._declared:
+                broker.declare(channel, self.queue)
+                self._declared = True
+
+    def forget_declared(self) -> None:
+        """The queue may be gone (RabbitMQ cancelled a consumer): declare it again."""
+        self._declared = False
 
     def close(self) -> None:
         with self._lock:

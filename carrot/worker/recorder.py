@@ -164,4 +164,9 @@ class Recorder:
                 logger.warning('Writing task records failed (%s); retrying in %.1f s',
                                error, delay)
                 gevent.sleep(delay)
+            except Exception as error:
+                # Not the database's doing: retrying will not help, but the recorder must
+                # live on, and the messages go back to their queue.
+                logger.exception('Writing task records failed')
+                raise RecordingFailed(f'{type(error).__name__}: {error}') from error
         raise AssertionError('unreachable')

@@ -52,7 +52,7 @@ def main() -> int:
     in_virtualenv()
     ensure_rabbitmq()
     os.chdir(DEMO)
-    os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'demo.settings')
+    os.environ['DJANGO_SETTINGS_MODULE'] = 'demo.settings'  # this project, whatever is set
     sys.path.insert(0, str(DEMO))
     say('Migrating the demo database (demo.sqlite3)')
     subprocess.run([sys.executable, 'manage.py', 'migrate', '-v0'], check=True)

@@ -1,0 +1,30 @@
+"""``pip install .`` gets everything: the package data and the four dependencies."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_wheel_holds_migrations_commands_and_type_marker(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '-q', '-w',
+                    str(tmp_path), str(ROOT)], check=True, timeout=300,
+                   capture_output=True)
+    [wheel] = tmp_path.glob('django_carrot-*.whl')
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = next(archive.read(n).decode() for n in names if n.endswith('/METADATA'))
+    for expected in ('carrot/migrations/0005_carrot_2.py',
+                     'carrot/management/commands/carrot.py',
+                     'carrot/management/commands/carrot_send.py',
+                     'carrot/worker/main.py', 'carrot/py.typed'):
+        assert expected in names
+    assert not any(n.startswith('tests/') for n in names)
+    requires = {line.split(':', 1)[1].strip().split('>')[0].split('<')[0].lower()
+                for line in metadata.splitlines() if line.startswith('Requires-Dist:')
+                and 'extra ==' not in line}
+    assert requires == {'gevent', 'amqpstorm', 'django', 'python-daemon'}
