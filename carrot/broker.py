@@ -168,10 +168,13 @@ class Publisher:
         last_error: Exception | None = None
         for _ in range(2):
             link = self._link(broker)
-            channel: SignallingChannel | None = link.checkout()
+            declared_before = declare_queue is not None and declare_queue.name in link.declared
+            channel: SignallingChannel | None = None
+            held = False
             try:
-                assert channel is not None
-                if declare_queue is not None and declare_queue.name not in link.declared:
+                channel = link.checkout()
+                held = True
+                if declare_queue is not None and not declared_before:
                     declare(channel, declare_queue)
                     link.declared.add(declare_queue.name)
                 confirmed = channel.basic.publish(
@@ -179,8 +182,8 @@ class Publisher:
                     mandatory=True,
                 )
             except AMQPMessageError as error:
-                if declare_queue is not None and declare_queue.name in link.declared \
-                        and not exchange:
+                if declared_before and declare_queue is not None and not exchange \
+                        and routing_key in (declare_queue.name, declare_queue.dead_letter_queue):
                     # The queue was deleted since this connection declared it: again.
                     link.declared.discard(declare_queue.name)
                     last_error = error
@@ -191,7 +194,8 @@ class Publisher:
                     f'exchange and routing_key given to publish_message.'
                 ) from None
             except AMQPChannelError as error:
-                channel = None  # closed by the broker: do not return it to the pool
+                _close_quietly(channel)  # do not return it to the pool, nor leak it
+                channel = None
                 if 'NOT_FOUND' in str(error):
                     raise CarrotConfigException(
                         f'RabbitMQ refused the publish: {error}. Declare the exchange first or '
@@ -210,7 +214,8 @@ class Publisher:
                     )
                 return
             finally:
-                link.checkin(channel)
+                if held:
+                    link.checkin(channel)
         raise BrokerUnavailable(
             f'Publishing to RabbitMQ at {broker.display} failed: '
             f'{_safe(last_error or Exception(), broker)}.'
@@ -235,3 +240,11 @@ def get_publisher() -> Publisher:
             _publisher = Publisher()
         return _publisher
 
+
+
+def _close_quietly(channel: Channel | None) -> None:
+    try:
+        if channel is not None and channel.is_open:
+            channel.close()
+    except AMQPError:
+        pass

@@ -34,24 +34,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 f'{type(error).__name__}: {error}',
                 id='carrot.E002',
             ))
-    for queue in settings.queues:
-        module, _, name = queue.consumer_class.rpartition('.')
-        try:
-            found_class = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as error:
-            found.append(checks.Error(
-                f"CARROT['queues'] ({queue.name!r}): consumer_class {queue.consumer_class!r} "
-                f'cannot be imported: {error}',
-                id='carrot.E003',
-            ))
-            continue
-        from carrot.consumer import Consumer
+    from carrot.consumer import load_consumer_class
 
-        if not isinstance(found_class, type) or not issubclass(found_class, Consumer):
+    for queue in settings.queues:
+        try:
+            load_consumer_class(queue.consumer_class)
+        except CarrotConfigException as error:
             found.append(checks.Error(
-                f"CARROT['queues'] ({queue.name!r}): consumer_class {queue.consumer_class!r} "
-                f'is not a subclass of carrot.consumer.Consumer.',
-                id='carrot.E004',
+                f"CARROT['queues'] ({queue.name!r}): {error}",
+                id='carrot.E003',
             ))
     return found
 

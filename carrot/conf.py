@@ -139,8 +139,12 @@ def _broker_from_url(url: Any, key: str) -> Broker:
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as error:
-        raise CarrotConfigException(f'{key} is not a valid broker URL: {error}.') from None
+    except ValueError:
+        # The parser's own message may quote part of the password: never show it.
+        raise CarrotConfigException(
+            f'{key} is not a valid broker URL: check the port number, and URL-encode special '
+            f'characters (such as / : @ %) in the user name and password.'
+        ) from None
     if parts.scheme not in ('amqp', 'amqps'):
         raise CarrotConfigException(
             f'{key} must start with amqp:// or amqps://, not {parts.scheme}://.'
@@ -245,6 +249,11 @@ def parse(raw: Any) -> CarrotSettings:
         raw_queues = [{'name': DEFAULT_QUEUE}]
     if isinstance(raw_queues, (str, Mapping)) or not isinstance(raw_queues, (list, tuple)):
         raise CarrotConfigException("CARROT['queues'] must be a list of dicts.")
+    if not raw_queues:
+        raise CarrotConfigException(
+            "CARROT['queues'] is empty: list at least one queue, or leave the key out for "
+            "one queue called 'default'."
+        )
     queues = tuple(_parse_queue(q, i, default_broker) for i, q in enumerate(raw_queues))
     names = [q.name for q in queues]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -26,6 +26,8 @@ def database() -> str:
     return router.db_for_write(MessageLog)
 
 
+MESSAGE_ID_LENGTH = 200  # MessageLog.uuid's max_length
+
 PUBLISHED_COLUMNS = ('status', 'uuid', 'task', 'task_args', 'content', 'queue', 'exchange',
                      'routing_key', 'priority', 'publish_time', 'attempts')
 
@@ -138,10 +140,10 @@ def start_many(starts: Sequence[Start]) -> list[Started]:
             now = timezone.now()
             created = MessageLog.objects.using(alias).bulk_create([
                 MessageLog(
-                    status=MessageLog.PUBLISHED, uuid=s.message_id, task=s.task,
-                    task_args=s.args_json, content=s.kwargs_json, queue=s.queue,
-                    exchange=s.exchange, routing_key=s.routing_key, priority=s.priority,
-                    publish_time=now,
+                    status=MessageLog.PUBLISHED, uuid=s.message_id, task=_short(s.task),
+                    task_args=s.args_json, content=s.kwargs_json, queue=_short(s.queue),
+                    exchange=_short(s.exchange), routing_key=_short(s.routing_key),
+                    priority=s.priority, publish_time=now,
                 ) for s in _unique(missing)
             ])
             if any(row.pk is None for row in created):
@@ -158,6 +160,20 @@ def start_many(starts: Sequence[Start]) -> list[Started]:
                 already_completed=rows[s.message_id][1] == MessageLog.COMPLETED)
         for s in starts
     ]
+
+
+def _short(text: str) -> str:
+    """A name cut to the 200 characters its column holds (a foreign producer's may be longer)."""
+    return clean(text)[:200]
+
+
+def clean(text: str) -> str:
+    """Text without NUL characters, which PostgreSQL refuses in a text column."""
+    return text.replace('\x00', '') if '\x00' in text else text
+
+
+def _clean_optional(text: str | None) -> str | None:
+    return None if text is None else clean(text)
 
 
 def _unique(starts: Sequence[Start]) -> list[Start]:
@@ -178,7 +194,8 @@ def finish_many(finishes: Sequence[Finish]) -> None:
         at = f.at or now
         completed = f.status == MessageLog.COMPLETED
         parameters.append((
-            f.status, f.output, f.log, f.exception, f.traceback,
+            f.status, _clean_optional(f.output), clean(f.log), _clean_optional(f.exception),
+            _clean_optional(f.traceback),
             at if completed else None, None if completed else at, f.pk,
         ))
     # One prepared statement for the whole batch: the ORM's bulk_update would build a
@@ -204,21 +221,21 @@ def record_refused(
     kwargs_json: str = '{}',
 ) -> MessageLog | None:
     """FAILED with ``reason`` for a message that will not run; None without a message id."""
-    if not message_id:
+    if not message_id or len(message_id) > MESSAGE_ID_LENGTH:
         return None
     now = timezone.now()
     log, created = MessageLog.objects.get_or_create(
         uuid=message_id,
         defaults=dict(
-            status=MessageLog.FAILED, task=task[:200], task_args=args_json, content=kwargs_json,
-            queue=queue, exchange='', routing_key=queue, publish_time=now, failure_time=now,
-            exception=reason,
+            status=MessageLog.FAILED, task=_short(task), task_args=args_json,
+            content=kwargs_json, queue=_short(queue), exchange='', routing_key=_short(queue),
+            publish_time=now, failure_time=now, exception=clean(reason),
         ),
     )
     if not created:
         log.status = MessageLog.FAILED
         log.failure_time = now
-        log.exception = reason
+        log.exception = clean(reason)
         log.save(update_fields=['status', 'failure_time', 'exception'])
     return log
 

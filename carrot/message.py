@@ -22,6 +22,7 @@ CONTENT_TYPE = 'application/json'
 MESSAGE_TYPE = 'django-carrot message'
 PERSISTENT = 2
 MAX_PRIORITY = 255
+MAX_MESSAGE_ID = 200  # the length of MessageLog.uuid
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def encode(message: TaskMessage, arguments_json: tuple[str, str] | None = None,
 def decode(body: bytes, properties: Mapping[str, Any]) -> TaskMessage:
     """The TaskMessage in a delivery; raises BadMessage saying what is wrong with it."""
     headers = _text_keys(properties.get('headers') or {})
-    task = _text(headers.get(TYPE_HEADER))
+    task = text(headers.get(TYPE_HEADER))
     if not task:
         raise BadMessage(
             f'The message has no {TYPE_HEADER!r} header naming the task to run; carrot '
@@ -107,11 +108,15 @@ def decode(body: bytes, properties: Mapping[str, Any]) -> TaskMessage:
     if not isinstance(kwargs, dict):
         raise BadMessage('The message body\'s "kwargs" is not an object.')
     attempt = headers.get(ATTEMPT_HEADER, 1)
+    message_id = text(properties.get('message_id'))
+    if len(message_id) > MAX_MESSAGE_ID:
+        raise BadMessage(f'The message_id is {len(message_id)} characters long; carrot keeps '
+                         f'at most {MAX_MESSAGE_ID}.')
     return TaskMessage(
         task=task,
         args=args,
         kwargs=kwargs,
-        message_id=_text(properties.get('message_id')) or str(uuid.uuid4()),
+        message_id=message_id or str(uuid.uuid4()),
         priority=properties.get('priority') or 0,
         attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
     )
@@ -119,14 +124,15 @@ def decode(body: bytes, properties: Mapping[str, Any]) -> TaskMessage:
 
 def message_id_of(properties: Mapping[str, Any]) -> str | None:
     """The message id of a delivery that may not decode, for linking it to a row."""
-    return _text(properties.get('message_id')) or None
+    return text(properties.get('message_id')) or None
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A header or property value as text (AMQP tables may carry bytes)."""
     if isinstance(value, bytes):
         return value.decode('utf-8', 'replace')
     return value if isinstance(value, str) else ''
 
 
 def _text_keys(headers: Mapping[Any, Any]) -> dict[str, Any]:
-    return {_text(key) if isinstance(key, bytes) else key: value for key, value in headers.items()}
+    return {text(key) if isinstance(key, bytes) else key: value for key, value in headers.items()}

@@ -104,7 +104,11 @@ def _decode_arguments(text: str | None, default: Any) -> Any:
 
 
 class ScheduledTask(models.Model):
-    """A task published at a fixed interval by the carrot service's scheduler."""
+    """A task to publish at a fixed interval (upstream's schedule record).
+
+    The rows and their admin are here; the scheduler that publishes them is not part of
+    this release.
+    """
 
     INTERVAL_CHOICES = (
         ('seconds', 'seconds'),

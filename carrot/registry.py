@@ -73,7 +73,7 @@ def _resolve(path: str) -> Task:
     module_name, name = check_registered(path)
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # a module may even call sys.exit()
         raise TaskImportError(
             f'{path}: importing {module_name} failed: {type(error).__name__}: {error}'
         ) from error

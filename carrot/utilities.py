@@ -65,7 +65,9 @@ class Message:
         )
         alias = lifecycle.database()
         if transaction.get_connection(alias).in_atomic_block:
-            transaction.on_commit(lambda: self._send_committed(log), using=alias)
+            # robust: one failed send must not keep the transaction's other hooks (other
+            # messages, the project's own) from running.
+            transaction.on_commit(lambda: self._send_committed(log), using=alias, robust=True)
         else:
             try:
                 self.send()
@@ -83,14 +85,17 @@ class Message:
         )
 
     def _send_committed(self, log: MessageLog) -> None:
+        """Send after the commit; on failure the committed row says FAILED, not PUBLISHED.
+
+        The caller's code has moved on by now, so the failure is on the row and in the log
+        (the ``carrot.publish`` logger), not raised.
+        """
         try:
             self.send()
         except Exception as error:
-            # The row is committed already: say on it that the message never left.
             lifecycle.mark_publish_failed(log, error)
             logger.error('Task %s (%s) was committed but not published: %s',
                          self.task, self.uuid, error)
-            raise
 
 
 def create_message(

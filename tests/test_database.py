@@ -33,3 +33,16 @@ def test_concurrency_100_with_tasks_that_use_the_database(
     if connection.vendor == 'postgresql':
         # Each task's connection is closed after it; the recorder keeps one.
         wait_for(lambda: _open_connections() <= 2, timeout=10, what='connections to close')
+
+
+def test_text_the_database_would_refuse_is_cleaned_not_fatal_to_the_batch(
+        queue: str, start_worker: StartWorker) -> None:
+    start_worker(carrot_settings(queue, concurrency=10))
+    nul = publish_message(tasks.nul_text)
+    others = [publish_message(tasks.add, i, i) for i in range(20)]
+    wait_for(lambda: statuses() == {'COMPLETED': 21}, timeout=60, what='21 completions')
+    nul.refresh_from_db()
+    assert nul.output == '"out\\u0000put"'  # JSON escapes it
+    assert 'beforeafter' in (nul.log or '')
+    assert [MessageLog.objects.get(pk=o.pk).output for o in others] == \
+        [str(2 * i) for i in range(20)]

@@ -97,16 +97,19 @@ def test_an_unreachable_broker_raises_and_leaves_no_published_row(broker: Broker
     assert MessageLog.objects.count() == 0
 
 
-def test_a_failed_publish_after_commit_marks_the_row_failed(broker: Broker) -> None:
+def test_failed_publishes_after_commit_mark_their_rows_failed_and_spare_other_hooks(
+        broker: Broker) -> None:
     name = broker.queue_name()
     settings = carrot_settings(name)
     settings['queues'][0]['host'] = 'amqp://guest:guest@127.0.0.1:1/'
-    with override_settings(CARROT=settings):
-        with pytest.raises(BrokerUnavailable), transaction.atomic():
-            log = publish_message(tasks.noop, queue=name)
-    row = MessageLog.objects.get(pk=log.pk)
-    assert row.status == MessageLog.FAILED
-    assert 'Not published' in (row.exception or '')
+    ran: list[str] = []
+    with override_settings(CARROT=settings), transaction.atomic():
+        logs = [publish_message(tasks.noop, queue=name) for _ in range(3)]
+        transaction.on_commit(lambda: ran.append('the project\'s own hook'))
+    rows = MessageLog.objects.filter(pk__in=[log.pk for log in logs])
+    assert [row.status for row in rows] == [MessageLog.FAILED] * 3
+    assert all('Not published' in (row.exception or '') for row in rows)
+    assert ran == ["the project's own hook"]
 
 
 def test_an_unroutable_exchange_is_an_error_not_a_silent_drop(
@@ -135,3 +138,9 @@ def test_upstream_helpers_keep_their_names(queue: str) -> None:
     assert get_host_from_name(None).port == 5672
     message = create_message(tasks.add, task_args=(1, 2), queue=queue)
     assert message.task == 'tests.project.tasks.add' and message.uuid
+
+
+def test_a_routing_key_no_queue_is_bound_to_is_a_configuration_error(queue: str) -> None:
+    with pytest.raises(CarrotConfigException, match='could not route'):
+        publish_message(tasks.noop, routing_key='no-queue-has-this-name')
+    assert MessageLog.objects.count() == 0

@@ -77,6 +77,7 @@ def test_default_broker_serves_queues_without_host() -> None:
     ({'queues': 'default'}, "CARROT['queues']"),
     ({'default_broker': 'http://h/'}, "CARROT['default_broker']"),
     ({'default_broker': 'amqp://h:notaport/'}, "CARROT['default_broker']"),
+    ({'queues': []}, "CARROT['queues'] is empty"),
     ({'default_broker': {'host': 'h', 'port': 'x'}}, 'port'),
     ({'task_modules': 'myapp.tasks'}, "CARROT['task_modules']"),
     ({'shutdown_timeout': -1}, 'shutdown_timeout'),
@@ -116,7 +117,9 @@ def test_system_check_reports_a_consumer_class_that_is_not_a_consumer() -> None:
         {'name': 'r', 'consumer_class': 'tests.project.nothing.Here'},
     ]}):
         found = check_settings()
-    assert [m.id for m in found] == ['carrot.E004', 'carrot.E003']
+    assert [m.id for m in found] == ['carrot.E003', 'carrot.E003']
+    assert 'not a subclass of carrot.consumer.Consumer' in found[0].msg
+    assert 'cannot be imported' in found[1].msg
 
 
 def test_system_check_warns_when_no_task_module_is_listed() -> None:
@@ -131,3 +134,10 @@ def test_settings_are_read_once_and_again_after_override() -> None:
         assert conf.get_settings().queues[0].name == 'first'
     with override_settings(CARROT={'queues': [{'name': 'second'}]}):
         assert conf.get_settings().queues[0].name == 'second'
+
+
+def test_a_malformed_url_error_never_quotes_the_password() -> None:
+    with pytest.raises(CarrotConfigException) as caught:
+        conf.parse_broker('amqp://user:sekret/part@host:5672/', "CARROT['default_broker']")
+    assert 'sekret' not in str(caught.value)
+    assert 'URL-encode' in str(caught.value)

@@ -238,3 +238,25 @@ def test_a_graceful_stop_acknowledges_everything_that_ran(
     # Nothing that completed under the first worker came back unacknowledged.
     assert 'was completed before' not in second.output
     assert set(MessageLog.objects.values_list('attempts', flat=True)) == {1}
+
+
+def test_a_task_calling_sys_exit_fails_and_the_worker_goes_on(
+        queue: str, start_worker: StartWorker) -> None:
+    worker = start_worker(carrot_settings(queue, concurrency=1))
+    exited = publish_message(tasks.exit_process)
+    after = publish_message(tasks.add, 1, 2)
+    wait_for(lambda: statuses() == {'FAILED': 1, 'COMPLETED': 1}, what='both tasks')
+    exited.refresh_from_db()
+    assert exited.exception == 'SystemExit: 3'
+    assert MessageLog.objects.get(pk=after.pk).output == '3'
+    assert worker.process.poll() is None
+
+
+def test_a_negative_shutdown_timeout_is_refused(queue: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(MANAGE), 'carrot', '--shutdown-timeout', '-5', '--logfile',
+         str(tmp_path / 'c.log')], capture_output=True, text=True, timeout=60,
+        env={**os.environ, 'CARROT_TEST_CARROT': json.dumps(carrot_settings(queue))},
+    )
+    assert result.returncode != 0
+    assert "'-5' is not a number of seconds" in result.stderr

@@ -74,6 +74,7 @@ class Consumer:
         self.runtime: Runtime | None = None
         self.busy = False
         self.current_task: str | None = None
+        self._failures = 0  # consecutive failures to consume, for the reconnect backoff
         self._settled = False
         # Ends handed to the recorder whose messages it has not acknowledged yet.
         self._unsettled: set[AsyncResult] = set()
@@ -87,21 +88,23 @@ class Consumer:
     def run(self) -> None:
         """Consume until the service stops, reconnecting when the channel breaks."""
         runtime = self._runtime()
-        attempt = 0
         while not runtime.stopping.is_set():
             channel = runtime.link.open_channel(runtime.stopping)
             if channel is None:
                 return
             try:
                 self._consume(channel)
-                attempt = 0
-            except AMQPError as error:
+            except Exception as error:
                 if runtime.stopping.is_set():
                     return
-                delay = backoff_delay(attempt)
-                attempt += 1
-                self.logger.warning('%s: channel lost (%s); reconnecting in %.1f s',
-                                    self.name, error, delay)
+                delay = backoff_delay(self._failures)
+                self._failures += 1
+                if isinstance(error, AMQPError):
+                    self.logger.warning('%s: channel lost (%s); reconnecting in %.1f s',
+                                        self.name, error, delay)
+                else:  # a fault in carrot itself: this consumer must not die of it
+                    self.logger.exception('%s: consuming failed; starting again in %.1f s',
+                                          self.name, delay)
                 runtime.stopping.wait(delay)
             finally:
                 _close_quietly(channel)
@@ -112,6 +115,7 @@ class Consumer:
         channel.basic.qos(prefetch_count=runtime.queue.prefetch)
         tag = channel.basic.consume(queue=self.queue, no_ack=False)
         runtime.consuming.set()
+        self._failures = 0
         while not runtime.stopping.is_set():
             delivery = channel.wait_for_message(IDLE_CHECK_SECONDS)
             if delivery is None and not channel.consumer_tags:
@@ -160,15 +164,17 @@ class Consumer:
             started = runtime.recorder.record_start(lifecycle.Start(
                 message_id=task_message.message_id, task=task_message.task,
                 args_json=args_json, kwargs_json=kwargs_json, queue=self.queue,
-                exchange=_text(method.get('exchange')),
-                routing_key=_text(method.get('routing_key')),
+                exchange=message.text(method.get('exchange')),
+                routing_key=message.text(method.get('routing_key')),
                 priority=task_message.priority,
             ))
         except RecordingFailed as error:
             self._requeue(delivery, f'its start could not be recorded ({error})')
             return
-        if method.get('redelivered'):
-            # It may have completed before the ack was lost: look before running again.
+        if method.get('redelivered') or not runtime.recorder.healthy:
+            # Wait for the start to be recorded: a redelivered message may have completed
+            # before its ack was lost, and while the database is failing a task must not
+            # run without its IN_PROGRESS row.
             try:
                 already_completed = started.get().already_completed
             except RecordingFailed as error:
@@ -192,7 +198,7 @@ class Consumer:
             recorded = runtime.recorder.record_finish(started, lifecycle.Finish(
                 message_id=task_message.message_id, status=outcome.status,
                 output=outcome.output, log=outcome.log, exception=outcome.exception_text,
-                traceback=outcome.traceback,
+                traceback=outcome.traceback, at=outcome.ended_at,
             ), settle=lambda ok: self._settle_recorded(delivery, ok))
         except RecordingFailed as error:
             self._requeue(delivery, f'its end could not be recorded ({error})')
@@ -227,12 +233,18 @@ class Consumer:
         runtime = self._runtime()
         reason = str(error)
         properties = dict(delivery.properties)
+        # Kept as it came, but persistent, not expiring, and not claiming another user id
+        # (RabbitMQ closes the channel of a publish whose user_id is not its own).
+        for dropped in ('expiration', 'user_id'):
+            properties.pop(dropped, None)
+        properties['delivery_mode'] = message.PERSISTENT
         headers = dict(properties.get('headers') or {})
         headers[message.DEAD_REASON_HEADER] = reason[:1000]
         properties['headers'] = headers
         try:
             get_publisher().send(runtime.queue.broker, _bytes(delivery.body), properties,
-                                 routing_key=runtime.queue.dead_letter_queue)
+                                 routing_key=runtime.queue.dead_letter_queue,
+                                 declare_queue=runtime.queue)
         except CarrotError as publish_error:
             self._requeue(delivery, f'it cannot run ({reason}) and the dead-letter queue '
                                     f'could not take it ({publish_error})')
@@ -240,7 +252,7 @@ class Consumer:
         message_id = message.message_id_of(properties)
         self.logger.error('%s: message %s dead-lettered to %s: %s', self.name,
                           message_id or '(no message_id)', runtime.queue.dead_letter_queue, reason)
-        task = _text((delivery.properties.get('headers') or {}).get(message.TYPE_HEADER))
+        task = message.text((delivery.properties.get('headers') or {}).get(message.TYPE_HEADER))
         try:
             log = lifecycle.record_refused(message_id=message_id, task=task or '(unknown)',
                                            reason=reason, queue=self.queue)
@@ -279,26 +291,23 @@ class Consumer:
         if not self.failure_callbacks:
             return
         try:
-            log = MessageLog.objects.get(uuid=message_id)
-            for callback in self.failure_callbacks:
-                try:
-                    callback(log, error)
-                except Exception:
-                    self.logger.exception('%s: failure callback %r raised', self.name, callback)
-        except DatabaseError as db_error:
-            self.logger.error('%s: failure callbacks skipped: %s', self.name, db_error)
+            log = MessageLog.objects.using(lifecycle.database()).get(uuid=message_id)
+        except Exception as lookup_error:  # a database error, or a replica lagging behind
+            self.logger.error('%s: failure callbacks skipped: %s', self.name, lookup_error)
+            return
         finally:
             close_old_connections()
+        for callback in self.failure_callbacks:
+            try:
+                callback(log, error)
+            except Exception:
+                self.logger.exception('%s: failure callback %r raised', self.name, callback)
+            finally:
+                close_old_connections()
 
 
 def _arguments_json(task_message: message.TaskMessage) -> tuple[str, str]:
     return json.dumps(task_message.args), json.dumps(task_message.kwargs)
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode('utf-8', 'replace')
-    return value if isinstance(value, str) else ''
 
 
 def _bytes(body: Any) -> bytes:

@@ -1,12 +1,15 @@
-"""Running one task: resolve it, call it with its log captured, say how it ended."""
+"""Running one task: call it with its log captured and its connections closed, say how it ended."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.db import close_old_connections
+from django.utils import timezone
+from gevent import GreenletExit
 
 from carrot import lifecycle, registry
 from carrot.message import TaskMessage
@@ -23,6 +26,8 @@ class Outcome:
     log: str
     exception: BaseException | None = None
     traceback: str | None = None
+    #: When the task ended (its row is written a little later, in a batch).
+    ended_at: datetime.datetime = field(default_factory=timezone.now)
 
     @property
     def exception_text(self) -> str | None:
@@ -40,7 +45,10 @@ def execute(function: registry.Task, task_message: TaskMessage) -> Outcome:
         try:
             logger.info('Starting task %s (%s)', task_message.task, task_message.message_id)
             result = function(*task_message.args, **task_message.kwargs)
-        except Exception as error:
+        except GreenletExit:
+            raise  # the service is stopping at once: the message goes back unacknowledged
+        except BaseException as error:
+            # SystemExit or a stray gevent.Timeout from a task must not take the worker down.
             logger.error('Task %s failed: %s: %s', task_message.task,
                          type(error).__name__, error)
             return Outcome(

@@ -12,17 +12,13 @@ import logging  # noqa: E402
 import logging.handlers  # noqa: E402
 import sys  # noqa: E402
 
-LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
-LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
+from carrot.worker.logcapture import LOG_FORMAT  # noqa: E402  (standard library only)
+from carrot.worker.options import add_options  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='manage.py carrot')
-    p.add_argument('--logfile', default='/var/log/carrot.log')
-    p.add_argument('--loglevel', default='DEBUG', choices=LEVELS, type=str.upper)
-    p.add_argument('--no-scheduler', action='store_true')
-    p.add_argument('--testmode', action='store_true')
-    p.add_argument('--shutdown-timeout', type=float, default=None)
+    add_options(p)
     return p
 
 
@@ -66,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if IMPORTED_BEFORE_PATCHING:
         log.error('Monkey-patching came after %s was imported; greenlets may block each other',
                   ', '.join(IMPORTED_BEFORE_PATCHING))
+    for notice in preflight.notices():
+        log.error(notice)
     problems = preflight.problems()
     if problems:
         for problem in problems:

@@ -10,6 +10,15 @@ from carrot.exceptions import CarrotError
 from carrot.models import MessageLog
 
 
+def notices() -> list[str]:
+    """What the service starts despite: carrot's system check warnings, and task modules
+    that do not import (their messages will be dead-lettered with the reason)."""
+    from django.core import checks
+
+    return [f'{message.msg} ({message.id})' for message in checks.run_checks(tags=['carrot'])
+            if message.level < checks.ERROR or message.id == 'carrot.E002']
+
+
 def problems() -> list[str]:
     """Each reason the service cannot start, as a sentence that says what to do."""
     try:
@@ -17,13 +26,13 @@ def problems() -> list[str]:
     except CarrotError as error:
         return [str(error)]
     found = _database_problems()
-    from carrot.worker.service import consumer_class
+    from carrot.consumer import load_consumer_class
 
     by_broker: dict[conf.Broker, list[conf.Queue]] = {}
     for queue in settings.queues:
         by_broker.setdefault(queue.broker, []).append(queue)
         try:
-            consumer_class(queue.consumer_class)
+            load_consumer_class(queue.consumer_class)
         except CarrotError as error:
             found.append(f"CARROT['queues'] ({queue.name!r}): {error}")
     for server, queues in by_broker.items():

@@ -2,10 +2,11 @@
 
 Consumers hand it a start before they run a task and an end after it, and go on; whatever
 piles up while one batch is written goes in the next, so the cost per task falls as the load
-rises and carrot holds one database connection for its bookkeeping however many consumers
-run. Once a batch of ends is committed the recorder settles each message: ack, or, when the
-database would not take the write, a requeue. So the database is never on a consumer's
-critical path, and a message is still never acknowledged before its end is recorded.
+rises, and the bookkeeping of starts and ends holds one database connection however many
+consumers run. Once a batch of ends is committed the recorder settles each message: ack, or,
+when the database would not take the write, a requeue. So the database is never on a
+consumer's critical path, and a message is still never acknowledged before its end is
+recorded.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import gevent
-from django.db import DatabaseError, connections
+from django.db import DataError, IntegrityError, connections
+from django.db import Error as DatabaseFault
 from gevent.event import AsyncResult, Event
 
 from carrot import lifecycle
@@ -29,7 +31,15 @@ Settle = Callable[[bool], None]
 
 
 class RecordingFailed(Exception):
-    """The database refused the write after every retry."""
+    """The database refused the write after every retry.
+
+    ``bad_data``: it refused the rows themselves (not a lost connection), so writing them one
+    by one isolates the bad one instead of failing the whole batch.
+    """
+
+    def __init__(self, reason: str, bad_data: bool = False) -> None:
+        super().__init__(reason)
+        self.bad_data = bad_data
 
 
 @dataclass
@@ -52,6 +62,7 @@ class Recorder:
         self._finishes: list[_FinishJob] = []
         self._wakeup = Event()
         self._stopping = False
+        self._healthy = True
         self._greenlet: gevent.Greenlet | None = None
 
     def start(self) -> None:
@@ -89,26 +100,41 @@ class Recorder:
         if self._greenlet is None or self._greenlet.dead:
             raise RecordingFailed('the recorder is not running')
 
+    @property
+    def healthy(self) -> bool:
+        """False from a failed write until the next one that succeeds."""
+        return self._healthy
+
     def _run(self) -> None:
         while True:
             self._wakeup.wait()
             self._wakeup.clear()
             while self._starts or self._finishes:
-                starts, self._starts = self._starts[:BATCH_LIMIT], self._starts[BATCH_LIMIT:]
-                if starts:
-                    self._write_starts(starts)
-                finishes, self._finishes = (self._finishes[:BATCH_LIMIT],
-                                            self._finishes[BATCH_LIMIT:])
-                if finishes:
-                    self._write_finishes(finishes)
+                try:
+                    self._write_round()
+                except Exception:  # a bug here must not stop every acknowledgement
+                    logger.exception('The recorder failed a round; going on')
             if self._stopping:
                 connections.close_all()
                 return
+
+    def _write_round(self) -> None:
+        # Ends first: a redelivered message's start then sees its earlier run's end.
+        finishes, self._finishes = self._finishes[:BATCH_LIMIT], self._finishes[BATCH_LIMIT:]
+        if finishes:
+            self._write_finishes(finishes)
+        starts, self._starts = self._starts[:BATCH_LIMIT], self._starts[BATCH_LIMIT:]
+        if starts:
+            self._write_starts(starts)
 
     def _write_starts(self, jobs: list[_StartJob]) -> None:
         try:
             results = self._with_retries(lambda: lifecycle.start_many([j.start for j in jobs]))
         except RecordingFailed as error:
+            if error.bad_data and len(jobs) > 1:
+                for job in jobs:
+                    self._write_starts([job])
+                return
             for job in jobs:
                 job.result.set_exception(error)
             return
@@ -120,18 +146,24 @@ class Recorder:
         waiting: list[_FinishJob] = []
         for job in jobs:
             if not job.started.ready():
-                waiting.append(job)  # its start came in after this round's starts were taken
+                waiting.append(job)  # its start is queued behind this round's
             elif job.started.successful():
                 ready.append((job, replace(job.finish, pk=job.started.value.pk)))
             else:
                 # Its start was never recorded: let the message come back rather than ack it.
                 self._settle(job, RecordingFailed('its start could not be recorded'))
         self._finishes[:0] = waiting
-        if not ready:
-            return
+        if ready:
+            self._write_ready_finishes(ready)
+
+    def _write_ready_finishes(self, ready: list[tuple[_FinishJob, lifecycle.Finish]]) -> None:
         try:
             self._with_retries(lambda: lifecycle.finish_many([f for _, f in ready]))
         except RecordingFailed as error:
+            if error.bad_data and len(ready) > 1:
+                for one in ready:
+                    self._write_ready_finishes([one])
+                return
             for job, _ in ready:
                 self._settle(job, error)
             return
@@ -149,14 +181,17 @@ class Recorder:
         else:
             job.result.set_exception(error)
 
-    @staticmethod
     def _with_retries(
-        write: Callable[[], list[lifecycle.Started] | None],
+        self, write: Callable[[], list[lifecycle.Started] | None],
     ) -> list[lifecycle.Started]:
         for delay in (*RETRY_DELAYS, None):
             try:
-                return write() or []
-            except DatabaseError as error:
+                results = write() or []
+            except (DataError, IntegrityError) as error:
+                # The rows, not the connection: the same write would fail again.
+                raise RecordingFailed(f'{type(error).__name__}: {error}', bad_data=True) from error
+            except DatabaseFault as error:
+                self._healthy = False
                 # Reconnect on the next try, in case the connection itself broke.
                 connections[lifecycle.database()].close()
                 if delay is None:
@@ -169,4 +204,7 @@ class Recorder:
                 # live on, and the messages go back to their queue.
                 logger.exception('Writing task records failed')
                 raise RecordingFailed(f'{type(error).__name__}: {error}') from error
+            else:
+                self._healthy = True
+                return results
         raise AssertionError('unreachable')

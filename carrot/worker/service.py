@@ -7,7 +7,6 @@ not acknowledged.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from gevent.pool import Pool
 
 from carrot import conf
 from carrot.broker import get_publisher
-from carrot.exceptions import CarrotConfigException
+from carrot.consumer import load_consumer_class
 from carrot.worker.consumer import Consumer, Runtime
 from carrot.worker.link import QueueLink
 from carrot.worker.recorder import Recorder
@@ -28,22 +27,6 @@ from carrot.worker.recorder import Recorder
 logger = logging.getLogger('carrot.worker')
 
 READY_LINE = 'carrot service ready'
-
-
-def consumer_class(path: str) -> type[Consumer]:
-    """The class a queue's ``consumer_class`` names; it must subclass carrot's Consumer."""
-    module_name, _, name = path.rpartition('.')
-    try:
-        found = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as error:
-        raise CarrotConfigException(
-            f"consumer_class {path!r} cannot be imported: {error}."
-        ) from None
-    if not isinstance(found, type) or not issubclass(found, Consumer):
-        raise CarrotConfigException(
-            f'consumer_class {path!r} must be a subclass of carrot.consumer.Consumer.'
-        )
-    return found
 
 
 @dataclass
@@ -75,7 +58,7 @@ class Service:
                 continue
             link = QueueLink(queue)
             self.links.append(link)
-            cls = consumer_class(queue.consumer_class)
+            cls = load_consumer_class(queue.consumer_class)
             for index in range(queue.concurrency):
                 consumer = cls(queue.broker, queue.name, logging.getLogger('carrot'),
                                f'{queue.name}-{index + 1}', queue.durable,
@@ -129,7 +112,8 @@ class Service:
             logger.warning('%d task(s) did not finish in time; handing them back to RabbitMQ',
                            len(unfinished))
             self.pool.kill(block=True, timeout=5)
-        self.recorder.stop()  # writes the last ends and acknowledges their messages
+        # Write the last ends and acknowledge their messages (briefly, after a second signal).
+        self.recorder.stop(timeout=2.0 if self.stop_now.is_set() else 30.0)
         for link in self.links:
             link.close()  # what is still unacknowledged goes back to its queue
         get_publisher().close()

@@ -71,3 +71,16 @@ def compute(seconds: float) -> float:
     while time.monotonic() < end:
         pass
     return seconds
+
+
+def exit_process() -> None:
+    """Calls sys.exit(), which must fail the task, not stop the worker."""
+    import sys
+
+    sys.exit(3)
+
+
+def nul_text() -> str:
+    """Logs and returns text with NUL characters, which PostgreSQL refuses."""
+    logger.info('before\x00after')
+    return 'out\x00put'

@@ -15,7 +15,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
+from carrot.worker.options import add_options
 
 
 def worker_argv(options: dict[str, Any]) -> list[str]:
@@ -53,20 +53,10 @@ def worker_environment() -> dict[str, str]:
 
 class Command(BaseCommand):
     help = 'Run the carrot service in the foreground: consume tasks from RabbitMQ and run them.'
-    requires_system_checks: list[str] = []  # the worker runs them after patching
+    requires_system_checks: list[str] = []  # the worker checks carrot's after patching
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument('--logfile', default='/var/log/carrot.log',
-                            help='Where the service logs (default /var/log/carrot.log).')
-        parser.add_argument('--loglevel', default='DEBUG', type=str.upper, choices=LEVELS,
-                            help='The lowest level logged, and captured in task logs.')
-        parser.add_argument('--no-scheduler', action='store_true',
-                            help='Do not run the scheduler in this service.')
-        parser.add_argument('--testmode', action='store_true',
-                            help='Start, check the broker and the database, and exit 0.')
-        parser.add_argument('--shutdown-timeout', type=float, default=None,
-                            help="Seconds running tasks get to finish on TERM or INT "
-                                 "(default CARROT['shutdown_timeout'], 60).")
+        add_options(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         sys.stdout.flush()
