@@ -114,6 +114,8 @@ class Connection(AmqpstormConnection):
             channel_id = self._get_next_available_channel_id()
             channel = SignallingChannel(channel_id, self, rpc_timeout)
             self._channels[channel_id] = channel
-            if not lazy:
-                channel.open()
+        # Opened outside the connection's lock (amqpstorm opens inside it), so a hundred
+        # consumers starting together open their channels in parallel.
+        if not lazy:
+            channel.open()
         return channel
