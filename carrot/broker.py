@@ -135,15 +135,27 @@ class Publisher:
     def __init__(self) -> None:
         self._links: dict[conf.Broker, _BrokerLink] = {}
         self._lock = threading.Lock()
+        self._connecting: dict[conf.Broker, threading.Lock] = {}
 
     def _link(self, broker: conf.Broker) -> _BrokerLink:
         with self._lock:
             link = self._links.get(broker)
-            if link is None or not link.usable:
-                if link is not None:
-                    link.close()
-                link = self._links[broker] = _BrokerLink(broker)
-            return link
+            if link is not None and link.usable:
+                return link
+            connecting = self._connecting.setdefault(broker, threading.Lock())
+        # Connect holding only this broker's lock: publishers to other brokers, and to this
+        # one once connected, do not wait for a slow connect.
+        with connecting:
+            with self._lock:
+                link = self._links.get(broker)
+                if link is not None and link.usable:
+                    return link
+            if link is not None:
+                link.close()
+            fresh = _BrokerLink(broker)
+            with self._lock:
+                self._links[broker] = fresh
+            return fresh
 
     def _drop(self, link: _BrokerLink) -> None:
         with self._lock:

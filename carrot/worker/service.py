@@ -78,8 +78,10 @@ class Service:
             ready.wait()
         queues = ', '.join(f'{q.name}×{q.concurrency}' for q in self.settings.queues
                            if q.consumable)
-        logger.info('%s: consuming %s', READY_LINE, queues or 'no queue')
-        print(f'{READY_LINE}: consuming {queues or "no queue"}', flush=True)
+        line = f'{READY_LINE}: consuming {queues or "no queue"}'
+        logger.info(line)
+        if not logger.isEnabledFor(logging.INFO):
+            print(line, flush=True)  # always on standard output, once
 
     def _on_hub_event(self, event: object) -> None:
         if not isinstance(event, events.EventLoopBlocked):
