@@ -144,3 +144,26 @@ def test_a_routing_key_no_queue_is_bound_to_is_a_configuration_error(queue: str)
     with pytest.raises(CarrotConfigException, match='could not route'):
         publish_message(tasks.noop, routing_key='no-queue-has-this-name')
     assert MessageLog.objects.count() == 0
+
+
+def test_concurrent_publishers_each_get_their_own_row_and_message(
+        queue: str, broker: Broker) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connections
+
+    def publish(index: int) -> tuple[int, str, int]:
+        try:
+            log = publish_message(tasks.echo, index)
+            return log.pk, log.uuid, index
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(publish, range(400)))
+    rows = {row.pk: row for row in MessageLog.objects.all()}
+    assert len(rows) == 400
+    for pk, uuid, index in results:  # the pk each caller got is its own row
+        assert rows[pk].uuid == uuid
+        assert json.loads(rows[pk].task_args or '') == [index]
+    assert broker.message_count(queue) == 400
