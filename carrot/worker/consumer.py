@@ -113,6 +113,7 @@ class Consumer:
         runtime = self._runtime()
         runtime.link.ensure_declared(channel)
         channel.basic.qos(prefetch_count=runtime.queue.prefetch)
+        runtime.link.arrive_and_wait()
         tag = channel.basic.consume(queue=self.queue, no_ack=False)
         runtime.consuming.set()
         self._failures = 0

@@ -18,6 +18,7 @@ logger = logging.getLogger('carrot.worker')
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+STARTING_TOGETHER_SECONDS = 10.0
 
 
 def backoff_delay(attempt: int) -> float:
@@ -39,6 +40,9 @@ class QueueLink:
         self._failures = 0
         self._retry_at = 0.0
         self._declared = False
+        # Consumers with a channel ready to subscribe (see arrive_and_wait()).
+        self._arrived = 0
+        self._all_arrived = Event()
 
     def open_channel(self, stopping: Event) -> SignallingChannel | None:
         """A channel on a healthy connection, once there is one; None when stopping."""
@@ -83,6 +87,19 @@ class QueueLink:
             if not self._declared:
                 broker.declare(channel, self.queue)
                 self._declared = True
+
+    def arrive_and_wait(self, timeout: float = STARTING_TOGETHER_SECONDS) -> None:
+        """Wait (once, at start-up) until every consumer of the queue has its channel.
+
+        Otherwise the first consumers to open a channel take a backlog's first messages
+        while the others are still opening theirs, and compete with them for the hub.
+        """
+        if self._all_arrived.is_set():
+            return
+        self._arrived += 1
+        if self._arrived >= self.queue.concurrency:
+            self._all_arrived.set()
+        self._all_arrived.wait(timeout)
 
     def forget_declared(self) -> None:
         """The queue may be gone (RabbitMQ cancelled a consumer): declare it again."""
