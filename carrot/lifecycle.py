@@ -184,8 +184,8 @@ class Start:
 
     message_id: str
     task: str
-    args_json: str
-    kwargs_json: str
+    args: list[Any]
+    kwargs: dict[str, Any]
     queue: str
     exchange: str
     routing_key: str
@@ -234,7 +234,8 @@ def start_many(starts: Sequence[Start]) -> list[Started]:
             created = MessageLog.objects.using(alias).bulk_create([
                 MessageLog(
                     status=MessageLog.PUBLISHED, uuid=s.message_id, task=_short(s.task),
-                    task_args=s.args_json, content=s.kwargs_json, queue=_short(s.queue),
+                    task_args=json.dumps(s.args), content=json.dumps(s.kwargs),
+                    queue=_short(s.queue),
                     exchange=_short(s.exchange), routing_key=_short(s.routing_key),
                     priority=s.priority, publish_time=now,
                 ) for s in _unique(missing)
@@ -310,8 +311,7 @@ def finish_many(finishes: Sequence[Finish]) -> None:
 
 
 def record_refused(
-    *, message_id: str | None, task: str, reason: str, queue: str, args_json: str = '[]',
-    kwargs_json: str = '{}',
+    *, message_id: str | None, task: str, reason: str, queue: str,
 ) -> MessageLog | None:
     """FAILED with ``reason`` for a message that will not run; None without a message id."""
     if not message_id or len(message_id) > MESSAGE_ID_LENGTH:
@@ -320,8 +320,8 @@ def record_refused(
     log, created = MessageLog.objects.get_or_create(
         uuid=message_id,
         defaults=dict(
-            status=MessageLog.FAILED, task=_short(task), task_args=args_json,
-            content=kwargs_json, queue=_short(queue), exchange='', routing_key=_short(queue),
+            status=MessageLog.FAILED, task=_short(task), task_args='[]',
+            content='{}', queue=_short(queue), exchange='', routing_key=_short(queue),
             publish_time=now, failure_time=now, exception=clean(reason),
         ),
     )

@@ -7,7 +7,6 @@ FAILED row saying why (it cannot run at all).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 import gevent
 from amqpstorm.exception import AMQPChannelError, AMQPError
 from amqpstorm.message import Message as Delivery
-from django.db import DatabaseError, close_old_connections
+from django.db import close_old_connections
 from gevent.event import AsyncResult, Event
 
 from carrot import conf, lifecycle, message, registry
@@ -72,8 +71,7 @@ class Consumer:
         self.exchange_arguments = exchange_arguments or {}
         self.failure_callbacks: list[FailureCallback] = []
         self.runtime: Runtime | None = None
-        self.busy = False
-        self.current_task: str | None = None
+        self.current_task: str | None = None  # the task running now, if any
         self._failures = 0  # consecutive failures to consume, for the reconnect backoff
         self._settled = False
         # Ends handed to the recorder whose messages it has not acknowledged yet.
@@ -124,7 +122,6 @@ class Consumer:
                 runtime.link.forget_declared()
                 raise AMQPChannelError(f'RabbitMQ cancelled the consumer of {self.queue}')
             if delivery is not None:
-                self.busy = True
                 self._settled = False
                 try:
                     self.handle(delivery)
@@ -132,8 +129,6 @@ class Consumer:
                     raise
                 except Exception as error:
                     self._recover(delivery, error)
-                finally:
-                    self.busy = False
         # Stopping: take no more, hand back what was prefetched but not started, and keep
         # the channel open until the recorder has acknowledged what ran on it.
         channel.basic.cancel(tag)
@@ -159,12 +154,11 @@ class Consumer:
             self.refuse(delivery, error)
             return
 
-        args_json, kwargs_json = _arguments_json(task_message)
         method = delivery.method or {}
         try:
             started = runtime.recorder.record_start(lifecycle.Start(
                 message_id=task_message.message_id, task=task_message.task,
-                args_json=args_json, kwargs_json=kwargs_json, queue=self.queue,
+                args=task_message.args, kwargs=task_message.kwargs, queue=self.queue,
                 exchange=message.text(method.get('exchange')),
                 routing_key=message.text(method.get('routing_key')),
                 priority=task_message.priority,
@@ -259,7 +253,7 @@ class Consumer:
                                            reason=reason, queue=self.queue)
             if log is not None:
                 self._call_failure_callbacks(log.uuid, error)
-        except DatabaseError as db_error:
+        except Exception as db_error:  # the message is in the dead-letter queue already
             self.logger.error('%s: the FAILED row of message %s could not be written: %s',
                               self.name, message_id, db_error)
         finally:
@@ -305,10 +299,6 @@ class Consumer:
                 self.logger.exception('%s: failure callback %r raised', self.name, callback)
             finally:
                 close_old_connections()
-
-
-def _arguments_json(task_message: message.TaskMessage) -> tuple[str, str]:
-    return json.dumps(task_message.args), json.dumps(task_message.kwargs)
 
 
 def _bytes(body: Any) -> bytes:

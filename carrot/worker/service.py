@@ -101,7 +101,7 @@ class Service:
                            'delivered again')
             self.stop_now.set()
             return
-        running = sum(1 for w in self.workers if w.consumer.busy)
+        running = sum(1 for w in self.workers if w.consumer.current_task)
         logger.warning('Stopping: no new tasks; waiting up to %.0f s for %d running task(s)',
                        self.shutdown_timeout, running)
         self.stopping.set()
