@@ -23,6 +23,7 @@ setup(
         'amqpstorm>=3.1,<3.2',
         'django>=5.2,<7',
         'python-daemon>=3.0',
+        'cronsim>=2.6',
     ],
     extras_require={'postgresql': ['psycopg[binary]>=3.2']},
     classifiers=[

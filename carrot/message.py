@@ -37,6 +37,15 @@ class TaskMessage:
     attempt: int = 1
 
 
+def check_priority(priority: object) -> None:
+    """ValueError unless ``priority`` is a whole number RabbitMQ accepts."""
+    if not isinstance(priority, int) or isinstance(priority, bool) or \
+            not 0 <= priority <= MAX_PRIORITY:
+        raise ValueError(
+            f'priority must be a whole number from 0 to {MAX_PRIORITY}, not {priority!r}.'
+        )
+
+
 def encode_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[str, str]:
     """``(args_json, kwargs_json)``, or ArgumentsNotSerializable naming the bad argument."""
     try:

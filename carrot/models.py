@@ -6,11 +6,34 @@ import ast
 import json
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
+from django.utils import timezone
+
+from carrot import message, schedules
 
 
-class MessageLog(models.Model):
+class TaskArguments:
+    """The task's arguments, read from the ``task_args`` and ``content`` text columns."""
+
+    task_args: str | None
+    content: str | None
+
+    @property
+    def positionals(self) -> list[Any]:
+        """The positional arguments (JSON, or upstream's Python literal form)."""
+        value = _decode_arguments(self.task_args, default=[])
+        return list(value) if isinstance(value, (list, tuple)) else []
+
+    @property
+    def keywords(self) -> dict[str, Any]:
+        """The keyword arguments."""
+        value = _decode_arguments(self.content, default={})
+        return value if isinstance(value, dict) else {}
+
+
+class MessageLog(TaskArguments, models.Model):
     """One task message, from publication to its end.
 
     Its status moves PUBLISHED → IN_PROGRESS → COMPLETED or FAILED; only
@@ -66,17 +89,6 @@ class MessageLog(models.Model):
     def __str__(self) -> str:
         return self.task
 
-    @property
-    def positionals(self) -> list[Any]:
-        """The positional arguments (JSON, or upstream's Python literal form)."""
-        return list(_decode_arguments(self.task_args, default=[]))
-
-    @property
-    def keywords(self) -> dict[str, Any]:
-        """The keyword arguments."""
-        value = _decode_arguments(self.content, default={})
-        return value if isinstance(value, dict) else {}
-
     def requeue(self) -> MessageLog:
         """Publish this task again as a new message; the new MessageLog is returned.
 
@@ -91,23 +103,32 @@ class MessageLog(models.Model):
 
 
 def _decode_arguments(text: str | None, default: Any) -> Any:
+    try:
+        return _parse_arguments(text, default)
+    except ValueError:
+        return default
+
+
+def _parse_arguments(text: str | None, default: Any) -> Any:
+    """JSON, or the Python literal upstream django-carrot wrote (such as "(1, 'a')")."""
     if not text:
         return default
     try:
         return json.loads(text)
     except ValueError:
-        # Rows written by upstream django-carrot hold a Python repr such as "(1, 'a')".
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return default
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise ValueError(f'{text[:100]!r} is neither JSON nor a Python literal') from None
 
 
-class ScheduledTask(models.Model):
-    """A task to publish at a fixed interval (upstream's schedule record).
+class ScheduledTask(TaskArguments, models.Model):
+    """A task published at an interval (upstream's schedule record) or on a cron schedule.
 
-    The rows and their admin are here; the scheduler that publishes them is not part of
-    this release.
+    The service's scheduler publishes each active row when ``next_run_at`` comes, and moves
+    ``next_run_at`` on (``carrot.scheduling``). Saving a row with a new schedule, or
+    making it active again, sets its next run time; so edits take effect without a restart.
     """
 
     INTERVAL_CHOICES = (
@@ -119,19 +140,138 @@ class ScheduledTask(models.Model):
 
     interval_type = models.CharField(max_length=200, choices=INTERVAL_CHOICES, default='seconds')
     interval_count = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
+    #: A cron expression ("*/5 * * * *") read in TIME_ZONE; when set, the interval is unused.
+    crontab = models.CharField(
+        max_length=200, blank=True, default='',
+        help_text='A cron expression such as "*/5 * * * *" (minute hour day month weekday), '
+                  'read in the TIME_ZONE setting. When set, it replaces the interval.',
+    )
     exchange = models.CharField(max_length=200, blank=True, null=True)
     routing_key = models.CharField(max_length=200, blank=True, null=True)
     queue = models.CharField(max_length=200, blank=True, null=True)
+    priority = models.PositiveIntegerField(default=0)
     task = models.CharField(max_length=200)
-    task_args = models.TextField(null=True, blank=True, verbose_name='Positional arguments')
-    content = models.TextField(null=True, blank=True, verbose_name='Keyword arguments')
+    task_args = models.TextField(null=True, blank=True, verbose_name='Positional arguments',
+                                 help_text='A JSON list, such as [1, "two"].')
+    content = models.TextField(null=True, blank=True, verbose_name='Keyword arguments',
+                               help_text='A JSON object, such as {"key": "value"}.')
     task_name = models.CharField(max_length=200, unique=True)
     active = models.BooleanField(default=True)
+    #: When the last scheduled run was due (the time it stood for, not when it was sent).
+    last_run_at = models.DateTimeField(null=True, blank=True, editable=False)
+    #: When it runs next; empty until the scheduler (or a save) sets it.
+    next_run_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=['active', 'next_run_at'], name='carrot_schedule_due'),
+        ]
+
+    #: The schedule fields as loaded from the database, to tell an edit from a save.
+    _loaded: tuple[Any, ...] | None = None
 
     def __str__(self) -> str:
         return self.task_name
 
+    @classmethod
+    def from_db(cls, db: str | None, field_names: Any, values: Any,
+                **options: Any) -> ScheduledTask:
+        row = super().from_db(db, field_names, values, **options)
+        row._loaded = row._schedule_fields()
+        return row
+
+    def _schedule_fields(self) -> tuple[Any, ...]:
+        return (self.interval_type, self.interval_count, self.crontab, self.active)
+
+    @property
+    def schedule(self) -> schedules.Schedule:
+        """The Interval or Cron this row runs on; ValueError when its fields are wrong."""
+        if self.crontab:
+            return schedules.parse_cron(self.crontab)
+        return schedules.make_interval(self.interval_type, self.interval_count)
+
     @property
     def interval_display(self) -> str:
+        if self.crontab:
+            return f'cron {self.crontab}'
         unit = self.interval_type if self.interval_count != 1 else self.interval_type[:-1]
         return f'Every {self.interval_count} {unit}'
+
+    def call_arguments(self) -> tuple[list[Any], dict[str, Any]]:
+        """The positional and keyword arguments; ValueError names a field that is wrong."""
+        try:
+            args = _parse_arguments(self.task_args, [])
+        except ValueError as error:
+            raise ValueError(f'Positional arguments: {error}; write a JSON list.') from None
+        try:
+            kwargs = _parse_arguments(self.content, {})
+        except ValueError as error:
+            raise ValueError(f'Keyword arguments: {error}; write a JSON object.') from None
+        if kwargs == '{}':
+            kwargs = {}  # upstream's create_scheduled_task stored json.dumps('{}')
+        if not isinstance(args, (list, tuple)):
+            raise ValueError(f'Positional arguments must be a JSON list, not {self.task_args!r}.')
+        if not isinstance(kwargs, dict):
+            raise ValueError(f'Keyword arguments must be a JSON object, not {self.content!r}.')
+        return list(args), kwargs
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self._plan_next_run()
+        super().save(*args, **kwargs)
+        self._loaded = self._schedule_fields()
+
+    def _plan_next_run(self) -> None:
+        """Set ``next_run_at`` for a new schedule, an edited one or a reactivated one."""
+        loaded = self._loaded
+        now = timezone.now()
+        if loaded is None:
+            if self.next_run_at is None:
+                self.next_run_at = self.schedule.first_run(now)
+        elif loaded[:3] != self._schedule_fields()[:3]:
+            schedule = self.schedule
+            if isinstance(schedule, schedules.Interval) and self.last_run_at is not None:
+                # The new interval counts from the last run; a past time runs at once.
+                self.next_run_at = self.last_run_at + schedule.length
+            else:
+                self.next_run_at = schedule.first_run(now)
+        elif self.active and not loaded[3] and self.next_run_at is not None:
+            # Back from inactive: the next time on its schedule, not the runs it missed.
+            self.next_run_at = self.schedule.next_run(self.next_run_at, now)
+
+    def clean(self) -> None:
+        """Say what is wrong, field by field, before a form saves the row."""
+        from carrot import registry
+        from carrot.conf import get_settings
+
+        errors: dict[str, str] = {}
+        try:
+            self.schedule  # noqa: B018  (parsed to validate)
+        except ValueError as error:
+            errors['crontab' if self.crontab else 'interval_count'] = str(error)
+        try:
+            registry.resolve(self.task)
+        except Exception as error:
+            errors['task'] = str(error)
+        try:
+            args, kwargs = self.call_arguments()
+            message.encode_arguments(args, kwargs)
+        except (ValueError, TypeError) as error:
+            errors['content' if 'Keyword' in str(error) else 'task_args'] = str(error)
+        try:
+            get_settings().queue(self.queue)
+        except Exception as error:
+            errors['queue'] = str(error)
+        if errors:
+            raise ValidationError(errors)
+
+    def run_now(self) -> MessageLog:
+        """Publish this task at once, leaving its schedule as it is; the new MessageLog."""
+        from carrot import scheduling
+
+        return scheduling.publish(self)
+
+    def publish(self, priority: int | None = None) -> MessageLog:
+        """Upstream's name for :meth:`run_now`; ``priority`` overrides the row's."""
+        from carrot import scheduling
+
+        return scheduling.publish(self, priority=priority)

@@ -16,6 +16,10 @@ from django.db import transaction
 from carrot import conf, lifecycle, message, registry
 from carrot.broker import get_publisher
 from carrot.models import MessageLog
+from carrot.scheduling import create_scheduled_task, run_now
+
+__all__ = ['Message', 'create_message', 'create_scheduled_task', 'get_host_from_name',
+           'publish_message', 'run_now', 'validate_task']
 
 logger = logging.getLogger('carrot.publish')
 
@@ -114,11 +118,7 @@ def create_message(
     """
     path = validate_task(task)
     target = conf.get_settings().queue(queue)
-    if not isinstance(priority, int) or isinstance(priority, bool) or \
-            not 0 <= priority <= message.MAX_PRIORITY:
-        raise ValueError(
-            f'priority must be a whole number from 0 to {message.MAX_PRIORITY}, not {priority!r}.'
-        )
+    message.check_priority(priority)
     args = list(task_args)
     kwargs = dict(task_kwargs or {})
     args_json, kwargs_json = message.encode_arguments(args, kwargs)

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = get_settings()
     timeout = options.shutdown_timeout
-    service = Service(settings, settings.shutdown_timeout if timeout is None else timeout)
+    service = Service(settings, settings.shutdown_timeout if timeout is None else timeout,
+                      scheduler=not options.no_scheduler)
     return service.run()
 
 

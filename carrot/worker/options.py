@@ -28,8 +28,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--loglevel', default='DEBUG', type=str.upper, choices=LEVELS,
                         help='The lowest level logged, and kept in task logs (default DEBUG).')
     parser.add_argument('--no-scheduler', action='store_true',
-                        help='Run no scheduler in this service (accepted for compatibility; '
-                             'this release publishes no scheduled tasks).')
+                        help='Do not publish scheduled tasks from this service (other '
+                             'services may).')
     parser.add_argument('--testmode', action='store_true',
                         help='Start, check the broker and the database, and exit 0.')
     parser.add_argument('--shutdown-timeout', type=seconds, default=None,

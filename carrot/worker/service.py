@@ -1,4 +1,5 @@
-"""The carrot service: one gevent pool of consumer greenlets, its lifecycle and signals.
+"""The carrot service: a gevent pool of consumer greenlets and the scheduler greenlet, their
+lifecycle and signals.
 
 TERM or INT: stop taking messages, let running tasks finish within the shutdown timeout,
 hand back the rest, exit 0. A second signal stops at once; RabbitMQ redelivers whatever was
@@ -23,6 +24,7 @@ from carrot.consumer import load_consumer_class
 from carrot.worker.consumer import Consumer, Runtime
 from carrot.worker.link import QueueLink
 from carrot.worker.recorder import Recorder
+from carrot.worker.scheduler import Scheduler
 
 logger = logging.getLogger('carrot.worker')
 
@@ -36,9 +38,12 @@ class _Worker:
 
 
 class Service:
-    def __init__(self, settings: conf.CarrotSettings, shutdown_timeout: float) -> None:
+    def __init__(self, settings: conf.CarrotSettings, shutdown_timeout: float,
+                 scheduler: bool = True) -> None:
         self.settings = settings
         self.shutdown_timeout = shutdown_timeout
+        self.with_scheduler = scheduler
+        self.scheduler: gevent.Greenlet | None = None
         self.stopping = Event()
         self.stop_now = Event()
         self.recorder = Recorder()
@@ -68,6 +73,8 @@ class Service:
                                            stopping=self.stopping, consuming=ready)
                 consuming.append(ready)
                 self.workers.append(_Worker(consumer, self.pool.spawn(consumer.run)))
+        if self.with_scheduler:
+            self.scheduler = gevent.spawn(Scheduler(self.stopping).run)
         gevent.spawn(self._announce_ready, consuming)
         self.stopping.wait()
         self._shut_down()
@@ -78,7 +85,8 @@ class Service:
             ready.wait()
         queues = ', '.join(f'{q.name}×{q.concurrency}' for q in self.settings.queues
                            if q.consumable)
-        line = f'{READY_LINE}: consuming {queues or "no queue"}'
+        line = (f'{READY_LINE}: consuming {queues or "no queue"}; '
+                f'scheduler {"on" if self.with_scheduler else "off"}')
         logger.info(line)
         if not logger.isEnabledFor(logging.INFO):
             print(line, flush=True)  # always on standard output, once
@@ -114,6 +122,10 @@ class Service:
             logger.warning('%d task(s) did not finish in time; handing them back to RabbitMQ',
                            len(unfinished))
             self.pool.kill(block=True, timeout=5)
+        if self.scheduler is not None:
+            # It stops between rounds; a round in progress finishes its publishing.
+            self.scheduler.join(timeout=1.0 if self.stop_now.is_set() else 30.0)
+            self.scheduler.kill(block=True, timeout=5)
         # Write the last ends and acknowledge their messages (briefly, after a second signal).
         self.recorder.stop(timeout=2.0 if self.stop_now.is_set() else 30.0)
         for link in self.links:
