@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,47 @@ class CarrotAdapter(Adapter):
             '--logfile', str(WORKER_LOG), '--loglevel', 'WARNING', '--no-scheduler',
         ]
         return WorkerSpec(argv=argv, cwd=PROJECT_DIR, ready_pattern=r'carrot service ready')
+
+    def idle_scheduler_spec(self) -> WorkerSpec:
+        """The same service with its scheduler on, for workload (e)."""
+        spec = self.worker_spec()
+        spec.argv.remove('--no-scheduler')
+        return spec
+
+    def create_schedules(self, count: int) -> None:
+        """``count`` active one-day schedules: none is due during the benchmark."""
+        from carrot.models import ScheduledTask
+
+        ScheduledTask.objects.all().delete()
+        rows = [ScheduledTask(task='tasks.noop', task_name=f'bench-{index}', queue=QUEUE,
+                              interval_type='days', interval_count=1)
+                for index in range(count)]
+        ScheduledTask.objects.bulk_create(rows, batch_size=1000)
+        # bulk_create skips save(), which plans the first run; plan them all now.
+        from django.utils import timezone
+
+        ScheduledTask.objects.update(next_run_at=timezone.now() + timedelta(days=1))
+
+    def delete_schedules(self) -> None:
+        from carrot.models import ScheduledTask
+
+        ScheduledTask.objects.all().delete()
+
+    def database_statements(self) -> int:
+        """Transactions committed in the benchmark database so far (PostgreSQL's own count).
+
+        Every statement the idle service runs outside a transaction is one; read over a
+        separate connection, so the reading itself is not counted.
+        """
+        if _using_sqlite():
+            raise BenchError('statement counts need PostgreSQL (unset BENCH_DB=sqlite)')
+        query = ['psql', '-h', '127.0.0.1', '-U', 'postgres', '-d', 'postgres', '-Atc',
+                 'SELECT xact_commit + xact_rollback FROM pg_stat_database '
+                 f"WHERE datname = '{PG_NAME}'"]
+        found = subprocess.run(query, capture_output=True, text=True, timeout=30)
+        if found.returncode != 0:
+            raise BenchError(f'cannot read pg_stat_database: {found.stderr.strip()}')
+        return int(found.stdout.strip())
 
     def done_count(self) -> int:
         count: int = self._model.objects.filter(status='COMPLETED').count()

@@ -4,8 +4,9 @@
 
 Workloads (see README.md): (a) no-op tasks end to end, (b) backlog drain of 2,000 x 50 ms
 tasks with concurrency 100, (c) confirmed publishes from one caller (raw pika as reference),
-(d) CPU of an idle worker with 100 consumers. Prints a table of medians and writes
-benchmarks/last-report.md.
+(d) CPU of an idle worker with 100 consumers, (e) carrot only: CPU and database statements of
+an idle service whose scheduler holds 10,000 schedules, none due. Prints a table of medians
+and writes benchmarks/last-report.md.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ READY_TIMEOUT = 60.0
 # sampling idle CPU or publishing.
 SETTLE_SECONDS = 2.0
 DRAIN_TASKS = 2000
+SCHEDULES = 10_000
 CONFIRM_WARMUP = 100
 # The machine is shared: another session may restart RabbitMQ under us. One retry per
 # workload keeps such a blip from costing a whole data point.
@@ -113,6 +115,9 @@ METRICS = (
     Metric('confirm_p50', '(c) one confirmed publish call, median', 'ms', False, 2),
     Metric('confirm_p99', '(c) one confirmed publish call, p99', 'ms', False, 2),
     Metric('idle_cpu', '(d) idle worker CPU, 100 consumers', '% of a core', False, 2),
+    Metric('scheduler_cpu', f'(e) idle service CPU, scheduler with {SCHEDULES:,} schedules',
+           '% of a core', False, 2),
+    Metric('scheduler_statements', '(e) its database statements', 'per s', False, 1),
 )
 
 Results = dict[str, dict[str, list[float]]]  # system -> metric -> one value per repeat
@@ -248,12 +253,41 @@ def run_confirm(adapter: Adapter, config: Config, tag: str) -> dict[str, float]:
             'confirm_p99': result['p99_ms']}
 
 
+def run_idle_scheduler(adapter: Any, config: Config, tag: str) -> dict[str, float]:
+    """(e) carrot only: the service idle with SCHEDULES active schedules, none of them due."""
+    clean(adapter)
+    adapter.reset()
+    adapter.create_schedules(SCHEDULES)
+    seconds = max(20.0, 2 * config.idle_seconds)  # statement counts reach PostgreSQL's
+    try:                                           # statistics within a second or so
+        with Worker(adapter.idle_scheduler_spec(), f'{adapter.name}-worker-sched-{tag}'
+                    ) as worker:
+            worker.wait_ready(READY_TIMEOUT)
+            time.sleep(SETTLE_SECONDS)
+            statements = adapter.database_statements()
+            before = worker.cpu_seconds()
+            started = time.monotonic()
+            time.sleep(seconds)
+            elapsed = time.monotonic() - started
+            cpu = 100.0 * (worker.cpu_seconds() - before) / elapsed
+            rate = (adapter.database_statements() - statements) / elapsed
+            if adapter.done_count():
+                raise BenchError(f'{adapter.done_count()} tasks ran: a schedule was due')
+    finally:
+        adapter.delete_schedules()
+    log(f'  {adapter.name}: idle with {SCHEDULES:,} schedules: CPU {cpu:.2f}%, '
+        f'{rate:.1f} database statements/s')
+    return {'scheduler_cpu': cpu, 'scheduler_statements': rate}
+
+
 def measure_system(adapter: Adapter, config: Config, tag: str, results: Results) -> None:
     """One repeat of every workload for one system; a failed workload is logged and skipped."""
     steps: list[Callable[[], dict[str, float]]] = [lambda: run_confirm(adapter, config, tag)]
     if adapter.has_worker:
         steps = [lambda: run_idle_and_e2e(adapter, config, tag),
                  lambda: run_drain(adapter, tag), *steps]
+    if hasattr(adapter, 'create_schedules'):
+        steps.append(lambda: run_idle_scheduler(adapter, config, tag))
     for step in steps:
         for attempt in range(1, ATTEMPTS + 1):
             try:
@@ -394,7 +428,10 @@ def write_report(results: Results, config: Config, adapters: dict[str, Adapter],
         'concurrency 100 (ideal 1.0 s). (c) '
         f'{config.confirm_publishes} sequential confirmed publishes after {CONFIRM_WARMUP} '
         f'warm-up ones; pika is the raw-client reference. (d) worker CPU (all its processes) over '
-        f'{config.idle_seconds:.0f} s, starting {SETTLE_SECONDS:.0f} s after its ready line.',
+        f'{config.idle_seconds:.0f} s, starting {SETTLE_SECONDS:.0f} s after its ready line. '
+        f'(e) carrot only: the same worker with its scheduler on and {SCHEDULES:,} active '
+        'one-day schedules, none due; CPU and the transactions PostgreSQL counted in its '
+        f'database (pg_stat_database) over {max(20.0, 2 * config.idle_seconds):.0f} s.',
         '',
         '## Set-up',
         '',

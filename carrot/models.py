@@ -140,7 +140,7 @@ class ScheduledTask(TaskArguments, models.Model):
 
     interval_type = models.CharField(max_length=200, choices=INTERVAL_CHOICES, default='seconds')
     interval_count = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
-    #: A cron expression ("*/5 * * * *") read in TIME_ZONE; when set, the interval is unused.
+    #: A cron expression (``*/5 * * * *``) read in TIME_ZONE; when set, the interval is unused.
     crontab = models.CharField(
         max_length=200, blank=True, default='',
         help_text='A cron expression such as "*/5 * * * *" (minute hour day month weekday), '

@@ -243,3 +243,28 @@ def test_an_hour_of_one_second_runs_publishes_3600_times_without_drift(queue: st
         now += timedelta(seconds=pause + late.uniform(0.0, 0.3))
     published = MessageLog.objects.filter(task='tests.project.tasks.noop').count()
     assert 3599 <= published <= 3601
+
+
+def test_the_admin_runs_selected_schedules_now_with_a_csrf_protected_post(
+        queue: str, broker: Broker) -> None:
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    row = create_scheduled_task(tasks.echo, {'hours': 1}, 'from-admin', queue, 'x')
+    User.objects.filter(username='staff').delete()
+    User.objects.create_superuser('staff', 'staff@example.com', 'pw')
+    client = Client(enforce_csrf_checks=True)
+    client.login(username='staff', password='pw')
+    url = '/admin/carrot/scheduledtask/'
+    form = {'action': 'run_now', '_selected_action': [str(row.pk)]}
+    assert client.post(url, form).status_code == 403  # no CSRF token
+    assert not MessageLog.objects.exists()
+    page = client.get(url)
+    assert page.status_code == 200
+    token = page.cookies['csrftoken'].value
+    answer = client.post(url, {**form, 'csrfmiddlewaretoken': token}, follow=True)
+    [log] = MessageLog.objects.all()
+    assert (log.task, log.positionals) == ('tests.project.tasks.echo', ['x'])
+    assert f'Published from-admin as message {log.uuid}' in answer.content.decode()
+    assert len(broker.get_all(queue)) == 1
+    User.objects.filter(username='staff').delete()
