@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -33,3 +34,5 @@ def test_the_demo_publishes_runs_shows_and_stops(demo_queue: str) -> None:
     assert 'FAILED     ZeroDivisionError: division by zero' in out
     assert 'demo.tasks.add x10 COMPLETED: 10 of 10' in out
     assert 'service exited with status 0' in out
+    runs = re.search(r"scheduled task 'every-second': (\d+) runs so far, (\d+) COMPLETED", out)
+    assert runs and int(runs[2]) >= 2, out

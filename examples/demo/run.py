@@ -2,8 +2,8 @@
 """The carrot demo, in one command: ``python3 examples/demo/run.py``.
 
 Installs carrot into .venv, makes sure RabbitMQ answers, migrates the demo's SQLite
-database, starts the carrot service, publishes a few tasks, shows what became of them and
-stops the service cleanly.
+database, schedules a task every second, starts the carrot service, publishes a few tasks,
+shows what became of them and of the schedule, and stops the service cleanly.
 """
 
 from __future__ import annotations
@@ -63,10 +63,13 @@ def main() -> int:
     from demo import tasks
     from django.db import transaction
 
-    from carrot.models import MessageLog
-    from carrot.utilities import publish_message
+    from carrot.models import MessageLog, ScheduledTask
+    from carrot.utilities import create_scheduled_task, publish_message
 
     MessageLog.objects.all().delete()
+    ScheduledTask.objects.all().delete()
+    say('Scheduling demo.tasks.add(40, 2) every second (the service publishes it)')
+    create_scheduled_task(tasks.add, {'seconds': 1}, 'every-second', None, 40, 2)
     service = start_service()
     try:
         say('Publishing tasks')
@@ -99,6 +102,14 @@ def main() -> int:
         print(f'   demo.tasks.add x10 COMPLETED: {done} of 10')
         if pending:
             print(f'   {len(pending)} task(s) did not finish within 30 s', file=sys.stderr)
+        scheduled = MessageLog.objects.filter(task='demo.tasks.add', task_args='[40, 2]')
+        deadline = time.monotonic() + 10
+        while scheduled.filter(status='COMPLETED').count() < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        row = ScheduledTask.objects.get(task_name='every-second')
+        print(f'   scheduled task {row.task_name!r}: {scheduled.count()} runs so far, '
+              f'{scheduled.filter(status="COMPLETED").count()} COMPLETED; next at '
+              f'{row.next_run_at:%H:%M:%S}')
     finally:
         say('Stopping the service (SIGTERM): it finishes running tasks and exits')
         service.send_signal(signal.SIGTERM)
