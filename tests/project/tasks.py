@@ -60,7 +60,8 @@ def use_database(name: str) -> int:
     """Reads and writes the database, as many real tasks do."""
     from carrot.models import ScheduledTask
 
-    ScheduledTask.objects.create(task_name=name, task='tests.project.tasks.noop')
+    # Inactive: a table to write to, not schedules for the service's scheduler to run.
+    ScheduledTask.objects.create(task_name=name, task='tests.project.tasks.noop', active=False)
     time.sleep(0.02)
     return ScheduledTask.objects.filter(task_name=name).count()
 
