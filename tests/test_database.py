@@ -46,3 +46,33 @@ def test_text_the_database_would_refuse_is_cleaned_not_fatal_to_the_batch(
     assert 'beforeafter' in (nul.log or '')
     assert [MessageLog.objects.get(pk=o.pk).output for o in others] == \
         [str(2 * i) for i in range(20)]
+
+
+def test_a_task_that_ends_before_its_start_is_written_is_recorded_in_one_update() -> None:
+    """The recorder's shortcut for short tasks: start and end written together."""
+    from carrot import lifecycle
+
+    published = MessageLog.objects.create(uuid='ours', task='tests.project.tasks.add',
+                                          status=MessageLog.PUBLISHED)
+    start = lifecycle.Start(message_id='ours', task='tests.project.tasks.add', args=[1, 2],
+                            kwargs={}, queue='q', exchange='', routing_key='q', priority=0)
+    # A foreign producer's message has no row yet: it is created and ended at once.
+    foreign = lifecycle.Start(message_id='theirs', task='tests.project.tasks.add', args=[3],
+                              kwargs={'b': 4}, queue='q', exchange='', routing_key='q',
+                              priority=0)
+    started = lifecycle.finish_many([
+        lifecycle.Finish(message_id='ours', status=MessageLog.COMPLETED, output='3', start=start),
+        lifecycle.Finish(message_id='theirs', status=MessageLog.FAILED, exception='boom',
+                         start=foreign),
+    ])
+    ours, theirs = MessageLog.objects.get(uuid='ours'), MessageLog.objects.get(uuid='theirs')
+    assert started == {'ours': lifecycle.Started(published.pk, already_completed=False),
+                       'theirs': lifecycle.Started(theirs.pk, already_completed=False)}
+    assert (ours.status, ours.output, ours.attempts, ours.completion_time is not None) == \
+        (MessageLog.COMPLETED, '3', 1, True)
+    assert (theirs.status, theirs.exception, theirs.attempts, theirs.positionals,
+            theirs.keywords) == (MessageLog.FAILED, 'boom', 1, [3], {'b': 4})
+    # An end whose start was written before adds no attempt.
+    lifecycle.finish_many([lifecycle.Finish(message_id='ours', status=MessageLog.COMPLETED,
+                                            pk=published.pk)])
+    assert MessageLog.objects.get(uuid='ours').attempts == 1

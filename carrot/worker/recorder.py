@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import gevent
 from django.db import DataError, IntegrityError, connections
@@ -28,6 +29,7 @@ BATCH_LIMIT = 500
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 Settle = Callable[[bool], None]
+Written = TypeVar('Written')
 
 
 class RecordingFailed(Exception):
@@ -54,6 +56,15 @@ class _FinishJob:
     finish: lifecycle.Finish  # its pk is filled in from ``started``
     settle: Settle
     result: AsyncResult = field(default_factory=AsyncResult)
+
+
+@dataclass
+class _Ending:
+    """A finish ready to write; ``start`` when its start is written with it."""
+
+    job: _FinishJob
+    finish: lifecycle.Finish
+    start: _StartJob | None = None
 
 
 class Recorder:
@@ -121,9 +132,14 @@ class Recorder:
     def _write_round(self) -> None:
         # Ends first: a redelivered message's start then sees its earlier run's end.
         finishes, self._finishes = self._finishes[:BATCH_LIMIT], self._finishes[BATCH_LIMIT:]
-        if finishes:
-            self._write_finishes(finishes)
         starts, self._starts = self._starts[:BATCH_LIMIT], self._starts[BATCH_LIMIT:]
+        # A task that ended while its start was still queued: one write records both.
+        queued = {id(job.result): job for job in starts}
+        together = {id(job): queued.pop(id(job.started)) for job in finishes
+                    if id(job.started) in queued}
+        if finishes:
+            self._write_finishes(finishes, together)
+        starts = [job for job in starts if id(job.result) in queued]
         if starts:
             self._write_starts(starts)
 
@@ -141,34 +157,42 @@ class Recorder:
         for job, started in zip(jobs, results, strict=True):
             job.result.set(started)
 
-    def _write_finishes(self, jobs: list[_FinishJob]) -> None:
-        ready: list[tuple[_FinishJob, lifecycle.Finish]] = []
+    def _write_finishes(self, jobs: list[_FinishJob], together: dict[int, _StartJob]) -> None:
+        ready: list[_Ending] = []
         waiting: list[_FinishJob] = []
         for job in jobs:
-            if not job.started.ready():
+            start = together.get(id(job))
+            if start is not None:
+                ready.append(_Ending(job, replace(job.finish, start=start.start), start))
+            elif not job.started.ready():
                 waiting.append(job)  # its start is queued behind this round's
             elif job.started.successful():
-                ready.append((job, replace(job.finish, pk=job.started.value.pk)))
+                ready.append(_Ending(job, replace(job.finish, pk=job.started.value.pk)))
             else:
                 # Its start was never recorded: let the message come back rather than ack it.
                 self._settle(job, RecordingFailed('its start could not be recorded'))
         self._finishes[:0] = waiting
         if ready:
-            self._write_ready_finishes(ready)
+            self._write_endings(ready)
 
-    def _write_ready_finishes(self, ready: list[tuple[_FinishJob, lifecycle.Finish]]) -> None:
+    def _write_endings(self, endings: list[_Ending]) -> None:
         try:
-            self._with_retries(lambda: lifecycle.finish_many([f for _, f in ready]))
+            started = self._with_retries(
+                lambda: lifecycle.finish_many([e.finish for e in endings]))
         except RecordingFailed as error:
-            if error.bad_data and len(ready) > 1:
-                for one in ready:
-                    self._write_ready_finishes([one])
+            if error.bad_data and len(endings) > 1:
+                for one in endings:
+                    self._write_endings([one])
                 return
-            for job, _ in ready:
-                self._settle(job, error)
+            for ending in endings:
+                if ending.start is not None:
+                    ending.start.result.set_exception(error)
+                self._settle(ending.job, error)
             return
-        for job, _ in ready:
-            self._settle(job, None)
+        for ending in endings:
+            if ending.start is not None:
+                ending.start.result.set(started[ending.start.start.message_id])
+            self._settle(ending.job, None)
 
     @staticmethod
     def _settle(job: _FinishJob, error: RecordingFailed | None) -> None:
@@ -181,12 +205,10 @@ class Recorder:
         else:
             job.result.set_exception(error)
 
-    def _with_retries(
-        self, write: Callable[[], list[lifecycle.Started] | None],
-    ) -> list[lifecycle.Started]:
+    def _with_retries(self, write: Callable[[], Written]) -> Written:
         for delay in (*RETRY_DELAYS, None):
             try:
-                results = write() or []
+                results = write()
             except (DataError, IntegrityError) as error:
                 # The rows, not the connection: the same write would fail again.
                 raise RecordingFailed(f'{type(error).__name__}: {error}', bad_data=True) from error

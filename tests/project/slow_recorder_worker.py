@@ -25,12 +25,12 @@ from carrot import lifecycle  # noqa: E402
 _finish_many = lifecycle.finish_many
 
 
-def slow_finish_many(finishes: Sequence[lifecycle.Finish]) -> None:
+def slow_finish_many(finishes: Sequence[lifecycle.Finish]) -> dict[str, lifecycle.Started]:
     time.sleep(0.5)
-    _finish_many(finishes)
+    return _finish_many(finishes)
 
 
-lifecycle.finish_many = slow_finish_many  # type: ignore[assignment]
+lifecycle.finish_many = slow_finish_many
 
 if __name__ == '__main__':
     sys.exit(worker_main.main(sys.argv[1:]))
