@@ -216,7 +216,10 @@ class ScheduledTask(TaskArguments, models.Model):
         return list(args), kwargs
 
     def save(self, *args: Any, **kwargs: Any) -> None:
+        planned = self.next_run_at
         self._plan_next_run()
+        if self.next_run_at != planned and kwargs.get('update_fields') is not None:
+            kwargs['update_fields'] = {*kwargs['update_fields'], 'next_run_at'}
         super().save(*args, **kwargs)
         self._loaded = self._schedule_fields()
 

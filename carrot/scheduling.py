@@ -133,7 +133,8 @@ def run_due(now: datetime) -> Round:
             try:
                 schedule = row.schedule
             except ValueError as error:
-                logger.error('Scheduled task %r (id %s) has a bad schedule and is paused: %s',
+                logger.error('Scheduled task %r (id %s) has a bad schedule and is paused '
+                             '(active=False): %s Fix it and make the row active again.',
                              row.task_name, row.pk, error)
                 ScheduledTask.objects.filter(pk=row.pk).update(active=False)
                 failed += 1

@@ -268,3 +268,23 @@ def test_the_admin_runs_selected_schedules_now_with_a_csrf_protected_post(
     assert f'Published from-admin as message {log.uuid}' in answer.content.decode()
     assert len(broker.get_all(queue)) == 1
     User.objects.filter(username='staff').delete()
+
+
+def test_a_schedule_edited_with_update_fields_still_plans_its_next_run(queue: str) -> None:
+    row = create_scheduled_task(tasks.noop, {'hours': 1}, 'narrow-save', queue)
+    row.interval_type = 'seconds'
+    row.save(update_fields=['interval_type'])
+    stored = ScheduledTask.objects.get(pk=row.pk)
+    assert stored.next_run_at == row.next_run_at
+    assert stored.next_run_at is not None
+    assert stored.next_run_at <= timezone.now() + timedelta(seconds=1)
+
+
+def test_a_row_with_an_invalid_schedule_is_paused_with_an_error(
+        queue: str, caplog: pytest.LogCaptureFixture) -> None:
+    row = create_scheduled_task(tasks.noop, {'seconds': 5}, 'broken-cron', queue)
+    ScheduledTask.objects.filter(pk=row.pk).update(crontab='not cron', next_run_at=None)
+    with caplog.at_level(logging.ERROR, logger='carrot.scheduler'):
+        assert scheduling.run_due(timezone.now()).failed == 1
+    assert not ScheduledTask.objects.get(pk=row.pk).active
+    assert "'broken-cron'" in caplog.text and 'make the row active again' in caplog.text
