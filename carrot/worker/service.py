@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
@@ -36,9 +37,11 @@ class _Worker:
 
 
 class Service:
-    def __init__(self, settings: conf.CarrotSettings, shutdown_timeout: float) -> None:
+    def __init__(self, settings: conf.CarrotSettings, shutdown_timeout: float,
+                 on_ready: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.shutdown_timeout = shutdown_timeout
+        self.on_ready = on_ready  # told the ready line (carrot_daemon start waits for it)
         self.stopping = Event()
         self.stop_now = Event()
         self.recorder = Recorder()
@@ -82,6 +85,8 @@ class Service:
         logger.info(line)
         if not logger.isEnabledFor(logging.INFO):
             print(line, flush=True)  # always on standard output, once
+        if self.on_ready is not None:
+            self.on_ready(line)
 
     def _on_hub_event(self, event: object) -> None:
         if not isinstance(event, events.EventLoopBlocked):
