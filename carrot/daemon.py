@@ -212,14 +212,18 @@ def inspect(path: str) -> Status:
     return Status(State.RUNNING, pid)
 
 
-def remove_stale(path: str) -> None:
-    """Remove a pid file nobody holds (never one whose lock a live process holds)."""
+def remove_stale(path: str) -> bool:
+    """Remove a pid file whose lock nobody holds; whether it is gone.
+
+    A file whose lock a live process holds is left alone, whatever that process is.
+    """
     if lock_held(path):
-        return
+        return False
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    return True
 
 
 # -- stop -----------------------------------------------------------------------------------

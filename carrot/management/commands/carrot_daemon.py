@@ -100,7 +100,8 @@ class Command(BaseCommand):
             self.say(f'carrot is not running (no pid file at {pidfile}).')
             return 0
         if found.state is daemon.State.STALE:
-            return self.clean_stale(pidfile, found)
+            self.clean_stale(pidfile, found)
+            return 0  # carrot is not running, as asked (LSB)
         pid = found.pid
         assert pid is not None
         timeout = daemon.shutdown_timeout_of(pid)
@@ -124,11 +125,16 @@ class Command(BaseCommand):
         return 0
 
     def clean_stale(self, pidfile: str, found: daemon.Status) -> int:
+        """Remove a stale pid file (never signalling its pid); non-zero when it cannot be."""
         try:
-            daemon.remove_stale(pidfile)
+            removed = daemon.remove_stale(pidfile)
         except OSError as error:
             self.fail(f'the pid file {pidfile} is stale ({found.why}) but cannot be removed: '
                       f'{error.strerror}. Remove it as a user who may.')
+            return 1
+        if not removed:
+            self.fail(f'the pid file {pidfile} is not carrot\'s ({found.why}), and that '
+                      f'process holds its lock: left alone. Pass another --pidfile.')
             return 1
         self.say(f'carrot is not running; removed its stale pid file {pidfile} ({found.why}).')
         return 0
