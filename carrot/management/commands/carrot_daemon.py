@@ -156,15 +156,6 @@ class Command(BaseCommand):
             for problem in problems:
                 self.fail(problem)
             return 1
-        pidfile = options['pidfile']
-        found = self.inspect(pidfile)
-        if found is None:
-            return 1
-        if found.state is daemon.State.RUNNING:
-            self.fail(f'carrot is already running (pid {found.pid}, pid file {pidfile}). Use '
-                      f'"carrot_daemon restart" to restart it, or another --pidfile for a '
-                      f'second service.')
-            return 1
         worker_args = worker_argv(options)
         assert worker_args[1:3] == ['-m', 'carrot.worker.main'], worker_args
         worker_args = worker_args[3:]
@@ -174,6 +165,15 @@ class Command(BaseCommand):
         directory = os.getcwd()
         if options['testmode']:
             return self.testmode(worker_args, env, directory)
+        pidfile = options['pidfile']
+        found = self.inspect(pidfile)
+        if found is None:
+            return 1
+        if found.state is daemon.State.RUNNING:
+            self.fail(f'carrot is already running (pid {found.pid}, pid file {pidfile}). Use '
+                      f'"carrot_daemon restart" to restart it, or another --pidfile for a '
+                      f'second service.')
+            return 1
         if found.state is daemon.State.STALE:
             if self.clean_stale(pidfile, found):
                 return 1
@@ -184,7 +184,8 @@ class Command(BaseCommand):
                      f'Log: {options["logfile"]}; pid file: {pidfile}.')
             return 0
         if outcome.timed_out:
-            self.fail(f'carrot (pid {outcome.pid}) did not report ready within '
+            who = 'carrot' if outcome.pid is None else f'carrot (pid {outcome.pid})'
+            self.fail(f'{who} did not report ready within '
                       f'{daemon.START_TIMEOUT:.0f} s. It may still be starting: see '
                       f'{options["logfile"]}, then "carrot_daemon status" or '
                       f'"carrot_daemon stop".')
@@ -242,4 +243,8 @@ def unwritable(path: str) -> str | None:
     directory = os.path.dirname(path) or '.'
     if not os.path.isdir(directory):
         return f'the directory {directory} does not exist'
-    return None if os.access(directory, os.W_OK | os.X_OK) else os.strerror(errno.EACCES)
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    return os.strerror(errno.EACCES)
