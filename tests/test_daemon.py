@@ -175,6 +175,9 @@ def test_stop_waits_for_a_running_task_which_completes(daemon: Daemon) -> None:
     assert stopped.returncode == 0, stopped.output
     assert f'waiting for carrot (pid {pid}) to finish running tasks' in stopped.stdout.lower()
     assert f'carrot (pid {pid}) stopped.' in stopped.stdout
+    # The stop reached the service while the task ran, and the task was let finish.
+    assert 'Stopping: no new tasks; waiting up to 60 s for 1 running task(s)' \
+        in daemon.logfile.read_text()
     log.refresh_from_db()
     assert log.status == 'COMPLETED'
     assert not process_alive(pid) and not daemon.pidfile.exists()
