@@ -26,6 +26,14 @@ from carrot.utilities import publish_message
 from tests.conftest import MANAGE, Broker, carrot_settings, wait_for
 from tests.project import tasks
 
+AS_NOBODY = ['setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups']
+# Runs a command where /var/log and /run (so /var/run) are empty read-only file systems.
+READ_ONLY_DEFAULTS = [
+    'unshare', '--mount', '--propagation', 'private', 'sh', '-c',
+    'mount -t tmpfs -o ro,size=16k tmpfs /var/log && mount -t tmpfs -o ro,size=16k tmpfs /run '
+    '&& exec "$@"', 'sh',
+]
+
 
 @dataclass
 class Result:
@@ -49,14 +57,15 @@ class Daemon:
         self.pidfile = folder / 'carrot.pid'
 
     def run(self, action: str, *args: str, paths: bool = True, as_nobody: bool = False,
-            settings: dict[str, Any] | None = None) -> Result:
+            settings: dict[str, Any] | None = None, wrapper: list[str] | None = None) -> Result:
         argv = [sys.executable, str(MANAGE), 'carrot_daemon', action, *args]
         if paths:
             argv += ['--logfile', str(self.logfile), '--pidfile', str(self.pidfile)]
         if action in ('start', 'restart'):
             argv += ['--loglevel', 'INFO']
         if as_nobody:
-            argv = ['setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups', *argv]
+            argv = [*AS_NOBODY, *argv]
+        argv = [*(wrapper or []), *argv]
         process = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd='/' if as_nobody else self.folder,
@@ -248,19 +257,40 @@ def test_a_pid_file_naming_another_program_is_never_signalled(daemon: Daemon) ->
         holder.wait()
 
 
-def test_unwritable_default_paths_are_named_with_the_option_to_use_instead(
+def test_default_paths_an_unprivileged_user_cannot_write_are_named_with_the_way_out(
         daemon: Daemon) -> None:
-    # As an unprivileged user, the defaults under /var/log and /var/run are not writable.
+    usable = subprocess.run([*AS_NOBODY, sys.executable, '-c', 'import django'], cwd='/',
+                            capture_output=True)
+    if usable.returncode != 0:
+        pytest.skip(f'{sys.executable} cannot run as nobody here (its files are not '
+                    f'readable by others); the read-only test covers the same message')
     defaults = daemon.run('start', paths=False, as_nobody=True)
     assert defaults.returncode == 1, defaults.output
-    assert 'cannot write the log file /var/log/carrot.log: Permission denied' in defaults.stderr
-    assert 'cannot write the pid file /var/run/carrot.pid: Permission denied' in defaults.stderr
-    assert 'run as root, or pass --logfile' in defaults.stderr
-    assert 'run as root, or pass --pidfile' in defaults.stderr
+    assert 'cannot write the log file /var/log/carrot.log: Permission denied. /var/log is ' \
+           'writable only with root privileges: run as root, or pass --logfile' in defaults.stderr
+    assert 'cannot write the pid file /var/run/carrot.pid: Permission denied. /var/run is ' \
+           'writable only with root privileges: run as root, or pass --pidfile' in defaults.stderr
     only_pid = daemon.run('start', '--logfile', '/dev/null', paths=False, as_nobody=True)
     assert only_pid.returncode == 1, only_pid.output
     assert 'log file' not in only_pid.stderr
     assert 'cannot write the pid file /var/run/carrot.pid' in only_pid.stderr
+    assert 'Traceback' not in defaults.output + only_pid.output
+    assert not daemon.processes()
+
+
+def test_default_paths_that_cannot_be_written_are_named_with_the_option_to_use_instead(
+        daemon: Daemon) -> None:
+    probe = subprocess.run([*READ_ONLY_DEFAULTS, 'true'], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f'cannot make a private read-only /var/log here: {probe.stderr.strip()}')
+    defaults = daemon.run('start', paths=False, wrapper=READ_ONLY_DEFAULTS)
+    assert defaults.returncode == 1, defaults.output
+    assert 'cannot write the log file /var/log/carrot.log: Read-only file system. Pass ' \
+           '--logfile with a path you may write to, e.g. --logfile ./carrot.log' \
+           in defaults.stderr
+    assert 'cannot write the pid file /var/run/carrot.pid: Read-only file system. Pass ' \
+           '--pidfile with a path you may write to, e.g. --pidfile ./carrot.pid' \
+           in defaults.stderr
     missing = daemon.folder / 'missing'
     elsewhere = daemon.run('start', '--logfile', str(missing / 'carrot.log'),
                            '--pidfile', str(missing / 'carrot.pid'), paths=False)
@@ -268,7 +298,7 @@ def test_unwritable_default_paths_are_named_with_the_option_to_use_instead(
     assert f'cannot write the pid file {missing}/carrot.pid: the directory {missing} does ' \
            f'not exist. Pass --pidfile' in elsewhere.stderr
     assert f'cannot write the log file {missing}/carrot.log' in elsewhere.stderr
-    assert 'Traceback' not in defaults.output + only_pid.output + elsewhere.output
+    assert 'Traceback' not in defaults.output + elsewhere.output
     assert not daemon.processes()
 
 

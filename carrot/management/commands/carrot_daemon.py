@@ -220,9 +220,12 @@ class Command(BaseCommand):
         return problems
 
     def privileges_hint(self, path: str, default: str, option: str, example: str) -> str:
-        where = os.path.dirname(default)
-        prefix = (f'{where} is writable only with root privileges: run as root, or pass '
-                  if os.path.realpath(path) == os.path.realpath(default) else 'Pass ')
+        unprivileged = os.geteuid() != 0
+        if unprivileged and os.path.realpath(path) == os.path.realpath(default):
+            prefix = (f'{os.path.dirname(default)} is writable only with root privileges: '
+                      f'run as root, or pass ')
+        else:
+            prefix = 'Pass '
         return f'{prefix}{option} with a path you may write to, e.g. {option} ./{example}'
 
     # -- restart -------------------------------------------------------------------------
