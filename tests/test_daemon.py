@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from carrot.daemon import process_alive
+from carrot.daemon import lock_held, process_alive
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import MANAGE, Broker, carrot_settings, wait_for
@@ -241,7 +241,7 @@ def test_a_pid_file_naming_another_program_is_never_signalled(daemon: Daemon) ->
         assert stopped.returncode == 0, stopped.output
         assert not daemon.pidfile.exists()
 
-        wait_for(lambda: locked.exists(), what='flock to take the lock')
+        wait_for(lambda: lock_held(str(locked)), what='flock to take the lock')
         locked.write_text(f'{holder.pid}\n')
         for action in ('stop', 'stop', 'restart'):
             result = daemon.run(action, '--pidfile', str(locked), paths=False)
