@@ -11,6 +11,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import logging.handlers  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 from carrot.worker.logcapture import LOG_FORMAT  # noqa: E402  (standard library only)
 from carrot.worker.options import add_options  # noqa: E402
@@ -40,13 +41,22 @@ def configure_logging(logfile: str, level: str) -> None:
     logging.getLogger('amqpstorm').setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_ready: Callable[[str], None] | None = None,
+         on_failure: Callable[[str], None] | None = None) -> int:
+    """Run the service; its exit status.
+
+    ``carrot_daemon`` passes ``on_ready`` (called with the ready line once every consumer is
+    subscribed) and ``on_failure`` (called with the reason the service cannot start).
+    """
     options = parser().parse_args(argv)
     try:
         open(options.logfile, 'a').close()
     except OSError as error:
-        print(f'carrot: --logfile {options.logfile} cannot be written: {error.strerror}. '
-              f'Pass --logfile with a path you may write to.', file=sys.stderr)
+        message = (f'--logfile {options.logfile} cannot be written: {error.strerror}. '
+                   f'Pass --logfile with a path you may write to.')
+        print(f'carrot: {message}', file=sys.stderr)
+        if on_failure is not None:
+            on_failure(message)
         return 2
 
     import django
@@ -69,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f'carrot: {problem}', file=sys.stderr)
             log.error(problem)
+        if on_failure is not None:
+            on_failure('\n'.join(problems))
         return 1
     if options.testmode:
         patched = patch.patched_modules()
@@ -84,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     timeout = options.shutdown_timeout
     service = Service(settings, settings.shutdown_timeout if timeout is None else timeout,
-                      scheduler=not options.no_scheduler)
+                      scheduler=not options.no_scheduler, on_ready=on_ready)
     return service.run()
 
 

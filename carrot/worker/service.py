@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
@@ -39,11 +40,13 @@ class _Worker:
 
 class Service:
     def __init__(self, settings: conf.CarrotSettings, shutdown_timeout: float,
-                 scheduler: bool = True) -> None:
+                 scheduler: bool = True,
+                 on_ready: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.shutdown_timeout = shutdown_timeout
         self.with_scheduler = scheduler
         self.scheduler: gevent.Greenlet | None = None
+        self.on_ready = on_ready  # told the ready line (carrot_daemon start waits for it)
         self.stopping = Event()
         self.stop_now = Event()
         self.recorder = Recorder()
@@ -90,6 +93,8 @@ class Service:
         logger.info(line)
         if not logger.isEnabledFor(logging.INFO):
             print(line, flush=True)  # always on standard output, once
+        if self.on_ready is not None:
+            self.on_ready(line)
 
     def _on_hub_event(self, event: object) -> None:
         if not isinstance(event, events.EventLoopBlocked):
@@ -119,8 +124,11 @@ class Service:
         gevent.wait([waiter, self.stop_now], timeout=self.shutdown_timeout, count=1)
         unfinished = [w for w in self.workers if not w.greenlet.dead]
         if unfinished:
-            logger.warning('%d task(s) did not finish in time; handing them back to RabbitMQ',
-                           len(unfinished))
+            # Idle consumers may not have seen the stop yet: count only running tasks.
+            running = sum(1 for w in unfinished if w.consumer.current_task)
+            if running:
+                logger.warning('%d task(s) did not finish in time; handing them back to '
+                               'RabbitMQ', running)
             self.pool.kill(block=True, timeout=5)
         if self.scheduler is not None:
             # It stops between rounds; a round in progress finishes its publishing.
