@@ -70,24 +70,44 @@ def _insert_rows(alias: str, rows: list[list[Any]]) -> list[int]:
     time_field = MessageLog._meta.get_field('publish_time')
     prepared = [[*row[:9], time_field.get_db_prep_value(row[9], connection), row[10]]
                 for row in rows]
-    placeholders = '(' + ', '.join(['%s'] * len(PUBLISHED_COLUMNS)) + ')'
     columns = ', '.join(quote(c) for c in PUBLISHED_COLUMNS)
-    sql = f'INSERT INTO {quote(MessageLog._meta.db_table)} ({columns}) VALUES '
-    if connection.features.can_return_rows_from_bulk_insert:
+    sql = f'INSERT INTO {quote(MessageLog._meta.db_table)} ({columns}) '
+    returning = f' RETURNING {quote("id")}, {quote("uuid")}'
+    if _psycopg(connection) is not None:
+        # One array a column: the same short statement for any number of rows, which
+        # psycopg converts once and PostgreSQL prepares once.
+        by_column = [list(column) for column in zip(*prepared, strict=True)]
         with _bound_cursor(connection) as cursor:
-            cursor.execute(
-                sql + ', '.join([placeholders] * len(rows))
-                + f' RETURNING {quote("id")}, {quote("uuid")}',
-                [value for row in prepared for value in row],
-            )
+            cursor.execute(sql + _UNNEST + returning, by_column)
             by_uuid = {uuid: pk for pk, uuid in cursor.fetchall()}
         return [by_uuid[row[1]] for row in rows]
+    placeholders = '(' + ', '.join(['%s'] * len(PUBLISHED_COLUMNS)) + ')'
     with connection.cursor() as cursor:
+        if connection.features.can_return_rows_from_bulk_insert:
+            cursor.execute(sql + 'VALUES ' + ', '.join([placeholders] * len(rows)) + returning,
+                           [value for row in prepared for value in row])
+            by_uuid = {uuid: pk for pk, uuid in cursor.fetchall()}
+            return [by_uuid[row[1]] for row in rows]
         pks = []
         for row in prepared:  # no multi-row RETURNING here (MySQL): one row at a time
-            cursor.execute(sql + placeholders, row)
+            cursor.execute(sql + 'VALUES ' + placeholders, row)
             pks.append(cursor.lastrowid)
         return pks
+
+
+# PUBLISHED_COLUMNS' types, in order.
+_UNNEST = ('SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], '
+           '%s::text[], %s::text[], %s::text[], %s::integer[], %s::timestamptz[], '
+           '%s::integer[])')
+
+
+def _psycopg(connection: BaseDatabaseWrapper) -> Any:
+    """The connection's psycopg 3 connection; None for another driver or database."""
+    if psycopg is None or connection.vendor != 'postgresql':
+        return None
+    connection.ensure_connection()
+    raw = connection.connection
+    return raw if isinstance(raw, psycopg.Connection) else None
 
 
 @contextmanager
@@ -95,14 +115,13 @@ def _bound_cursor(connection: BaseDatabaseWrapper) -> Iterator[Any]:
     """A cursor that sends parameters apart from the SQL, where the driver can.
 
     Django's psycopg 3 cursors interpolate every parameter into the SQL text by default
-    (``server_side_binding`` off); for a 500-parameter INSERT that costs more CPU than the
-    round trip, and PostgreSQL must parse each text anew. A server-bound psycopg cursor on
-    the same connection (same transaction) sends the parameters separately and lets
-    psycopg prepare statements it sees repeatedly. Errors are still Django's.
+    (``server_side_binding`` off); for a batch of rows that costs more CPU than the round
+    trip, and PostgreSQL must parse each text anew. A server-bound psycopg cursor on the
+    same connection (same transaction) sends the parameters separately and lets psycopg
+    prepare statements it sees repeatedly. Errors are still Django's.
     """
-    connection.ensure_connection()
-    raw = connection.connection
-    if psycopg is None or not isinstance(raw, psycopg.Connection):  # psycopg2, SQLite, …
+    raw = _psycopg(connection)
+    if raw is None:  # psycopg2, SQLite, …
         with connection.cursor() as cursor:
             yield cursor
         return
