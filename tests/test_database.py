@@ -76,3 +76,21 @@ def test_a_task_that_ends_before_its_start_is_written_is_recorded_in_one_update(
     lifecycle.finish_many([lifecycle.Finish(message_id='ours', status=MessageLog.COMPLETED,
                                             pk=published.pk)])
     assert MessageLog.objects.get(uuid='ours').attempts == 1
+
+
+def test_a_large_group_of_published_rows_is_written_in_one_statement_in_order() -> None:
+    """The group insert's many-row form (arrays on PostgreSQL) returns each row's key."""
+    from django.utils import timezone
+
+    from carrot import lifecycle
+
+    rows = [[MessageLog.PUBLISHED, f'group-{index}', 'tests.project.tasks.add', f'[{index}]',
+             '{}', 'q', '', 'q', index % 10, timezone.now(), 0]
+            for index in range(lifecycle.UNNEST_FROM_ROWS + 5)]
+    pks = lifecycle._insert_rows(lifecycle.database(), rows)
+    written = {log.pk: log for log in MessageLog.objects.all()}
+    assert len(written) == len(rows)
+    for pk, row in zip(pks, rows, strict=True):
+        log = written[pk]
+        assert (log.uuid, log.positionals, log.priority, log.status) == \
+            (row[1], [int(row[1].split('-')[1])], row[8], MessageLog.PUBLISHED)
