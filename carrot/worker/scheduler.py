@@ -50,9 +50,9 @@ class Scheduler:
                 self.failures += 1
                 pause = min(MAX_BACKOFF_SECONDS, 2.0 ** (self.failures - 1))
                 logger.exception('Scheduler round failed; retrying in %.0f s', pause)
-                connections[router.db_for_write(ScheduledTask)].close()
+                _close_connection()  # the next round reconnects
             self.stopping.wait(pause)
-        connections[router.db_for_write(ScheduledTask)].close()
+        _close_connection()
         logger.info('Scheduler stopped')
 
     def tick(self, now: datetime) -> float:
@@ -68,3 +68,11 @@ class Scheduler:
         if first is None:
             return POLL_SECONDS
         return max(0.0, min(POLL_SECONDS, (first - now).total_seconds()))
+
+
+def _close_connection() -> None:
+    """Close the scheduler's database connection; a broken one must not end the scheduler."""
+    try:
+        connections[router.db_for_write(ScheduledTask)].close()
+    except Exception as error:
+        logger.warning('Closing the scheduler\'s database connection failed: %s', error)
