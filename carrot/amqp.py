@@ -4,13 +4,17 @@ amqpstorm waits for an RPC answer (a publisher confirm, a declare) and for a del
 sleeping 10 ms in a loop until its reader thread has put the frame in place. That caps one
 channel at about 95 confirmed publishes/s and, with 100 idle consumers, keeps the hub busy.
 Here the reader thread sets an event as each frame arrives, so a waiter sleeps until there is
-something to read, and an idle channel costs nothing. Everything else is amqpstorm's own.
+something to read, and an idle channel costs nothing. A confirmed publish also writes frames
+encoded by ``carrot.publish_frames``. Everything else is amqpstorm's own.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from amqpstorm.channel import CONTENT_FRAME, Channel
@@ -18,6 +22,8 @@ from amqpstorm.connection import Connection as AmqpstormConnection
 from amqpstorm.exception import AMQPConnectionError
 from amqpstorm.message import Message
 from amqpstorm.rpc import Rpc
+
+from carrot.publish_frames import publish_frames
 
 # How long a waiter sleeps at most before it looks again for a connection error that no
 # frame announced (a socket that died quietly).
@@ -30,6 +36,15 @@ class SignallingRpc(Rpc):
     def __init__(self, default_adapter: Any, timeout: float = 360) -> None:
         super().__init__(default_adapter, timeout=timeout)
         self.frame_arrived = threading.Event()
+        self._request_ids = itertools.count()
+
+    def register_request(self, valid_responses: list[str]) -> str:
+        # A counter names a request as well as amqpstorm's uuid4 string, at a tenth the cost.
+        request_id = str(next(self._request_ids))
+        self._response[request_id] = collections.deque()
+        for action in valid_responses:
+            self._request[action] = request_id
+        return request_id
 
     def on_frame(self, frame_in: Any) -> bool:
         delivered = super().on_frame(frame_in)
@@ -58,6 +73,28 @@ class SignallingChannel(Channel):
         super().__init__(channel_id, connection, rpc_timeout)
         self.rpc = SignallingRpc(self, timeout=rpc_timeout)
         self.delivery_arrived = threading.Event()
+        self._carrot_connection: Connection = connection  # amqpstorm types it as its own
+
+    def publish_confirmed(self, body: bytes, routing_key: str, exchange: str,
+                          properties: Mapping[str, Any], mandatory: bool) -> bool:
+        """Publish on this confirm-mode channel: True once the broker acks, False on a nack.
+
+        Raises amqpstorm's AMQPMessageError when a mandatory message could not be routed,
+        and its channel or connection error when those fail.
+        """
+        frames = publish_frames(self.channel_id, exchange, routing_key, body, properties,
+                                mandatory, self._carrot_connection.max_frame_size)
+        if frames is None:
+            return bool(self.basic.publish(body, routing_key, exchange=exchange,
+                                           properties=dict(properties), mandatory=mandatory))
+        self.check_for_errors()
+        with self.rpc.lock:
+            confirm = self.rpc.register_request(['Basic.Ack', 'Basic.Nack'])
+            self._carrot_connection.write_bytes(frames)
+            result = self.rpc.get_request(confirm, raw=True)
+            if mandatory:
+                self.check_for_exceptions()  # a Basic.Return comes before the confirm
+        return getattr(result, 'name', None) == 'Basic.Ack'
 
     def on_frame(self, frame_in: Any) -> None:
         super().on_frame(frame_in)
@@ -106,6 +143,11 @@ class SignallingChannel(Channel):
 
 class Connection(AmqpstormConnection):
     """An amqpstorm Connection whose channels wait by wake-up, not by polling."""
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write frames that are encoded already."""
+        self.heartbeat.register_write()
+        self._io.write_to_socket(data)
 
     def channel(self, rpc_timeout: float = 60, lazy: bool = False) -> SignallingChannel:
         if self.is_closed:

@@ -189,9 +189,8 @@ class Publisher:
                 if declare_queue is not None and not declared_before:
                     declare(channel, declare_queue)
                     link.declared.add(declare_queue.name)
-                confirmed = channel.basic.publish(
-                    body, routing_key, exchange=exchange, properties=dict(properties),
-                    mandatory=True,
+                confirmed = channel.publish_confirmed(
+                    body, routing_key, exchange=exchange, properties=properties, mandatory=True,
                 )
             except AMQPMessageError as error:
                 if declared_before and declare_queue is not None and not exchange \

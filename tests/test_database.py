@@ -78,6 +78,25 @@ def test_a_task_that_ends_before_its_start_is_written_is_recorded_in_one_update(
     assert MessageLog.objects.get(uuid='ours').attempts == 1
 
 
+def test_a_message_id_twice_in_one_batch_is_written_twice_in_order() -> None:
+    """A producer that reuses a message id: both runs are recorded, the later one last."""
+    from carrot import lifecycle
+
+    published = MessageLog.objects.create(uuid='twice', task='tests.project.tasks.add',
+                                          status=MessageLog.PUBLISHED)
+    start = lifecycle.Start(message_id='twice', task='tests.project.tasks.add', args=[1, 2],
+                            kwargs={}, queue='q', exchange='', routing_key='q', priority=0)
+    started = lifecycle.finish_many([
+        lifecycle.Finish(message_id='twice', status=MessageLog.COMPLETED, output='3',
+                         start=start),
+        lifecycle.Finish(message_id='twice', status=MessageLog.FAILED, exception='second',
+                         start=start),
+    ])
+    assert started == {'twice': lifecycle.Started(published.pk, already_completed=False)}
+    row = MessageLog.objects.get(uuid='twice')
+    assert (row.status, row.exception, row.attempts) == (MessageLog.FAILED, 'second', 2)
+
+
 def test_a_large_group_of_published_rows_is_written_in_one_statement_in_order() -> None:
     """The group insert's many-row form (arrays on PostgreSQL) returns each row's key."""
     from django.utils import timezone

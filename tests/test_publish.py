@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import pytest
@@ -167,3 +168,19 @@ def test_concurrent_publishers_each_get_their_own_row_and_message(
         assert rows[pk].uuid == uuid
         assert json.loads(rows[pk].task_args or '') == [index]
     assert broker.message_count(queue) == 400
+
+
+def test_large_bodies_and_properties_amqpstorm_encodes_arrive_intact(
+        queue: str, broker: Broker) -> None:
+    """Both encoders against the real broker: carrot's own, and amqpstorm's for the rest."""
+    host = get_host_from_name(queue)
+    large = b'{"args": ["' + b'x' * 300_000 + b'"], "kwargs": {}}'  # three frames
+    get_publisher().send(host, large, {'message_id': 'large', 'headers': {'n': 70000}},
+                         routing_key=queue)
+    stamp = datetime.datetime(2026, 11, 28, 7, 0, tzinfo=datetime.UTC)
+    get_publisher().send(host, b'{}', {'message_id': 'stamped', 'timestamp': stamp,
+                                       'headers': {'nested': {'a': 1}}}, routing_key=queue)
+    large_sent, stamped = broker.get_all(queue)
+    assert (large_sent.body, large_sent.properties['headers']) == (large, {'n': 70000})
+    assert stamped.properties['headers'] == {'nested': {'a': 1}}
+    assert stamped.properties['timestamp'].replace(tzinfo=datetime.UTC) == stamp

@@ -1,0 +1,143 @@
+"""The frames of one Basic.Publish, encoded directly.
+
+amqpstorm builds a pamqp object for the method, the properties and each body frame, validates
+them and marshals them one field at a time; on the publishing path that was a quarter of
+the publisher's CPU. A task message uses a handful of properties, so they are encoded here
+in one pass, byte for byte what pamqp writes (a test compares the two). Properties outside
+that handful (a timestamp, nested header tables) return None: the caller then lets amqpstorm
+encode them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+FRAME_METHOD = 1
+FRAME_HEADER = 2
+FRAME_BODY = 3
+FRAME_END = b'\xce'
+# A frame's type, channel and size, and its end byte, around the payload.
+FRAME_OVERHEAD = 8
+BASIC_CLASS = 60
+BASIC_PUBLISH = 40
+
+_FRAME_START = struct.Struct('>BHI')
+_PUBLISH_START = struct.Struct('>HHH')  # class, method, reserved ticket
+_HEADER_START = struct.Struct('>HHQH')  # class, weight, body size, property flags
+_LONG = struct.Struct('>I')
+
+# Basic properties in the order (and with the flag bits) AMQP 0-9-1 lays them out.
+_SHORT_STRING, _OCTET, _TABLE = 's', 'o', 't'
+_PROPERTIES: tuple[tuple[str, int, str], ...] = (
+    ('content_type', 1 << 15, _SHORT_STRING),
+    ('content_encoding', 1 << 14, _SHORT_STRING),
+    ('headers', 1 << 13, _TABLE),
+    ('delivery_mode', 1 << 12, _OCTET),
+    ('priority', 1 << 11, _OCTET),
+    ('correlation_id', 1 << 10, _SHORT_STRING),
+    ('reply_to', 1 << 9, _SHORT_STRING),
+    ('expiration', 1 << 8, _SHORT_STRING),
+    ('message_id', 1 << 7, _SHORT_STRING),
+    ('message_type', 1 << 5, _SHORT_STRING),
+    ('user_id', 1 << 4, _SHORT_STRING),
+    ('app_id', 1 << 3, _SHORT_STRING),
+)
+_KNOWN = frozenset(name for name, _, _ in _PROPERTIES)
+
+
+class _Unsupported(Exception):
+    """A value this encoder leaves to pamqp."""
+
+
+def publish_frames(
+    channel_id: int, exchange: str, routing_key: str, body: bytes,
+    properties: Mapping[str, Any], mandatory: bool, frame_max: int,
+) -> bytes | None:
+    """Method, header and body frames of a publish, ready for the socket.
+
+    None when a property is one this encoder does not handle; amqpstorm then does it.
+    """
+    if not _KNOWN.issuperset(properties):
+        return None
+    try:
+        payload = (_PUBLISH_START.pack(BASIC_CLASS, BASIC_PUBLISH, 0) + _short_string(exchange)
+                   + _short_string(routing_key) + (b'\x01' if mandatory else b'\x00'))
+        flags, encoded = _properties(properties)
+    except _Unsupported:
+        return None
+    parts = [_frame(FRAME_METHOD, channel_id, payload),
+             _frame(FRAME_HEADER, channel_id,
+                    _HEADER_START.pack(BASIC_CLASS, 0, len(body), flags) + encoded)]
+    chunk = frame_max - FRAME_OVERHEAD
+    for start in range(0, len(body), chunk):
+        parts.append(_frame(FRAME_BODY, channel_id, body[start:start + chunk]))
+    return b''.join(parts)
+
+
+def _frame(kind: int, channel_id: int, payload: bytes) -> bytes:
+    return _FRAME_START.pack(kind, channel_id, len(payload)) + payload + FRAME_END
+
+
+def _properties(properties: Mapping[str, Any]) -> tuple[int, bytes]:
+    flags = 0
+    parts = []
+    for name, flag, kind in _PROPERTIES:
+        value = properties.get(name)
+        if value is None or value == '':  # pamqp leaves these out too
+            continue
+        flags |= flag
+        if kind == _SHORT_STRING:
+            parts.append(_short_string(value))
+        elif kind == _OCTET:
+            if type(value) is not int or not 0 <= value <= 255:
+                raise _Unsupported(name)
+            parts.append(bytes((value,)))
+        else:
+            parts.append(_table(value))
+    return flags, b''.join(parts)
+
+
+def _short_string(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise _Unsupported(value)
+    encoded = value.encode()
+    if len(encoded) > 255:
+        raise _Unsupported(value)  # pamqp raises the error that says so
+    return bytes((len(encoded),)) + encoded
+
+
+def _table(table: Any) -> bytes:
+    """A flat field table of strings, integers, booleans and None, sorted as pamqp sorts."""
+    if not isinstance(table, dict):
+        raise _Unsupported(table)
+    parts = []
+    for key, value in sorted(table.items()):
+        if not isinstance(key, str) or len(key.encode()) > 128:
+            raise _Unsupported(key)
+        parts.append(_short_string(key))
+        parts.append(_table_value(value))
+    encoded = b''.join(parts)
+    return _LONG.pack(len(encoded)) + encoded
+
+
+def _table_value(value: Any) -> bytes:
+    if value is None:
+        return b'V'
+    if isinstance(value, bool):
+        return b't\x01' if value else b't\x00'
+    if isinstance(value, int):
+        if -128 <= value <= 127:
+            return b'b' + struct.pack('>b', value)
+        if -32768 <= value <= 32767:
+            return b's' + struct.pack('>h', value)
+        if 0 <= value <= 65535:
+            return b'u' + struct.pack('>H', value)
+        if -2147483648 <= value <= 2147483647:
+            return b'I' + struct.pack('>i', value)
+        raise _Unsupported(value)  # 64-bit: pamqp's codes for those are left to it
+    if isinstance(value, str):
+        encoded = value.encode()
+        return b'S' + _LONG.pack(len(encoded)) + encoded
+    raise _Unsupported(value)
