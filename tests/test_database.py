@@ -78,6 +78,29 @@ def test_a_task_that_ends_before_its_start_is_written_is_recorded_in_one_update(
     assert MessageLog.objects.get(uuid='ours').attempts == 1
 
 
+def test_starts_mark_rows_in_progress_create_missing_ones_and_spare_completed_ones() -> None:
+    from carrot import lifecycle
+
+    def start(message_id: str) -> lifecycle.Start:
+        return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add',
+                               args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
+                               priority=0)
+
+    waiting = MessageLog.objects.create(uuid='waiting', task='tests.project.tasks.add')
+    done = MessageLog.objects.create(uuid='done', task='tests.project.tasks.add',
+                                     status=MessageLog.COMPLETED, attempts=1)
+    started = lifecycle.start_many([start('waiting'), start('done'), start('foreign'),
+                                    start('waiting')])
+    foreign = MessageLog.objects.get(uuid='foreign')
+    assert started == [lifecycle.Started(waiting.pk, already_completed=False),
+                       lifecycle.Started(done.pk, already_completed=True),
+                       lifecycle.Started(foreign.pk, already_completed=False),
+                       lifecycle.Started(waiting.pk, already_completed=False)]
+    rows = {log.uuid: (log.status, log.attempts) for log in MessageLog.objects.all()}
+    assert rows == {'waiting': (MessageLog.IN_PROGRESS, 1), 'done': (MessageLog.COMPLETED, 1),
+                    'foreign': (MessageLog.IN_PROGRESS, 1)}
+
+
 def test_a_message_id_twice_in_one_batch_is_written_twice_in_order() -> None:
     """A producer that reuses a message id: both runs are recorded, the later one last."""
     from carrot import lifecycle
