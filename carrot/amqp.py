@@ -4,8 +4,8 @@ amqpstorm waits for an RPC answer (a publisher confirm, a declare) and for a del
 sleeping 10 ms in a loop until its reader thread has put the frame in place. That caps one
 channel at about 95 confirmed publishes/s and, with 100 idle consumers, keeps the hub busy.
 Here the reader thread sets an event as each frame arrives, so a waiter sleeps until there is
-something to read, and an idle channel costs nothing. A confirmed publish also writes frames
-encoded by ``carrot.publish_frames``. Everything else is amqpstorm's own.
+something to read, and an idle channel costs nothing. Publishes and acks write frames encoded
+by ``carrot.frames``. Everything else is amqpstorm's own.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from amqpstorm.exception import AMQPConnectionError
 from amqpstorm.message import Message
 from amqpstorm.rpc import Rpc
 
-from carrot.publish_frames import publish_frames
+from carrot.frames import ack_frame, publish_frames
 
 # How long a waiter sleeps at most before it looks again for a connection error that no
 # frame announced (a socket that died quietly).
@@ -95,6 +95,11 @@ class SignallingChannel(Channel):
             if mandatory:
                 self.check_for_exceptions()  # a Basic.Return comes before the confirm
         return getattr(result, 'name', None) == 'Basic.Ack'
+
+    def ack(self, delivery_tag: int) -> None:
+        """Acknowledge one delivery (amqpstorm's ``Message.ack``, without pamqp)."""
+        self.check_for_errors()
+        self._carrot_connection.write_bytes(ack_frame(self.channel_id, delivery_tag))
 
     def on_frame(self, frame_in: Any) -> None:
         super().on_frame(frame_in)

@@ -1,4 +1,4 @@
-"""The frames of one Basic.Publish, encoded directly.
+"""AMQP frames carrot encodes itself: a Basic.Publish with its content, and a Basic.Ack.
 
 amqpstorm builds a pamqp object for the method, the properties and each body frame, validates
 them and marshals them one field at a time; on the publishing path that was a quarter of
@@ -22,11 +22,13 @@ FRAME_END = b'\xce'
 FRAME_OVERHEAD = 8
 BASIC_CLASS = 60
 BASIC_PUBLISH = 40
+BASIC_ACK = 80
 
 _FRAME_START = struct.Struct('>BHI')
 _PUBLISH_START = struct.Struct('>HHH')  # class, method, reserved ticket
 _HEADER_START = struct.Struct('>HHQH')  # class, weight, body size, property flags
 _LONG = struct.Struct('>I')
+_ACK = struct.Struct('>BHIHHQBc')  # a whole frame: start, class, method, tag, bits, end
 
 # Basic properties in the order (and with the flag bits) AMQP 0-9-1 lays them out.
 _SHORT_STRING, _OCTET, _TABLE = 's', 'o', 't'
@@ -74,6 +76,12 @@ def publish_frames(
     for start in range(0, len(body), chunk):
         parts.append(_frame(FRAME_BODY, channel_id, body[start:start + chunk]))
     return b''.join(parts)
+
+
+def ack_frame(channel_id: int, delivery_tag: int) -> bytes:
+    """The Basic.Ack frame of one delivery."""
+    return _ACK.pack(FRAME_METHOD, channel_id, 13, BASIC_CLASS, BASIC_ACK, delivery_tag, 0,
+                     FRAME_END)
 
 
 def _frame(kind: int, channel_id: int, payload: bytes) -> bytes:

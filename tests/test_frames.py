@@ -1,4 +1,4 @@
-"""The hand-encoded Basic.Publish frames: byte for byte what pamqp (amqpstorm's encoder) writes."""
+"""The hand-encoded frames: byte for byte what pamqp (amqpstorm's encoder) writes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pamqp import body as pamqp_body
 from pamqp import commands, frame, header
 
 from carrot import message
-from carrot.publish_frames import FRAME_OVERHEAD, publish_frames
+from carrot.frames import FRAME_OVERHEAD, ack_frame, publish_frames
 
 
 def _pamqp_frames(channel_id: int, exchange: str, routing_key: str, body: bytes,
@@ -61,3 +61,9 @@ def test_frames_match_pamqps_encoding(exchange: str, routing_key: str, body: byt
 ])
 def test_properties_it_does_not_encode_are_left_to_amqpstorm(properties: dict[str, Any]) -> None:
     assert publish_frames(1, '', 'q', b'{}', properties, True, 131072) is None
+
+
+@pytest.mark.parametrize(('channel_id', 'delivery_tag'), [(1, 1), (100, 2**40), (65535, 7)])
+def test_ack_frame_matches_pamqps(channel_id: int, delivery_tag: int) -> None:
+    expected = frame.marshal(commands.Basic.Ack(delivery_tag=delivery_tag), channel_id)
+    assert ack_frame(channel_id, delivery_tag) == expected
