@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+import pytest
 from django.db import connection
 
 from carrot.models import MessageLog, ScheduledTask
@@ -136,3 +138,50 @@ def test_a_large_group_of_published_rows_is_written_in_one_statement_in_order() 
         log = written[pk]
         assert (log.uuid, log.positionals, log.priority, log.status) == \
             (row[1], [int(row[1].split('-')[1])], row[8], MessageLog.PUBLISHED)
+
+
+def test_the_recorder_holds_a_start_back_so_a_short_task_is_written_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start waits START_HOLD_SECONDS for its end; an urgent one and a long task's do not."""
+    import gevent
+
+    from carrot import lifecycle
+    from carrot.worker import recorder as recording
+
+    monkeypatch.setattr(recording, 'START_HOLD_SECONDS', 1.0)
+
+    def start(message_id: str) -> lifecycle.Start:
+        MessageLog.objects.create(uuid=message_id, task='tests.project.tasks.add')
+        return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add',
+                               args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
+                               priority=0)
+
+    def status(message_id: str) -> tuple[str, int]:
+        row = MessageLog.objects.get(uuid=message_id)
+        return row.status, row.attempts
+
+    recorder = recording.Recorder()
+    recorder.start()
+    try:
+        short = recorder.record_start(start('short'))
+        long = recorder.record_start(start('long'))
+        urgent = recorder.record_start(start('urgent'), urgent=True)
+        assert urgent.get(timeout=10).already_completed is False
+        assert status('urgent') == (MessageLog.IN_PROGRESS, 1)
+        assert status('short') == status('long') == (MessageLog.PUBLISHED, 0)  # held
+
+        settled: list[bool] = []
+        recorder.record_finish(short, lifecycle.Finish(message_id='short', output='2',
+                                                       status=MessageLog.COMPLETED),
+                               settle=settled.append).get(timeout=10)
+        assert settled == [True]
+        assert short.get(timeout=1).pk == MessageLog.objects.get(uuid='short').pk
+        assert status('short') == (MessageLog.COMPLETED, 1)  # start and end in one write
+
+        deadline = time.monotonic() + 10
+        while status('long')[0] != MessageLog.IN_PROGRESS:  # written once it is due
+            assert time.monotonic() < deadline, 'the held start was never written'
+            gevent.sleep(0.05)
+        assert long.get(timeout=1).already_completed is False
+    finally:
+        recorder.stop()

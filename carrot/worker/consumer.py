@@ -155,6 +155,10 @@ class Consumer:
             return
 
         method = delivery.method or {}
+        # Wait for the start to be recorded: a redelivered message may have completed
+        # before its ack was lost, and while the database is failing a task must not run
+        # without its IN_PROGRESS row.
+        wait_for_start = bool(method.get('redelivered')) or not runtime.recorder.healthy
         try:
             started = runtime.recorder.record_start(lifecycle.Start(
                 message_id=task_message.message_id, task=task_message.task,
@@ -162,14 +166,11 @@ class Consumer:
                 exchange=message.text(method.get('exchange')),
                 routing_key=message.text(method.get('routing_key')),
                 priority=task_message.priority,
-            ))
+            ), urgent=wait_for_start)
         except RecordingFailed as error:
             self._requeue(delivery, f'its start could not be recorded ({error})')
             return
-        if method.get('redelivered') or not runtime.recorder.healthy:
-            # Wait for the start to be recorded: a redelivered message may have completed
-            # before its ack was lost, and while the database is failing a task must not
-            # run without its IN_PROGRESS row.
+        if wait_for_start:
             try:
                 already_completed = started.get().already_completed
             except RecordingFailed as error:

@@ -3,15 +3,18 @@
 Consumers hand it a start before they run a task and an end after it, and go on; whatever
 piles up while one batch is written goes in the next, so the cost per task falls as the load
 rises, and the bookkeeping of starts and ends holds one database connection however many
-consumers run. Once a batch of ends is committed the recorder settles each message: ack, or,
-when the database would not take the write, a requeue. So the database is never on a
-consumer's critical path, and a message is still never acknowledged before its end is
-recorded.
+consumers run. A start is held back for START_HOLD_SECONDS: a task that ends within that
+time has its start and end written by one UPDATE, half the database work of a short task.
+
+Once a batch of ends is committed the recorder settles each message: ack, or, when the
+database would not take the write, a requeue. So the database is never on a consumer's
+critical path, and a message is still never acknowledged before its end is recorded.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -26,6 +29,8 @@ from carrot import lifecycle
 logger = logging.getLogger('carrot.recorder')
 
 BATCH_LIMIT = 500
+# How late a row may turn IN_PROGRESS, so that a shorter task is written once, not twice.
+START_HOLD_SECONDS = 0.2
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 Settle = Callable[[bool], None]
@@ -47,6 +52,7 @@ class RecordingFailed(Exception):
 @dataclass
 class _StartJob:
     start: lifecycle.Start
+    due: float  # time.monotonic() from which it is written even if its task is still running
     result: AsyncResult = field(default_factory=AsyncResult)
 
 
@@ -87,12 +93,17 @@ class Recorder:
             self._greenlet.join(timeout)
             self._greenlet.kill()
 
-    def record_start(self, start: lifecycle.Start) -> AsyncResult:
-        """Queue the IN_PROGRESS write; ``.get()`` on the result gives a lifecycle.Started."""
+    def record_start(self, start: lifecycle.Start, urgent: bool = False) -> AsyncResult:
+        """Queue the IN_PROGRESS write; ``.get()`` on the result gives a lifecycle.Started.
+
+        It is written within START_HOLD_SECONDS, or with the task's end if that comes first;
+        ``urgent`` (the caller will wait for it) writes it in the next batch.
+        """
         self._check_running()
-        job = _StartJob(start)
+        job = _StartJob(start, due=time.monotonic() + (0.0 if urgent else START_HOLD_SECONDS))
         self._starts.append(job)
-        self._wakeup.set()
+        if urgent or len(self._starts) == 1:
+            self._wakeup.set()  # otherwise the recorder is already waiting for an earlier one
         return job.result
 
     def record_finish(self, started: AsyncResult, finish: lifecycle.Finish,
@@ -118,9 +129,9 @@ class Recorder:
 
     def _run(self) -> None:
         while True:
-            self._wakeup.wait()
+            self._wakeup.wait(self._until_next_start())
             self._wakeup.clear()
-            while self._starts or self._finishes:
+            while self._finishes or self._until_next_start() == 0.0:
                 try:
                     self._write_round()
                 except Exception:  # a bug here must not stop every acknowledgement
@@ -129,19 +140,33 @@ class Recorder:
                 connections.close_all()
                 return
 
+    def _until_next_start(self) -> float | None:
+        """Seconds until the earliest queued start is due (0.0 when stopping); None if none."""
+        if not self._starts:
+            return None
+        if self._stopping:
+            return 0.0
+        return max(0.0, min(job.due for job in self._starts) - time.monotonic())
+
     def _write_round(self) -> None:
         # Ends first: a redelivered message's start then sees its earlier run's end.
         finishes, self._finishes = self._finishes[:BATCH_LIMIT], self._finishes[BATCH_LIMIT:]
-        starts, self._starts = self._starts[:BATCH_LIMIT], self._starts[BATCH_LIMIT:]
         # A task that ended while its start was still queued: one write records both.
-        queued = {id(job.result): job for job in starts}
+        queued = {id(job.result): job for job in self._starts}
         together = {id(job): queued.pop(id(job.started)) for job in finishes
                     if id(job.started) in queued}
+        now = time.monotonic()
+        due: list[_StartJob] = []
+        held: list[_StartJob] = []
+        for job in self._starts:
+            if id(job.result) in queued:
+                (due if (job.due <= now or self._stopping) and len(due) < BATCH_LIMIT
+                 else held).append(job)
+        self._starts = held
         if finishes:
             self._write_finishes(finishes, together)
-        starts = [job for job in starts if id(job.result) in queued]
-        if starts:
-            self._write_starts(starts)
+        if due:
+            self._write_starts(due)
 
     def _write_starts(self, jobs: list[_StartJob]) -> None:
         try:
