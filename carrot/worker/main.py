@@ -8,6 +8,7 @@ from carrot.worker import patch
 IMPORTED_BEFORE_PATCHING = patch.patch_all()
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import logging  # noqa: E402
 import logging.handlers  # noqa: E402
 import sys  # noqa: E402
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None, on_ready: Callable[[str], None] | None =
     timeout = options.shutdown_timeout
     service = Service(settings, settings.shutdown_timeout if timeout is None else timeout,
                       scheduler=not options.no_scheduler, on_ready=on_ready)
+    # Everything loaded so far (Django, the project, the tasks) lives as long as the
+    # process. Out of the collector's sight, a full collection walks only what came later:
+    # measured here, 1 ms instead of 27-47 ms during which no task ran.
+    gc.collect()
+    gc.freeze()
     return service.run()
 
 
