@@ -82,6 +82,8 @@ class SignallingChannel(Channel):
         Raises amqpstorm's AMQPMessageError when a mandatory message could not be routed,
         and its channel or connection error when those fail.
         """
+        if 'content_encoding' not in properties:  # as amqpstorm's publish does
+            properties = {**properties, 'content_encoding': 'utf-8'}
         frames = publish_frames(self.channel_id, exchange, routing_key, body, properties,
                                 mandatory, self._carrot_connection.max_frame_size)
         if frames is None:

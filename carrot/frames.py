@@ -3,13 +3,15 @@
 amqpstorm builds a pamqp object for the method, the properties and each body frame, validates
 them and marshals them one field at a time; on the publishing path that was a quarter of
 the publisher's CPU. A task message uses a handful of properties, so they are encoded here
-in one pass, byte for byte what pamqp writes (a test compares the two). Properties outside
-that handful (a timestamp, nested header tables) return None: the caller then lets amqpstorm
-encode them.
+in one pass; each frame is byte for byte what pamqp marshals for it (a test compares them).
+Bodies are split so that every frame, header and end byte included, fits ``frame_max``.
+What this encoder does not handle (a timestamp, nested header tables, a value pamqp would
+refuse) returns None: the caller then lets amqpstorm encode, or refuse, it.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -47,6 +49,9 @@ _PROPERTIES: tuple[tuple[str, int, str], ...] = (
     ('app_id', 1 << 3, _SHORT_STRING),
 )
 _KNOWN = frozenset(name for name, _, _ in _PROPERTIES)
+# pamqp's rules for an exchange name (AMQP's exchange-name domain).
+_EXCHANGE_NAME = re.compile(r'[a-zA-Z0-9-_.:@#,/+ ]{0,127}')
+_DELIVERY_MODES = (1, 2)
 
 
 class _Unsupported(Exception):
@@ -61,7 +66,8 @@ def publish_frames(
 
     None when a property is one this encoder does not handle; amqpstorm then does it.
     """
-    if not _KNOWN.issuperset(properties):
+    if not _KNOWN.issuperset(properties) or not _EXCHANGE_NAME.fullmatch(exchange) \
+            or properties.get('delivery_mode') not in (None, *_DELIVERY_MODES):
         return None
     try:
         payload = (_PUBLISH_START.pack(BASIC_CLASS, BASIC_PUBLISH, 0) + _short_string(exchange)

@@ -66,19 +66,12 @@ def _loaded_row(alias: str, pk: int, values: list[Any]) -> MessageLog:
     Built from every column in order (``from_db``), which is several times cheaper than
     ``MessageLog(**kwargs)`` on the publishing hot path.
     """
-    global _row_template
-    if _row_template is None:
-        fields = MessageLog._meta.concrete_fields
-        _row_template = ([f.attname for f in fields], [f.get_default() for f in fields])
-    names, defaults = _row_template
-    row = dict(zip(names, defaults, strict=True))
-    row.update(zip(PUBLISHED_COLUMNS, values, strict=True))
-    row[MessageLog._meta.pk.attname] = pk
-    return MessageLog.from_db(alias, names, list(row.values()))
-
-
-# MessageLog's column names and their defaults, in field order.
-_row_template: tuple[list[str], list[Any]] | None = None
+    fields = MessageLog._meta.concrete_fields
+    given = dict(zip(PUBLISHED_COLUMNS, values, strict=True))
+    given[MessageLog._meta.pk.attname] = pk
+    # Defaults are taken per row, as Model.__init__ takes them.
+    row = [given[f.attname] if f.attname in given else f.get_default() for f in fields]
+    return MessageLog.from_db(alias, [f.attname for f in fields], row)
 
 
 # Measured here: arrays cost more than a VALUES list for a few rows and less for many
@@ -389,7 +382,7 @@ def finish_many(finishes: Sequence[Finish]) -> dict[str, Started]:
 
     A Finish with ``start`` set ended before its start was written (a short task): its
     start is recorded by the same UPDATE, and its Started is in the returned mapping, by
-    message id. One statement per task instead of two.
+    message id. On PostgreSQL one statement writes the batch; elsewhere one per task.
     """
     alias = database()
     connection = connections[alias]

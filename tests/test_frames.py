@@ -58,9 +58,15 @@ def test_frames_match_pamqps_encoding(exchange: str, routing_key: str, body: byt
     {'headers': {'list': [1, 2]}},
     {'priority': 300},
     {'message_id': 'x' * 256},  # too long: pamqp says so
+    {'delivery_mode': 3},  # neither 1 nor 2: pamqp refuses it
 ])
 def test_properties_it_does_not_encode_are_left_to_amqpstorm(properties: dict[str, Any]) -> None:
     assert publish_frames(1, '', 'q', b'{}', properties, True, 131072) is None
+
+
+@pytest.mark.parametrize('exchange', ['not allowed!', 'x' * 128])
+def test_exchange_names_pamqp_refuses_are_left_to_it(exchange: str) -> None:
+    assert publish_frames(1, exchange, 'q', b'{}', {}, True, 131072) is None
 
 
 @pytest.mark.parametrize(('channel_id', 'delivery_tag'), [(1, 1), (100, 2**40), (65535, 7)])

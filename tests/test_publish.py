@@ -182,5 +182,6 @@ def test_large_bodies_and_properties_amqpstorm_encodes_arrive_intact(
                                        'headers': {'nested': {'a': 1}}}, routing_key=queue)
     large_sent, stamped = broker.get_all(queue)
     assert (large_sent.body, large_sent.properties['headers']) == (large, {'n': 70000})
+    assert large_sent.properties['content_encoding'] == 'utf-8'  # amqpstorm's default too
     assert stamped.properties['headers'] == {'nested': {'a': 1}}
     assert stamped.properties['timestamp'].replace(tzinfo=datetime.UTC) == stamp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable
 
 import pytest
@@ -10,6 +11,7 @@ from django.test.utils import override_settings
 
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
+from carrot.worker.recorder import START_HOLD_SECONDS
 from tests.conftest import Broker, Worker, carrot_settings, statuses, wait_for
 from tests.project import tasks
 
@@ -109,6 +111,20 @@ def test_a_fault_in_carrot_itself_dead_letters_the_message_and_consuming_goes_on
     [dead] = broker.get_all(f'{queue}.dead')
     assert 'a bug in the consumer' in _dead_reason(dead)
     assert 'Traceback' in worker.output
+
+
+def test_a_fault_after_the_task_ran_leaves_its_row_failed(
+        queue: str, broker: Broker, start_worker: StartWorker) -> None:
+    """The start the recorder held back is dropped, not written over the FAILED row."""
+    start_worker(carrot_settings(queue))
+    broken = publish_message(tasks.unprintable)
+    wait_for(lambda: MessageLog.objects.get(pk=broken.pk).status == 'FAILED', what='FAILED')
+    time.sleep(3 * START_HOLD_SECONDS)
+    broken.refresh_from_db()
+    assert broken.status == 'FAILED'
+    assert 'this output cannot be printed' in (broken.exception or '')
+    [dead] = broker.get_all(f'{queue}.dead')
+    assert 'this output cannot be printed' in _dead_reason(dead)
 
 
 def test_a_task_that_blocks_the_hub_is_reported(

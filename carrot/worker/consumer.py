@@ -74,6 +74,8 @@ class Consumer:
         self.current_task: str | None = None  # the task running now, if any
         self._failures = 0  # consecutive failures to consume, for the reconnect backoff
         self._settled = False
+        # The start of the message being handled, until its end is handed to the recorder.
+        self._start: AsyncResult | None = None
         # Ends handed to the recorder whose messages it has not acknowledged yet.
         self._unsettled: set[AsyncResult] = set()
 
@@ -123,6 +125,7 @@ class Consumer:
                 raise AMQPChannelError(f'RabbitMQ cancelled the consumer of {self.queue}')
             if delivery is not None:
                 self._settled = False
+                self._start = None
                 try:
                     self.handle(delivery)
                 except AMQPError:
@@ -167,6 +170,7 @@ class Consumer:
                 routing_key=message.text(method.get('routing_key')),
                 priority=task_message.priority,
             ), urgent=wait_for_start)
+            self._start = started
         except RecordingFailed as error:
             self._requeue(delivery, f'its start could not be recorded ({error})')
             return
@@ -200,6 +204,7 @@ class Consumer:
             self._requeue(delivery, f'its end could not be recorded ({error})')
             return
         self._settled = True
+        self._start = None
         self._unsettled.add(recorded)
         recorded.rawlink(self._unsettled.discard)
         if outcome.exception is not None and self.failure_callbacks:
@@ -265,6 +270,9 @@ class Consumer:
         """A fault in carrot itself while handling a message: log it, never lose the message."""
         self.logger.exception('%s: handling message %s failed', self.name,
                               delivery.properties.get('message_id'))
+        if self._start is not None:
+            # Its row is about to say FAILED; a start written later must not undo that.
+            self._runtime().recorder.discard_start(self._start)
         if not self._settled:
             self.refuse(delivery, CarrotError(
                 f'carrot could not handle this message: {type(error).__name__}: {error}'))

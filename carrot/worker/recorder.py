@@ -29,7 +29,8 @@ from carrot import lifecycle
 logger = logging.getLogger('carrot.recorder')
 
 BATCH_LIMIT = 500
-# How late a row may turn IN_PROGRESS, so that a shorter task is written once, not twice.
+# How long a start waits for its end before it is written on its own (in the next batch
+# after that): a task shorter than this has its start and end written by one UPDATE.
 START_HOLD_SECONDS = 0.2
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
@@ -96,8 +97,8 @@ class Recorder:
     def record_start(self, start: lifecycle.Start, urgent: bool = False) -> AsyncResult:
         """Queue the IN_PROGRESS write; ``.get()`` on the result gives a lifecycle.Started.
 
-        It is written within START_HOLD_SECONDS, or with the task's end if that comes first;
-        ``urgent`` (the caller will wait for it) writes it in the next batch.
+        It is written in the first batch after START_HOLD_SECONDS, or with the task's end if
+        that comes first; ``urgent`` (the caller will wait for it) in the next batch.
         """
         self._check_running()
         job = _StartJob(start, due=time.monotonic() + (0.0 if urgent else START_HOLD_SECONDS))
@@ -105,6 +106,13 @@ class Recorder:
         if urgent or len(self._starts) == 1:
             self._wakeup.set()  # otherwise the recorder is already waiting for an earlier one
         return job.result
+
+    def discard_start(self, started: AsyncResult) -> None:
+        """Drop a start still held back, for a message settled without an end.
+
+        Written later, it would turn the row that message got (FAILED, say) IN_PROGRESS.
+        """
+        self._starts = [job for job in self._starts if job.result is not started]
 
     def record_finish(self, started: AsyncResult, finish: lifecycle.Finish,
                       settle: Settle) -> AsyncResult:
@@ -163,10 +171,13 @@ class Recorder:
                 (due if (job.due <= now or self._stopping) and len(due) < BATCH_LIMIT
                  else held).append(job)
         self._starts = held
-        if finishes:
-            self._write_finishes(finishes, together)
-        if due:
-            self._write_starts(due)
+        try:
+            if finishes:
+                self._write_finishes(finishes, together)
+        finally:
+            # Even after a fault above: an unanswered start would keep its end waiting.
+            if due:
+                self._write_starts(due)
 
     def _write_starts(self, jobs: list[_StartJob]) -> None:
         try:

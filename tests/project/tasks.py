@@ -44,6 +44,16 @@ def not_json() -> object:
     return object()
 
 
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError('this output cannot be printed')
+
+
+def unprintable() -> object:
+    """Returns what is neither JSON nor printable: carrot fails after the task ran."""
+    return _Unprintable()
+
+
 def touch(path: str, seconds: float = 0.0) -> str:
     """Appends a line to ``path`` each time it runs (to count runs), after sleeping."""
     time.sleep(seconds)
