@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -11,8 +12,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import gevent
+import pytest
+from gevent import events
+
+from carrot import conf
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
+from carrot.worker.consumer import Consumer
+from carrot.worker.service import Service, _Worker
 from tests.conftest import MANAGE, Broker, Worker, carrot_settings, statuses, wait_for
 from tests.project import tasks
 
@@ -260,3 +268,35 @@ def test_a_negative_shutdown_timeout_is_refused(queue: str, tmp_path: Path) -> N
     )
     assert result.returncode != 0
     assert "'-5' is not a number of seconds" in result.stderr
+
+
+def test_the_blocked_hub_warning_names_what_blocked_it(caplog: pytest.LogCaptureFixture) -> None:
+    """gevent's event names a greenlet; the warning says which task or part of carrot it is."""
+    settings = conf.parse(None)
+    service = Service(settings, shutdown_timeout=1.0)
+    consumer = Consumer(settings.queues[0].broker, 'default', logging.getLogger('carrot'),
+                        'default-1')
+    consumer_greenlet = gevent.spawn(gevent.sleep, 60)
+    service.workers.append(_Worker(consumer, consumer_greenlet))
+    service.scheduler = gevent.spawn(gevent.sleep, 60)
+    service.recorder.start()
+    stranger = gevent.spawn(gevent.sleep, 60)
+    try:
+        def warning_for(greenlet: gevent.Greenlet) -> str:
+            caplog.clear()
+            service._on_hub_event(events.EventLoopBlocked(greenlet, 1.0, []))
+            [record] = caplog.records
+            assert record.levelno == logging.WARNING
+            return record.getMessage()
+
+        consumer.current_task = 'tests.project.tasks.compute'
+        assert 'by task tests.project.tasks.compute: while a task computes' in warning_for(
+            consumer_greenlet)
+        consumer.current_task = None
+        assert 'by consumer default-1:' in warning_for(consumer_greenlet)
+        assert 'by the scheduler:' in warning_for(service.scheduler)
+        assert 'by the recorder, writing task rows' in warning_for(service.recorder.greenlet)
+        assert 'by a greenlet:' in warning_for(stranger)
+    finally:
+        service.recorder.stop(timeout=5)
+        gevent.killall([consumer_greenlet, service.scheduler, stranger])

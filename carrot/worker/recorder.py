@@ -86,6 +86,11 @@ class Recorder:
     def start(self) -> None:
         self._greenlet = gevent.spawn(self._run)
 
+    @property
+    def greenlet(self) -> gevent.Greenlet | None:
+        """The greenlet that writes the rows, once started."""
+        return self._greenlet
+
     def stop(self, timeout: float = 30.0) -> None:
         """Write and settle what is pending, then stop."""
         self._stopping = True

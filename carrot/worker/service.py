@@ -97,16 +97,32 @@ class Service:
             self.on_ready(line)
 
     def _on_hub_event(self, event: object) -> None:
+        # Called in gevent's monitor thread while the hub is still blocked.
         if not isinstance(event, events.EventLoopBlocked):
             return
-        tasks = [w.consumer.current_task for w in self.workers
-                 if w.greenlet is event.greenlet and w.consumer.current_task]
-        logger.warning(
-            'The gevent hub was blocked for more than %.1f s by %s: while a task computes '
-            'without waiting on I/O, every other task and the broker heartbeats stand still. '
-            'Move CPU-bound work to a subprocess or a queue of its own.',
-            event.blocking_time, f'task {tasks[0]}' if tasks else 'a greenlet',
-        )
+        task, culprit = self._blocking(event.greenlet)
+        if task:
+            logger.warning(
+                'The gevent hub was blocked for more than %.1f s by task %s: while a task '
+                'computes without waiting on I/O, every other task and the broker heartbeats '
+                'stand still. Move CPU-bound work to a subprocess or a queue of its own.',
+                event.blocking_time, task)
+        else:
+            logger.warning(
+                'The gevent hub was blocked for more than %.1f s by %s: every task and the '
+                'broker heartbeats stood still meanwhile.', event.blocking_time, culprit)
+
+    def _blocking(self, greenlet: object) -> tuple[str | None, str]:
+        """The task running in ``greenlet``, if any, and what the greenlet is."""
+        for worker in self.workers:
+            if worker.greenlet is greenlet:
+                task = worker.consumer.current_task  # read once: the task may end meanwhile
+                return task, f'consumer {worker.consumer.name}'
+        if greenlet is self.scheduler:
+            return None, 'the scheduler'
+        if greenlet is self.recorder.greenlet:
+            return None, 'the recorder, writing task rows to the database'
+        return None, 'a greenlet'
 
     def request_stop(self) -> None:
         if self.stopping.is_set():
