@@ -110,7 +110,7 @@ class Service:
         else:
             logger.warning(
                 'The gevent hub was blocked for more than %.1f s by %s: every task and the '
-                'broker heartbeats stood still meanwhile.', event.blocking_time, culprit)
+                'broker heartbeats stand still meanwhile.', event.blocking_time, culprit)
 
     def _blocking(self, greenlet: object) -> tuple[str | None, str]:
         """The task running in ``greenlet``, if any, and what the greenlet is."""
