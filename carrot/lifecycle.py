@@ -330,12 +330,16 @@ def _start_by_message_id(connection: BaseDatabaseWrapper,
 
 
 def _rows_of(alias: str, starts: Sequence[Start]) -> dict[str, tuple[int, str]]:
-    """``{message id: (pk, status)}`` of the starts' rows, creating the missing ones."""
+    """``{message id: (pk, status)}`` of the starts' rows, creating the missing ones.
+
+    The rows are locked: a status read from an older snapshot (MySQL's repeatable read)
+    could miss another worker's COMPLETED, and the task would run again.
+    """
     ids = [s.message_id for s in starts]
     rows = {
         uuid: (pk, status)
-        for pk, uuid, status in MessageLog.objects.using(alias)
-        .filter(uuid__in=ids).values_list('pk', 'uuid', 'status')
+        for pk, uuid, status in MessageLog.objects.using(alias).select_for_update()
+        .filter(uuid__in=ids).order_by('pk').values_list('pk', 'uuid', 'status')
     }
     missing = [s for s in starts if s.message_id not in rows]
     if missing:
@@ -362,8 +366,18 @@ def _short(text: str) -> str:
 
 
 def clean(text: str) -> str:
-    """Text without NUL characters, which PostgreSQL refuses in a text column."""
-    return text.replace('\x00', '') if '\x00' in text else text
+    """Text a database takes: no NUL (PostgreSQL refuses it) and no lone surrogate.
+
+    A lone surrogate is what Python makes of bytes it could not decode (a file name, say);
+    no driver can encode it, so it is written as its escape, ``\\udcff``.
+    """
+    if '\x00' in text:
+        text = text.replace('\x00', '')
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError:
+        text = text.encode('utf-8', 'backslashreplace').decode('utf-8')
+    return text
 
 
 def _clean_optional(text: str | None) -> str | None:
@@ -482,7 +496,10 @@ def _finish_by_pk(connection: BaseDatabaseWrapper,
 def record_refused(
     *, message_id: str | None, task: str, reason: str, queue: str,
 ) -> MessageLog | None:
-    """FAILED with ``reason`` for a message that will not run; None without a message id."""
+    """FAILED with ``reason`` for a message that will not run.
+
+    None, and no row written, without a message id or when its row says COMPLETED.
+    """
     if not message_id or len(message_id) > MESSAGE_ID_LENGTH:
         return None
     now = timezone.now()
@@ -495,6 +512,8 @@ def record_refused(
         ),
     )
     if not created:
+        if log.status == MessageLog.COMPLETED:
+            return None  # it ran before this redelivery: the row stays as it ended
         log.status = MessageLog.FAILED
         log.failure_time = now
         log.exception = clean(reason)
@@ -503,10 +522,18 @@ def record_refused(
 
 
 def output_text(value: object) -> str | None:
-    """A task's return value as stored: JSON where it can be, else its text."""
+    """A task's return value as stored: JSON where it can be, else its text.
+
+    Never raises: the task has run, and a value that cannot be shown must not turn it FAILED.
+    """
     if value is None:
         return None
     try:
         return json.dumps(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # not JSON, circular, or too deep
+        pass
+    try:
         return str(value)
+    except Exception as error:
+        return (f'(a {type(value).__name__} that cannot be shown: '
+                f'{type(error).__name__}: {error})')

@@ -121,6 +121,9 @@ def decode(body: bytes, properties: Mapping[str, Any]) -> TaskMessage:
     if len(message_id) > MAX_MESSAGE_ID:
         raise BadMessage(f'The message_id is {len(message_id)} characters long; carrot keeps '
                          f'at most {MAX_MESSAGE_ID}.')
+    if '\x00' in message_id:
+        raise BadMessage('The message_id holds a NUL character, which no database column '
+                         'takes; give each message a printable id.')
     return TaskMessage(
         task=task,
         args=args,
@@ -132,8 +135,12 @@ def decode(body: bytes, properties: Mapping[str, Any]) -> TaskMessage:
 
 
 def message_id_of(properties: Mapping[str, Any]) -> str | None:
-    """The message id of a delivery that may not decode, for linking it to a row."""
-    return text(properties.get('message_id')) or None
+    """The message id of a delivery that may not decode, for linking it to a row.
+
+    None when there is none, or when it cannot be stored (a NUL character).
+    """
+    message_id = text(properties.get('message_id'))
+    return message_id if message_id and '\x00' not in message_id else None
 
 
 def text(value: Any) -> str:

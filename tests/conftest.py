@@ -140,6 +140,30 @@ class Broker:
             channel.confirm_deliveries()
             channel.basic.publish(body, queue, properties=properties)
 
+    def publish_unencodable(self, queue: str, body: bytes, properties: dict[str, Any],
+                            swap: tuple[bytes, bytes] = (b'', b''),
+                            cluster_id: str = '') -> None:
+        """Publish what amqpstorm would refuse to send, as another client might.
+
+        ``swap`` replaces bytes of the encoded header frame (a header value that is not
+        UTF-8); ``cluster_id`` sets the deprecated property amqpstorm refuses.
+        """
+        from pamqp import body as content_body
+        from pamqp import commands, frame, header
+
+        encoded = commands.Basic.Properties(**properties)
+        encoded.cluster_id = cluster_id  # after the constructor, which would refuse it
+        with self.connection() as conn, conn.channel() as channel:
+            number = channel.channel_id
+            head = frame.marshal(header.ContentHeader(0, len(body), encoded), number)
+            if swap[0]:
+                assert len(swap[0]) == len(swap[1]) and swap[0] in head
+                head = head.replace(*swap)
+            conn._io.write_to_socket(
+                frame.marshal(commands.Basic.Publish(routing_key=queue), number) + head
+                + frame.marshal(content_body.ContentBody(body), number))
+        # Closing the channel waited for RabbitMQ to take what was written before.
+
     def cleanup(self) -> None:
         with self.connection() as conn, conn.channel() as channel:
             for name in self.created:
@@ -187,7 +211,8 @@ class Worker:
         self.process = subprocess.Popen(
             [sys.executable, *(command or [str(MANAGE), 'carrot']), '--logfile', str(logfile),
              *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors='replace',
+            env=environment,
             start_new_session=True,
         )
         self.lines: list[str] = []

@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import gevent
 import pytest
 from django.db import connection
 
+from carrot import lifecycle
 from carrot.models import MessageLog, ScheduledTask
 from carrot.utilities import publish_message
+from carrot.worker import recorder as recording
 from tests.conftest import Worker, carrot_settings, statuses, wait_for
 from tests.project import tasks
 
@@ -140,26 +143,24 @@ def test_a_large_group_of_published_rows_is_written_in_one_statement_in_order() 
             (row[1], [int(row[1].split('-')[1])], row[8], MessageLog.PUBLISHED)
 
 
+def _start(message_id: str) -> lifecycle.Start:
+    """The start of a task whose row was published."""
+    MessageLog.objects.create(uuid=message_id, task='tests.project.tasks.add')
+    return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add',
+                           args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
+                           priority=0)
+
+
+def _status(message_id: str) -> tuple[str, int]:
+    row = MessageLog.objects.get(uuid=message_id)
+    return row.status, row.attempts
+
+
 def test_the_recorder_holds_a_start_back_so_a_short_task_is_written_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A start waits START_HOLD_SECONDS for its end; an urgent one and a long task's do not."""
-    import gevent
-
-    from carrot import lifecycle
-    from carrot.worker import recorder as recording
-
     monkeypatch.setattr(recording, 'START_HOLD_SECONDS', 1.0)
-
-    def start(message_id: str) -> lifecycle.Start:
-        MessageLog.objects.create(uuid=message_id, task='tests.project.tasks.add')
-        return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add',
-                               args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
-                               priority=0)
-
-    def status(message_id: str) -> tuple[str, int]:
-        row = MessageLog.objects.get(uuid=message_id)
-        return row.status, row.attempts
-
+    start, status = _start, _status
     recorder = recording.Recorder()
     recorder.start()
     try:
@@ -185,3 +186,74 @@ def test_the_recorder_holds_a_start_back_so_a_short_task_is_written_once(
         assert long.get(timeout=1).already_completed is False
     finally:
         recorder.stop()
+
+
+def test_a_start_being_written_is_not_discarded_but_can_be_waited_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault after a task ran writes FAILED only after a start the recorder already took."""
+    monkeypatch.setattr(recording, 'START_HOLD_SECONDS', 0.0)
+    write_ends = lifecycle.finish_many
+
+    def slow_ends(finishes: list[lifecycle.Finish]) -> dict[str, lifecycle.Started]:
+        gevent.sleep(0.5)  # a round writes its ends first, holding the starts it took
+        return write_ends(finishes)
+
+    monkeypatch.setattr(lifecycle, 'finish_many', slow_ends)
+    recorder = recording.Recorder()
+    recorder.start()
+    try:
+        first = recorder.record_start(_start('first'), urgent=True)
+        first.get(timeout=10)
+        taken = recorder.record_start(_start('taken'))
+        recorder.record_finish(first, lifecycle.Finish(message_id='first',
+                                                       status=MessageLog.COMPLETED),
+                               settle=lambda recorded: None)
+        gevent.sleep(0.2)  # the round has taken both and is writing the end
+        assert recorder.discard_start(taken) is False
+        assert taken.get(timeout=10).already_completed is False
+        assert _status('taken') == (MessageLog.IN_PROGRESS, 1)
+
+        monkeypatch.setattr(recording, 'START_HOLD_SECONDS', 5.0)
+        held = recorder.record_start(_start('held'))
+        assert recorder.discard_start(held) is True
+        assert not held.ready()
+    finally:
+        recorder.stop()
+    assert _status('held') == (MessageLog.PUBLISHED, 0)
+
+
+def test_an_end_the_database_refuses_is_written_without_its_texts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last resort: the row gets its status and the message its ack, not a requeue loop."""
+    # carrot's own cleaning now escapes every text a driver refuses; without it, a lone
+    # surrogate reaches the driver as an end nothing else could make it refuse.
+    monkeypatch.setattr(lifecycle, 'clean', lambda text: text)
+    recorder = recording.Recorder()
+    recorder.start()
+    try:
+        started = recorder.record_start(_start('refused'), urgent=True)
+        started.get(timeout=10)
+        settled: list[bool] = []
+        recorder.record_finish(started, lifecycle.Finish(
+            message_id='refused', status=MessageLog.FAILED, log='\udcff',
+            exception='OSError: \udcff', traceback='\udcff',
+        ), settle=settled.append).get(timeout=10)
+    finally:
+        recorder.stop()
+    assert settled == [True]
+    row = MessageLog.objects.get(uuid='refused')
+    assert row.status == MessageLog.FAILED
+    assert 'carrot could not store what this task returned, logged or raised' in row.log
+    assert 'UnicodeEncodeError' in row.log
+    assert row.exception == row.log
+    assert row.traceback is None
+
+
+def test_a_refusal_leaves_a_completed_row_as_it_is() -> None:
+    """A redelivery of a task that completed, refused by a worker that no longer has it."""
+    lifecycle.start_many([_start('done')])
+    MessageLog.objects.filter(uuid='done').update(status=MessageLog.COMPLETED, output='2')
+    assert lifecycle.record_refused(message_id='done', task='tests.project.tasks.add',
+                                    reason='not registered', queue='q') is None
+    row = MessageLog.objects.get(uuid='done')
+    assert (row.status, row.output, row.exception) == (MessageLog.COMPLETED, '2', None)

@@ -40,6 +40,9 @@ def _dead_reason(message: object) -> str:
     (b'{"args": []}', {'message_id': 'long-' + 'x' * 245,
                        'headers': {'type': 'tests.project.tasks.noop'}},
      'carrot keeps at most 200'),
+    (b'{"args": []}', {'message_id': 'nul-\x00-id',
+                       'headers': {'type': 'tests.project.tasks.noop'}},
+     'The message_id holds a NUL character'),
 ])
 def test_a_message_that_cannot_run_is_dead_lettered_with_a_failed_row_saying_why(
         broker: Broker, start_worker: StartWorker, body: bytes,
@@ -50,19 +53,45 @@ def test_a_message_that_cannot_run_is_dead_lettered_with_a_failed_row_saying_why
         start_worker(settings)
         broker.publish_raw(queue, body, {**properties, 'delivery_mode': 2})
         good = publish_message(tasks.add, 1, 1)  # the worker goes on consuming
-        linkable = len(str(properties['message_id'])) <= 200
+        message_id = str(properties['message_id'])
+        linkable = len(message_id) <= 200 and '\x00' not in message_id
         wait_for(lambda: statuses() == ({'FAILED': 1, 'COMPLETED': 1} if linkable
                                         else {'COMPLETED': 1}), what='both messages')
         wait_for(lambda: broker.counts(f'{queue}.dead')[0] == 1, what='the dead letter')
 
     assert MessageLog.objects.get(pk=good.pk).output == '2'
-    message_id = str(properties['message_id'])
-    if len(message_id) <= 200:
+    if linkable:
         row = MessageLog.objects.get(uuid=message_id)
         assert reason in (row.exception or '')
     [dead] = broker.get_all(f'{queue}.dead')
     assert dead.body == body
     assert reason in _dead_reason(dead)
+    assert broker.counts(queue) == (0, 0)
+
+
+@pytest.mark.parametrize(('swap', 'cluster_id', 'kept_properties'), [
+    ((b'S\x00\x00\x00\x02ZZ', b'S\x00\x00\x00\x02\xff\xfe'), '', False),
+    ((b'', b''), 'cluster-7', True),
+])
+def test_a_refused_message_whose_properties_cannot_be_sent_again_is_still_dead_lettered(
+        queue: str, broker: Broker, start_worker: StartWorker, swap: tuple[bytes, bytes],
+        cluster_id: str, kept_properties: bool) -> None:
+    """Another client's header that is not UTF-8, or its cluster_id, which amqpstorm refuses."""
+    start_worker(carrot_settings(queue))
+    broker.publish_unencodable(
+        queue, b'{"args": []}', {'message_id': 'foreign-1', 'delivery_mode': 2,
+                                 'content_type': 'application/json',
+                                 'headers': {'type': 'os.system', 'x-note': 'ZZ'}},
+        swap=swap, cluster_id=cluster_id)
+    wait_for(lambda: broker.counts(f'{queue}.dead')[0] == 1, what='the dead letter')
+    [dead] = broker.get_all(f'{queue}.dead')
+    assert 'os.system is not a registered task' in _dead_reason(dead)
+    assert dead.properties['message_id'] == 'foreign-1'
+    assert (dead.properties.get('content_type') == 'application/json') is kept_properties
+    if not kept_properties:
+        assert 'its properties could not be sent again' in _dead_reason(dead)
+    row = MessageLog.objects.get(uuid='foreign-1')
+    assert row.status == 'FAILED' and 'os.system' in (row.exception or '')
     assert broker.counts(queue) == (0, 0)
 
 
@@ -116,15 +145,52 @@ def test_a_fault_in_carrot_itself_dead_letters_the_message_and_consuming_goes_on
 def test_a_fault_after_the_task_ran_leaves_its_row_failed(
         queue: str, broker: Broker, start_worker: StartWorker) -> None:
     """The start the recorder held back is dropped, not written over the FAILED row."""
-    start_worker(carrot_settings(queue))
-    broken = publish_message(tasks.unprintable)
+    start_worker(carrot_settings(
+        queue, consumer_class='tests.project.consumers.FailingAfterTheTaskConsumer'))
+    broken = publish_message(tasks.echo, 1)
+    good = publish_message(tasks.add, 1, 2)
     wait_for(lambda: MessageLog.objects.get(pk=broken.pk).status == 'FAILED', what='FAILED')
     time.sleep(3 * START_HOLD_SECONDS)
     broken.refresh_from_db()
     assert broken.status == 'FAILED'
-    assert 'this output cannot be printed' in (broken.exception or '')
+    assert 'a bug after the task ran' in (broken.exception or '')
     [dead] = broker.get_all(f'{queue}.dead')
-    assert 'this output cannot be printed' in _dead_reason(dead)
+    assert 'a bug after the task ran' in _dead_reason(dead)
+    wait_for(lambda: MessageLog.objects.get(pk=good.pk).status == 'COMPLETED', what='add')
+
+
+def test_what_a_task_returns_that_cannot_be_shown_does_not_fail_it(
+        queue: str, broker: Broker, start_worker: StartWorker) -> None:
+    start_worker(carrot_settings(queue))
+    log = publish_message(tasks.unprintable)
+    wait_for(lambda: MessageLog.objects.get(pk=log.pk).status == 'COMPLETED', what='COMPLETED')
+    log.refresh_from_db()
+    assert log.output == ('(a _Unprintable that cannot be shown: RuntimeError: this output '
+                          'cannot be printed)')
+    assert broker.counts(f'{queue}.dead') == (0, 0)
+
+
+def test_text_a_database_cannot_encode_is_stored_escaped_without_failing_its_batch(
+        queue: str, broker: Broker, start_worker: StartWorker) -> None:
+    """A lone surrogate (an undecodable file name) in a task's log, error and output."""
+    worker = start_worker(carrot_settings(queue, concurrency=5))
+    failing = publish_message(tasks.open_undecodable, True)
+    returning = publish_message(tasks.open_undecodable, False)
+    others = [publish_message(tasks.add, n, 1) for n in range(20)]
+    wait_for(lambda: statuses() == {'FAILED': 1, 'COMPLETED': 21}, what='every task to end')
+    failing.refresh_from_db()
+    assert 'no such file: caf\\udce9.txt' in (failing.exception or '')
+    assert 'opening caf\\udce9.txt' in failing.log
+    assert 'caf\\udce9.txt' in (failing.traceback or '')
+    returning.refresh_from_db()
+    assert returning.output == '"caf\\udce9.txt"'  # JSON escapes it itself
+    assert {row.attempts for row in MessageLog.objects.all()} == {1}  # nothing ran twice
+    assert [MessageLog.objects.get(pk=o.pk).output for o in others] == [
+        str(n + 1) for n in range(20)]
+    assert broker.counts(queue) == (0, 0)
+    worker.stop()
+    assert 'opening caf\\udce9.txt' in worker.logfile.read_text(encoding='utf-8')
+    assert 'Logging error' not in worker.output
 
 
 def test_a_task_that_blocks_the_hub_is_reported(

@@ -21,7 +21,13 @@ from gevent.event import AsyncResult, Event
 from carrot import conf, lifecycle, message, registry
 from carrot.amqp import SignallingChannel
 from carrot.broker import get_publisher
-from carrot.exceptions import BadMessage, CarrotError, TaskImportError, TaskNotRegistered
+from carrot.exceptions import (
+    BadMessage,
+    BrokerUnavailable,
+    CarrotError,
+    TaskImportError,
+    TaskNotRegistered,
+)
 from carrot.models import MessageLog
 from carrot.worker import executor
 from carrot.worker.link import QueueLink, backoff_delay
@@ -32,6 +38,9 @@ FailureCallback = Callable[[MessageLog, Any], None]
 # How often an idle consumer looks up from its channel to see whether it should stop.
 IDLE_CHECK_SECONDS = 1.0
 REQUEUE_PAUSE_SECONDS = 1.0
+# How long a fault in carrot waits for a start being written before writing FAILED over it
+# (the recorder gives up on a failing database well within this).
+START_WAIT_SECONDS = 60.0
 
 
 @dataclass
@@ -233,24 +242,24 @@ class Consumer:
         """Dead-letter a message that cannot run, with a FAILED row where it has an id."""
         runtime = self._runtime()
         reason = str(error)
-        properties = dict(delivery.properties)
-        # Kept as it came, but persistent, not expiring, and not claiming another user id
-        # (RabbitMQ closes the channel of a publish whose user_id is not its own).
-        for dropped in ('expiration', 'user_id'):
-            properties.pop(dropped, None)
-        properties['delivery_mode'] = message.PERSISTENT
-        headers = dict(properties.get('headers') or {})
-        headers[message.DEAD_REASON_HEADER] = reason[:1000]
-        properties['headers'] = headers
+        properties = _dead_letter_properties(delivery.properties, reason)
         try:
-            get_publisher().send(runtime.queue.broker, _bytes(delivery.body), properties,
-                                 routing_key=runtime.queue.dead_letter_queue,
-                                 declare_queue=runtime.queue)
-        except CarrotError as publish_error:
+            self._dead_letter(delivery, properties)
+        except BrokerUnavailable as publish_error:
             self._requeue(delivery, f'it cannot run ({reason}) and the dead-letter queue '
                                     f'could not take it ({publish_error})')
             return
-        message_id = message.message_id_of(properties)
+        except Exception as publish_error:
+            # A foreign producer's properties that cannot be sent again (a header that is
+            # not UTF-8, say): dead-letter it with the few that say what it was.
+            properties = _minimal_properties(delivery.properties, reason, publish_error)
+            try:
+                self._dead_letter(delivery, properties)
+            except Exception as second_error:
+                self._requeue(delivery, f'it cannot run ({reason}) and the dead-letter queue '
+                                        f'could not take it ({second_error})')
+                return
+        message_id = message.message_id_of(delivery.properties)
         self.logger.error('%s: message %s dead-lettered to %s: %s', self.name,
                           message_id or '(no message_id)', runtime.queue.dead_letter_queue, reason)
         task = message.text((delivery.properties.get('headers') or {}).get(message.TYPE_HEADER))
@@ -266,13 +275,23 @@ class Consumer:
             close_old_connections()
         self._ack(delivery)
 
+    def _dead_letter(self, delivery: Delivery, properties: dict[str, Any]) -> None:
+        runtime = self._runtime()
+        get_publisher().send(runtime.queue.broker, _bytes(delivery.body), properties,
+                             routing_key=runtime.queue.dead_letter_queue,
+                             declare_queue=runtime.queue)
+
     def _recover(self, delivery: Delivery, error: Exception) -> None:
         """A fault in carrot itself while handling a message: log it, never lose the message."""
         self.logger.exception('%s: handling message %s failed', self.name,
                               delivery.properties.get('message_id'))
-        if self._start is not None:
-            # Its row is about to say FAILED; a start written later must not undo that.
-            self._runtime().recorder.discard_start(self._start)
+        if self._start is not None and not self._runtime().recorder.discard_start(self._start):
+            # Its row is about to say FAILED; a start written later must not undo that, so
+            # one that is being written now is let finish first.
+            try:
+                self._start.get(timeout=START_WAIT_SECONDS)
+            except (RecordingFailed, gevent.Timeout):
+                pass
         if not self._settled:
             self.refuse(delivery, CarrotError(
                 f'carrot could not handle this message: {type(error).__name__}: {error}'))
@@ -330,3 +349,39 @@ def _ack(delivery: Delivery) -> None:
         return
     # Consumers consume on the channels their QueueLink opens: carrot's own.
     cast(SignallingChannel, delivery.channel).ack(tag)
+
+
+def _dead_letter_properties(delivered: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The delivery's properties for the dead-letter queue, with the reason in a header.
+
+    Kept as they came, but persistent, not expiring, not claiming another user id (RabbitMQ
+    closes the channel of a publish whose user_id is not its own), and without the
+    deprecated cluster_id, which amqpstorm refuses to send.
+    """
+    properties = dict(delivered)
+    for dropped in ('expiration', 'user_id', 'cluster_id'):
+        properties.pop(dropped, None)
+    properties['delivery_mode'] = message.PERSISTENT
+    headers = dict(properties.get('headers') or {})
+    headers[message.DEAD_REASON_HEADER] = reason[:1000]
+    properties['headers'] = headers
+    return properties
+
+
+def _minimal_properties(delivered: dict[str, Any], reason: str,
+                        error: Exception) -> dict[str, Any]:
+    """What identifies a message, as text, for one whose own properties cannot be sent."""
+    headers = delivered.get('headers') or {}
+    properties: dict[str, Any] = {
+        'delivery_mode': message.PERSISTENT,
+        'headers': {
+            message.TYPE_HEADER: message.text(headers.get(message.TYPE_HEADER))[:255],
+            message.DEAD_REASON_HEADER: (
+                f'{reason} (its properties could not be sent again, only these: '
+                f'{type(error).__name__}: {error})')[:1000],
+        },
+    }
+    message_id = message.message_id_of(delivered)
+    if message_id is not None and len(message_id.encode()) <= 255:
+        properties['message_id'] = message_id
+    return properties

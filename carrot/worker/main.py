@@ -9,6 +9,7 @@ IMPORTED_BEFORE_PATCHING = patch.patch_all()
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import io  # noqa: E402
 import logging  # noqa: E402
 import logging.handlers  # noqa: E402
 import sys  # noqa: E402
@@ -27,8 +28,13 @@ def parser() -> argparse.ArgumentParser:
 def configure_logging(logfile: str, level: str) -> None:
     """Log to ``logfile`` (reopened when logrotate moves it) and to standard output."""
     formatter = logging.Formatter(LOG_FORMAT)
+    # A task may log text that is not valid Unicode (a file name Python could not decode):
+    # it is written escaped rather than lost to a logging error.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors='backslashreplace')
     handlers: list[logging.Handler] = [
-        logging.handlers.WatchedFileHandler(logfile),
+        logging.handlers.WatchedFileHandler(logfile, encoding='utf-8',
+                                            errors='backslashreplace'),
         logging.StreamHandler(sys.stdout),
     ]
     root = logging.getLogger()

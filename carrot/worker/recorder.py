@@ -25,6 +25,7 @@ from django.db import Error as DatabaseFault
 from gevent.event import AsyncResult, Event
 
 from carrot import lifecycle
+from carrot.models import MessageLog
 
 logger = logging.getLogger('carrot.recorder')
 
@@ -72,6 +73,23 @@ class _Ending:
     job: _FinishJob
     finish: lifecycle.Finish
     start: _StartJob | None = None
+    texts_dropped: bool = False
+
+    def without_texts(self, error: RecordingFailed) -> _Ending | None:
+        """This end with what the task returned, logged and raised replaced by a note.
+
+        The last resort for an end the database refuses: the row still gets its status and
+        the message its ack, instead of coming back (and running again) without end.
+        None when the texts were dropped already.
+        """
+        if self.texts_dropped:
+            return None
+        note = (f'carrot could not store what this task returned, logged or raised, and '
+                f'dropped it: {error}')
+        failed = self.finish.status == MessageLog.FAILED
+        finish = replace(self.finish, output=None, log=note, traceback=None,
+                         exception=note if failed else None)
+        return replace(self, finish=finish, texts_dropped=True)
 
 
 class Recorder:
@@ -112,12 +130,16 @@ class Recorder:
             self._wakeup.set()  # otherwise the recorder is already waiting for an earlier one
         return job.result
 
-    def discard_start(self, started: AsyncResult) -> None:
+    def discard_start(self, started: AsyncResult) -> bool:
         """Drop a start still held back, for a message settled without an end.
 
         Written later, it would turn the row that message got (FAILED, say) IN_PROGRESS.
+        False when it is no longer held: written already, or taken by the round being
+        written, in which case the caller waits for ``started`` before writing the row.
         """
+        before = len(self._starts)
         self._starts = [job for job in self._starts if job.result is not started]
+        return len(self._starts) < before
 
     def record_finish(self, started: AsyncResult, finish: lifecycle.Finish,
                       settle: Settle) -> AsyncResult:
@@ -225,6 +247,12 @@ class Recorder:
                 for one in endings:
                     self._write_endings([one])
                 return
+            if error.bad_data and (stripped := endings[0].without_texts(error)) is not None:
+                logger.error('The end of message %s could not be written (%s); writing it '
+                             'without the task\'s output, log and error',
+                             endings[0].finish.message_id, error)
+                self._write_endings([stripped])
+                return
             for ending in endings:
                 if ending.start is not None:
                     ending.start.result.set_exception(error)
@@ -263,10 +291,11 @@ class Recorder:
                                error, delay)
                 gevent.sleep(delay)
             except Exception as error:
-                # Not the database's doing: retrying will not help, but the recorder must
-                # live on, and the messages go back to their queue.
+                # Not the database's doing but the rows' (a driver that cannot encode a
+                # value, say): retrying will not help, writing the rows one by one will.
                 logger.exception('Writing task records failed')
-                raise RecordingFailed(f'{type(error).__name__}: {error}') from error
+                raise RecordingFailed(f'{type(error).__name__}: {error}',
+                                      bad_data=True) from error
             else:
                 self._healthy = True
                 return results

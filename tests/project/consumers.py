@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from carrot.consumer import Consumer
@@ -28,3 +29,31 @@ class CrashingConsumer(Consumer):
                                                           'tests.project.tasks.echo'):
             raise RuntimeError('a bug in the consumer')
         super().handle(delivery)
+
+
+class FailingAfterTheTaskConsumer(Consumer):
+    """Fails inside carrot's own handling after an echo task ran, before its end is recorded."""
+
+    def handle(self, delivery: Any) -> None:
+        runtime = self.runtime
+        assert runtime is not None
+        if delivery.properties['headers'].get('type') not in (b'tests.project.tasks.echo',
+                                                              'tests.project.tasks.echo'):
+            super().handle(delivery)
+            return
+        self.runtime = replace(runtime, recorder=_RecorderFailingAtEnds(runtime.recorder))
+        try:
+            super().handle(delivery)
+        finally:
+            self.runtime = runtime
+
+
+class _RecorderFailingAtEnds:
+    def __init__(self, recorder: Any) -> None:
+        self._recorder = recorder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._recorder, name)
+
+    def record_finish(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError('a bug after the task ran')

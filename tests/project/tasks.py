@@ -50,8 +50,17 @@ class _Unprintable:
 
 
 def unprintable() -> object:
-    """Returns what is neither JSON nor printable: carrot fails after the task ran."""
+    """Returns what is neither JSON nor printable."""
     return _Unprintable()
+
+
+def open_undecodable(fail: bool) -> str:
+    """Logs (and raises with) a file name Python could not decode: it holds a lone surrogate."""
+    name = b'caf\xe9.txt'.decode('utf-8', 'surrogateescape')
+    logger.info('opening %s', name)
+    if fail:
+        raise FileNotFoundError(f'no such file: {name}')
+    return name
 
 
 def touch(path: str, seconds: float = 0.0) -> str:
