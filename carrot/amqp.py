@@ -19,7 +19,7 @@ from typing import Any
 
 from amqpstorm.channel import CONTENT_FRAME, Channel
 from amqpstorm.connection import Connection as AmqpstormConnection
-from amqpstorm.exception import AMQPConnectionError
+from amqpstorm.exception import AMQPChannelError, AMQPConnectionError, AMQPMessageError
 from amqpstorm.message import Message
 from amqpstorm.rpc import Rpc
 
@@ -59,11 +59,33 @@ class SignallingRpc(Rpc):
             self.frame_arrived.clear()
             if self._response[uuid]:
                 return
-            connection_adapter.check_for_errors()
+            _check_for_failure(connection_adapter)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._raise_rpc_timeout_error(uuid)
             self.frame_arrived.wait(min(remaining, ERROR_CHECK_INTERVAL))
+
+
+def _check_for_failure(adapter: Any) -> None:
+    """Raise if the connection failed or, for a channel, the channel was closed.
+
+    Not the channel's ``check_for_errors``: that also pops and raises a stored Basic.Return,
+    which arrives before its publish's confirm. Raised in the middle of a wait, it would leave
+    the confirm to be credited to the channel's next publish.
+    """
+    if not isinstance(adapter, Channel):
+        adapter.check_for_errors()
+        return
+    try:
+        adapter._connection.check_for_errors()
+    except AMQPConnectionError:
+        adapter.set_state(adapter.CLOSED)  # as Channel.check_for_errors does
+        raise
+    if adapter.is_closed:
+        closed = [error for error in adapter.exceptions
+                  if isinstance(error, AMQPChannelError)
+                  and not isinstance(error, AMQPMessageError)]
+        raise closed[0] if closed else AMQPChannelError('channel closed')
 
 
 class SignallingChannel(Channel):
