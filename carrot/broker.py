@@ -193,6 +193,7 @@ class Publisher:
                     body, routing_key, exchange=exchange, properties=properties, mandatory=True,
                 )
             except AMQPMessageError as error:
+                # Raised only once the confirm has arrived: the channel is clean and is pooled.
                 if declared_before and declare_queue is not None and not exchange \
                         and routing_key in (declare_queue.name, declare_queue.dead_letter_queue):
                     # The queue was deleted since this connection declared it: again.
@@ -217,6 +218,13 @@ class Publisher:
                 channel = None
                 self._drop(link)
                 last_error = error
+            except BaseException:
+                # Interrupted (gevent.Timeout, GreenletExit, KeyboardInterrupt, …), perhaps
+                # after the frames were written: the confirm still due would be credited to
+                # the channel's next publish, so the channel must not go back to the pool.
+                _close_quietly(channel)
+                channel = None
+                raise
             else:
                 if not confirmed:
                     raise BrokerUnavailable(

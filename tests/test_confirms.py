@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from amqpstorm.exception import AMQPMessageError
@@ -11,7 +12,9 @@ from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from carrot.amqp import Connection
+from carrot.amqp import Connection, SignallingChannel, SignallingRpc
+from carrot.broker import get_publisher
+from carrot.utilities import get_host_from_name
 from tests.conftest import Broker
 
 
@@ -48,3 +51,49 @@ def test_a_return_before_its_ack_is_raised_after_the_ack_not_during_the_wait(
     assert (channel.rpc._request, channel.rpc._response) == ({}, {})  # settled, not left over
     with pytest.raises(AMQPMessageError, match='NO_ROUTE'):
         channel.check_for_exceptions()
+
+
+def test_a_publish_interrupted_after_its_frames_were_written_does_not_pool_its_channel(
+        queue: str, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its confirm is still due: on a pooled channel it would confirm the next publish."""
+    publisher = get_publisher()
+    host = get_host_from_name(queue)
+    publisher.send(host, b'{}', {'message_id': 'before'}, routing_key=queue)
+    [link] = publisher._links.values()
+    [channel] = link.idle
+
+    # Interrupt the confirm wait once, as a gevent.Timeout or a ^C would: after the
+    # frames were written.
+    waits: list[str] = []
+    wait = SignallingRpc._wait_for_request
+
+    def interrupted_once(rpc: SignallingRpc, uuid: str, connection_adapter: Any = None) -> None:
+        waits.append(uuid)
+        if len(waits) == 1:
+            raise KeyboardInterrupt
+        wait(rpc, uuid, connection_adapter)
+
+    monkeypatch.setattr(SignallingRpc, '_wait_for_request', interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        publisher.send(host, b'{}', {'message_id': 'interrupted'}, routing_key=queue)
+    assert channel not in link.idle
+    assert channel.is_closed
+
+    # The publishes after it each get their own confirm: delivery tags 1, 2, 3 of a new channel.
+    confirms: list[tuple[SignallingChannel, int]] = []
+    get_request = SignallingRpc.get_request
+
+    def recorded(rpc: SignallingRpc, uuid: str | None, *args: Any, **kwargs: Any) -> Any:
+        result = get_request(rpc, uuid, *args, **kwargs)
+        if getattr(result, 'name', None) == 'Basic.Ack':
+            confirms.append((rpc._default_connection_adapter, result.delivery_tag))
+        return result
+
+    monkeypatch.setattr(SignallingRpc, 'get_request', recorded)
+    for number in range(3):
+        publisher.send(host, b'{}', {'message_id': f'after-{number}'}, routing_key=queue)
+    [fresh] = link.idle
+    assert fresh is not channel
+    assert confirms == [(fresh, 1), (fresh, 2), (fresh, 3)]
+    sent = [m.properties['message_id'] for m in broker.get_all(queue)]
+    assert sent == ['before', 'interrupted', 'after-0', 'after-1', 'after-2']
