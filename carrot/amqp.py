@@ -108,16 +108,24 @@ class SignallingChannel(Channel):
             properties = {**properties, 'content_encoding': 'utf-8'}
         frames = publish_frames(self.channel_id, exchange, routing_key, body, properties,
                                 mandatory, self._carrot_connection.max_frame_size)
-        if frames is None:
-            return bool(self.basic.publish(body, routing_key, exchange=exchange,
-                                           properties=dict(properties), mandatory=mandatory))
-        self.check_for_errors()
-        with self.rpc.lock:
-            confirm = self.rpc.register_request(['Basic.Ack', 'Basic.Nack'])
-            self._carrot_connection.write_bytes(frames)
-            result = self.rpc.get_request(confirm, raw=True)
-            if mandatory:
-                self.check_for_exceptions()  # a Basic.Return comes before the confirm
+        try:
+            if frames is None:
+                return bool(self.basic.publish(body, routing_key, exchange=exchange,
+                                               properties=dict(properties),
+                                               mandatory=mandatory))
+            self.check_for_errors()
+            with self.rpc.lock:
+                confirm = self.rpc.register_request(['Basic.Ack', 'Basic.Nack'])
+                self._carrot_connection.write_bytes(frames)
+                result = self.rpc.get_request(confirm, raw=True)
+                if mandatory:
+                    self.check_for_exceptions()  # a Basic.Return comes before the confirm
+        except AMQPMessageError:
+            # The returned message's header and body frames: a publisher channel never
+            # consumes, so nothing else would take them out of the buffer.
+            if self._inbound:
+                self._inbound.clear()
+            raise
         return getattr(result, 'name', None) == 'Basic.Ack'
 
     def ack(self, delivery_tag: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ from pamqp.header import ContentHeader
 
 from carrot.amqp import Connection, SignallingChannel, SignallingRpc
 from carrot.broker import get_publisher
+from carrot.exceptions import CarrotConfigException
 from carrot.utilities import get_host_from_name
 from tests.conftest import Broker
 
@@ -97,3 +99,20 @@ def test_a_publish_interrupted_after_its_frames_were_written_does_not_pool_its_c
     assert confirms == [(fresh, 1), (fresh, 2), (fresh, 3)]
     sent = [m.properties['message_id'] for m in broker.get_all(queue)]
     assert sent == ['before', 'interrupted', 'after-0', 'after-1', 'after-2']
+
+
+@pytest.mark.parametrize('properties', [
+    {'message_id': 'carrot encodes this'},
+    {'message_id': 'amqpstorm encodes this', 'timestamp': datetime.datetime.now(datetime.UTC)},
+])
+def test_a_returned_message_leaves_nothing_in_its_pooled_channel(
+        queue: str, broker: Broker, properties: dict[str, Any]) -> None:
+    """The header and body frames that follow a Basic.Return are not kept forever."""
+    host = get_host_from_name(queue)
+    with pytest.raises(CarrotConfigException, match='could not route'):
+        get_publisher().send(host, b'{}', properties, routing_key='no-queue-has-this-name')
+    [link] = get_publisher()._links.values()
+    [channel] = link.idle  # its confirm came: the channel is clean and reused
+    assert channel._inbound is not None and len(channel._inbound) == 0
+    get_publisher().send(host, b'{}', properties, routing_key=queue)
+    assert broker.message_count(queue) == 1
