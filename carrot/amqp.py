@@ -93,7 +93,7 @@ class SignallingChannel(Channel):
 
     def __init__(self, channel_id: int, connection: Any, rpc_timeout: float) -> None:
         super().__init__(channel_id, connection, rpc_timeout)
-        self.rpc = SignallingRpc(self, timeout=rpc_timeout)
+        self.rpc: SignallingRpc = SignallingRpc(self, timeout=rpc_timeout)
         self.delivery_arrived = threading.Event()
         self._carrot_connection: Connection = connection  # amqpstorm types it as its own
 
@@ -135,8 +135,13 @@ class SignallingChannel(Channel):
 
     def on_frame(self, frame_in: Any) -> None:
         super().on_frame(frame_in)
-        if frame_in.name in CONTENT_FRAME or frame_in.name == 'Channel.Close':
+        if frame_in.name in CONTENT_FRAME:
             self.delivery_arrived.set()
+        elif frame_in.name == 'Channel.Close':
+            # Wake every waiter: a publish to a missing exchange fails now, not at its
+            # next ERROR_CHECK_INTERVAL look.
+            self.delivery_arrived.set()
+            self.rpc.frame_arrived.set()
 
     def wait_for_message(self, timeout: float) -> Message | None:
         """The next delivered message, or None when none came within ``timeout`` seconds.

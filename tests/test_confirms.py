@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+from carrot import amqp
 from carrot.amqp import Connection, SignallingChannel, SignallingRpc
 from carrot.broker import get_publisher
 from carrot.exceptions import CarrotConfigException
@@ -116,3 +118,20 @@ def test_a_returned_message_leaves_nothing_in_its_pooled_channel(
     assert channel._inbound is not None and len(channel._inbound) == 0
     get_publisher().send(host, b'{}', properties, routing_key=queue)
     assert broker.message_count(queue) == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_channel_closed_by_the_broker_wakes_the_publisher_at_once(
+        queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publishing to a missing exchange: the broker's Channel.Close is what ends the wait.
+
+    With the periodic error check a minute apart, only that frame can end it in time.
+    """
+    monkeypatch.setattr(amqp, 'ERROR_CHECK_INTERVAL', 60.0)
+    host = get_host_from_name(queue)
+    get_publisher().send(host, b'{}', {}, routing_key=queue)  # connected, channel open
+    started = time.monotonic()
+    with pytest.raises(CarrotConfigException, match='NOT_FOUND'):
+        get_publisher().send(host, b'{}', {}, routing_key=queue,
+                             exchange='carrot-test-no-such-exchange')
+    assert time.monotonic() - started < 5
