@@ -68,6 +68,22 @@ def test_bad_input_raises_before_anything_is_written_or_sent(
     assert broker.message_count(queue) == 0
 
 
+@pytest.mark.parametrize(('destination', 'error'), [
+    ({'exchange': 'x' * 128}, r"exchange 'xxx.* is 128 characters long: AMQP allows at most 127"),
+    ({'exchange': 'no$such'}, r"exchange 'no\$such' is not a valid name"),
+    ({'routing_key': 'é' * 128}, r'routing_key .* \(256 bytes of UTF-8\) long: AMQP carries at '
+                                 r'most 255 bytes'),
+    ({'routing_key': 'k' * 201}, r'routing_key .* is 201 characters .* MessageLog keeps at most '
+                                 r'200'),
+])
+def test_an_exchange_or_routing_key_amqp_cannot_carry_is_refused_before_anything_is_written(
+        queue: str, broker: Broker, destination: dict[str, str], error: str) -> None:
+    with pytest.raises(CarrotConfigException, match=error):
+        publish_message(tasks.noop, **destination)
+    assert MessageLog.objects.count() == 0
+    assert broker.message_count(queue) == 0
+
+
 def test_inside_a_transaction_the_message_goes_out_on_commit(
         queue: str, broker: Broker) -> None:
     with transaction.atomic():
