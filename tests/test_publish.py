@@ -14,6 +14,8 @@ from carrot.exceptions import (
     ArgumentsNotSerializable,
     BrokerUnavailable,
     CarrotConfigException,
+    CarrotError,
+    MessageNotEncodable,
     TaskNotRegistered,
 )
 from carrot.models import MessageLog
@@ -82,6 +84,28 @@ def test_an_exchange_or_routing_key_amqp_cannot_carry_is_refused_before_anything
         publish_message(tasks.noop, **destination)
     assert MessageLog.objects.count() == 0
     assert broker.message_count(queue) == 0
+
+
+@pytest.mark.parametrize(('properties', 'routing_key', 'named'), [
+    ({'priority': 300}, None, 'priority'),
+    ({'headers': {'type': 'tests.project.tasks.noop', 'x-foreign': object()}}, None,
+     "headers['x-foreign']"),
+    ({}, 'é' * 128, 'routing_key'),
+])
+def test_a_message_that_cannot_be_encoded_is_a_carrot_error_naming_what(
+        queue: str, broker: Broker, properties: dict[str, object], routing_key: str | None,
+        named: str) -> None:
+    """The worker dead-letters foreign messages with their own properties: a CarrotError
+    lets it requeue one it cannot send, where a raw TypeError would crash its consumer."""
+    publisher = get_publisher()
+    host = get_host_from_name(queue)
+    with pytest.raises(MessageNotEncodable) as caught:
+        publisher.send(host, b'{}', properties, routing_key=routing_key or queue)
+    assert isinstance(caught.value, CarrotError)
+    assert f'because of its {named} (' in str(caught.value)
+    assert 'it was not sent' in str(caught.value)
+    publisher.send(host, b'{}', {}, routing_key=queue)  # the publisher is still usable
+    assert broker.message_count(queue) == 1
 
 
 def test_inside_a_transaction_the_message_goes_out_on_commit(
