@@ -47,14 +47,18 @@ def record_published(
 
     Written with prepared SQL rather than ``objects.create()`` (on the publishing hot path
     the ORM's query compilation cost more than the round trip, and no ``pre_save`` or
-    ``post_save`` signals are sent for these rows). Outside a transaction, rows that
-    concurrent publishers write at the same moment share one INSERT and one commit.
+    ``post_save`` signals are sent for these rows). In autocommit mode outside a
+    transaction, rows that concurrent publishers write at the same moment share one INSERT
+    and one commit.
     """
     alias = database()
     values: list[Any] = [MessageLog.PUBLISHED, message_id, task, args_json, kwargs_json, queue,
                          exchange, routing_key, priority, timezone.now(), 0]
-    if transaction.get_connection(alias).in_atomic_block:
-        [pk] = _insert_rows(alias, [values])  # part of the caller's transaction
+    connection = transaction.get_connection(alias)
+    if connection.in_atomic_block or not connection.get_autocommit():
+        # Part of the caller's transaction (atomic, or autocommit turned off): grouped, its
+        # row would be committed by another thread, or another thread's kept in it.
+        [pk] = _insert_rows(alias, [values])
     else:
         pk = _group_insert.insert(alias, values)
     return _loaded_row(alias, pk, values)

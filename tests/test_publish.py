@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import datetime
 import json
+import threading
+import time
+from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import connections, transaction
 from django.test.utils import override_settings
 
+from carrot import lifecycle
 from carrot.broker import get_publisher
 from carrot.exceptions import (
     ArgumentsNotSerializable,
@@ -225,3 +229,46 @@ def test_large_bodies_and_properties_amqpstorm_encodes_arrive_intact(
     assert large_sent.properties['content_encoding'] == 'utf-8'  # amqpstorm's default too
     assert stamped.properties['headers'] == {'nested': {'a': 1}}
     assert stamped.properties['timestamp'].replace(tzinfo=datetime.UTC) == stamp
+
+
+def test_a_row_written_with_autocommit_off_is_not_grouped_with_other_threads_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With autocommit off, the caller's row is in its own transaction; another thread's
+    row, written at the same moment, is committed in that thread, not in the caller's."""
+    def row(message_id: str) -> dict[str, Any]:
+        return dict(message_id=message_id, task='tests.project.tasks.noop', args_json='[]',
+                    kwargs_json='{}', queue='q', exchange='', routing_key='q', priority=0)
+
+    other_done = threading.Event()
+
+    def other_thread() -> None:
+        try:
+            lifecycle.record_published(**row('other'))
+        finally:
+            connections.close_all()
+            other_done.set()
+
+    # The interleaving: the other thread publishes while this one is writing its row.
+    insert_rows = lifecycle._insert_rows
+    started: list[threading.Thread] = []
+
+    def insert_while_the_other_publishes(alias: str, rows: list[list[Any]]) -> list[int]:
+        if not started:
+            started.append(threading.Thread(target=other_thread))
+            started[0].start()
+            deadline = time.monotonic() + 10
+            while not (other_done.is_set() or lifecycle._group_insert._pending):
+                assert time.monotonic() < deadline, 'the other thread did not publish'
+                time.sleep(0.001)
+        return insert_rows(alias, rows)
+
+    monkeypatch.setattr(lifecycle, '_insert_rows', insert_while_the_other_publishes)
+    transaction.set_autocommit(False)
+    try:
+        lifecycle.record_published(**row('mine'))
+        transaction.rollback()
+    finally:
+        transaction.set_autocommit(True)
+    started[0].join(10)
+    assert other_done.is_set()
+    assert list(MessageLog.objects.values_list('uuid', flat=True)) == ['other']
