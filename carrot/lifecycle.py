@@ -236,10 +236,18 @@ def discard_unpublished(log: MessageLog) -> None:
 
 
 def mark_publish_failed(log: MessageLog, error: BaseException) -> None:
-    """A row committed with its transaction whose message then could not be sent."""
+    """A row committed with its transaction whose message then could not be sent.
+
+    ``error`` that is not an Exception interrupted the send: the message may have gone.
+    """
+    if isinstance(error, Exception):
+        reason = f'Not published: {error}'
+    else:
+        detail = f' ({error})' if str(error) else ''
+        reason = (f'Not published, or not confirmed: the publish was interrupted by '
+                  f'{type(error).__name__}{detail}, so RabbitMQ may or may not have it.')
     MessageLog.objects.filter(pk=log.pk, status=MessageLog.PUBLISHED).update(
-        status=MessageLog.FAILED, failure_time=timezone.now(),
-        exception=f'Not published: {error}',
+        status=MessageLog.FAILED, failure_time=timezone.now(), exception=reason,
     )
 
 

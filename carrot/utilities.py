@@ -95,7 +95,8 @@ class Message:
         """Send after the commit; on failure the committed row says FAILED, not PUBLISHED.
 
         The caller's code has moved on by now, so the failure is on the row and in the log
-        (the ``carrot.publish`` logger), not raised.
+        (the ``carrot.publish`` logger), not raised. An interruption (gevent.Timeout,
+        GreenletExit, KeyboardInterrupt) is raised once the row says so.
         """
         try:
             self.send()
@@ -103,6 +104,13 @@ class Message:
             lifecycle.mark_publish_failed(log, error)
             logger.error('Task %s (%s) was committed but not published: %s',
                          self.task, self.uuid, error)
+        except BaseException as interruption:
+            # Its fate is unknown (sent, maybe confirmed): the row must not say PUBLISHED.
+            lifecycle.mark_publish_failed(log, interruption)
+            logger.error('Task %s (%s) was committed but its publish was interrupted by %s; '
+                         'it may or may not be in RabbitMQ.', self.task, self.uuid,
+                         type(interruption).__name__)
+            raise
 
 
 def check_destination(exchange: object, routing_key: object) -> None:

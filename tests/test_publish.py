@@ -8,11 +8,13 @@ import threading
 import time
 from typing import Any
 
+import gevent
 import pytest
 from django.db import connections, transaction
 from django.test.utils import override_settings
 
 from carrot import lifecycle
+from carrot.amqp import SignallingRpc
 from carrot.broker import get_publisher
 from carrot.exceptions import (
     ArgumentsNotSerializable,
@@ -272,3 +274,20 @@ def test_a_row_written_with_autocommit_off_is_not_grouped_with_other_threads_row
     started[0].join(10)
     assert other_done.is_set()
     assert list(MessageLog.objects.values_list('uuid', flat=True)) == ['other']
+
+
+def test_a_publish_interrupted_after_commit_marks_its_row_and_goes_on(
+        queue: str, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gevent.Timeout while waiting for the confirm: sent, but its fate unknown."""
+    def timed_out(rpc: SignallingRpc, uuid: str, connection_adapter: Any = None) -> None:
+        raise gevent.Timeout(5)
+
+    publish_message(tasks.noop)  # the queue declared: the next wait is the confirm's
+    monkeypatch.setattr(SignallingRpc, '_wait_for_request', timed_out)
+    with pytest.raises(gevent.Timeout), transaction.atomic():
+        log = publish_message(tasks.noop)
+    row = MessageLog.objects.get(pk=log.pk)
+    assert row.status == MessageLog.FAILED
+    assert row.exception == ('Not published, or not confirmed: the publish was interrupted by '
+                             'Timeout (5 seconds), so RabbitMQ may or may not have it.')
+    assert broker.message_count(queue) == 2  # it was written before the wait
