@@ -19,7 +19,7 @@ from typing import Any
 
 from amqpstorm.channel import CONTENT_FRAME, Channel
 from amqpstorm.connection import Connection as AmqpstormConnection
-from amqpstorm.exception import AMQPConnectionError
+from amqpstorm.exception import AMQPChannelError, AMQPConnectionError, AMQPMessageError
 from amqpstorm.message import Message
 from amqpstorm.rpc import Rpc
 
@@ -59,11 +59,33 @@ class SignallingRpc(Rpc):
             self.frame_arrived.clear()
             if self._response[uuid]:
                 return
-            connection_adapter.check_for_errors()
+            _check_for_failure(connection_adapter)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._raise_rpc_timeout_error(uuid)
             self.frame_arrived.wait(min(remaining, ERROR_CHECK_INTERVAL))
+
+
+def _check_for_failure(adapter: Any) -> None:
+    """Raise if the connection failed or, for a channel, the channel was closed.
+
+    Not the channel's ``check_for_errors``: that also pops and raises a stored Basic.Return,
+    which arrives before its publish's confirm. Raised in the middle of a wait, it would leave
+    the confirm to be credited to the channel's next publish.
+    """
+    if not isinstance(adapter, Channel):
+        adapter.check_for_errors()
+        return
+    try:
+        adapter._connection.check_for_errors()
+    except AMQPConnectionError:
+        adapter.set_state(adapter.CLOSED)  # as Channel.check_for_errors does
+        raise
+    if adapter.is_closed:
+        closed = [error for error in adapter.exceptions
+                  if isinstance(error, AMQPChannelError)
+                  and not isinstance(error, AMQPMessageError)]
+        raise closed[0] if closed else AMQPChannelError('channel closed')
 
 
 class SignallingChannel(Channel):
@@ -71,7 +93,7 @@ class SignallingChannel(Channel):
 
     def __init__(self, channel_id: int, connection: Any, rpc_timeout: float) -> None:
         super().__init__(channel_id, connection, rpc_timeout)
-        self.rpc = SignallingRpc(self, timeout=rpc_timeout)
+        self.rpc: SignallingRpc = SignallingRpc(self, timeout=rpc_timeout)
         self.delivery_arrived = threading.Event()
         self._carrot_connection: Connection = connection  # amqpstorm types it as its own
 
@@ -86,16 +108,24 @@ class SignallingChannel(Channel):
             properties = {**properties, 'content_encoding': 'utf-8'}
         frames = publish_frames(self.channel_id, exchange, routing_key, body, properties,
                                 mandatory, self._carrot_connection.max_frame_size)
-        if frames is None:
-            return bool(self.basic.publish(body, routing_key, exchange=exchange,
-                                           properties=dict(properties), mandatory=mandatory))
-        self.check_for_errors()
-        with self.rpc.lock:
-            confirm = self.rpc.register_request(['Basic.Ack', 'Basic.Nack'])
-            self._carrot_connection.write_bytes(frames)
-            result = self.rpc.get_request(confirm, raw=True)
-            if mandatory:
-                self.check_for_exceptions()  # a Basic.Return comes before the confirm
+        try:
+            if frames is None:
+                return bool(self.basic.publish(body, routing_key, exchange=exchange,
+                                               properties=dict(properties),
+                                               mandatory=mandatory))
+            self.check_for_errors()
+            with self.rpc.lock:
+                confirm = self.rpc.register_request(['Basic.Ack', 'Basic.Nack'])
+                self._carrot_connection.write_bytes(frames)
+                result = self.rpc.get_request(confirm, raw=True)
+                if mandatory:
+                    self.check_for_exceptions()  # a Basic.Return comes before the confirm
+        except AMQPMessageError:
+            # The returned message's header and body frames: a publisher channel never
+            # consumes, so nothing else would take them out of the buffer.
+            if self._inbound:
+                self._inbound.clear()
+            raise
         return getattr(result, 'name', None) == 'Basic.Ack'
 
     def ack(self, delivery_tag: int) -> None:
@@ -105,8 +135,13 @@ class SignallingChannel(Channel):
 
     def on_frame(self, frame_in: Any) -> None:
         super().on_frame(frame_in)
-        if frame_in.name in CONTENT_FRAME or frame_in.name == 'Channel.Close':
+        if frame_in.name in CONTENT_FRAME:
             self.delivery_arrived.set()
+        elif frame_in.name == 'Channel.Close':
+            # Wake every waiter: a publish to a missing exchange fails now, not at its
+            # next ERROR_CHECK_INTERVAL look.
+            self.delivery_arrived.set()
+            self.rpc.frame_arrived.set()
 
     def wait_for_message(self, timeout: float) -> Message | None:
         """The next delivered message, or None when none came within ``timeout`` seconds.

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 from amqpstorm.channel import Channel
 from amqpstorm.exception import AMQPChannelError, AMQPConnectionError, AMQPError, AMQPMessageError
+from pamqp import commands
+from pamqp import frame as pamqp_frame
+from pamqp.header import ContentHeader
 
-from carrot import conf
+from carrot import conf, frames
 from carrot.amqp import Connection, SignallingChannel
-from carrot.exceptions import BrokerUnavailable, CarrotConfigException
+from carrot.exceptions import BrokerUnavailable, CarrotConfigException, MessageNotEncodable
 
 logger = logging.getLogger('carrot.broker')
 
@@ -175,7 +179,8 @@ class Publisher:
         """Publish one message and return once RabbitMQ has confirmed it.
 
         A lost connection is reopened once. Raises BrokerUnavailable when the broker cannot
-        be reached or refuses the message, and CarrotConfigException when it is unroutable.
+        be reached or refuses the message, CarrotConfigException when it is unroutable, and
+        MessageNotEncodable when its exchange, routing key or properties cannot be encoded.
         """
         last_error: Exception | None = None
         for _ in range(2):
@@ -189,10 +194,15 @@ class Publisher:
                 if declare_queue is not None and not declared_before:
                     declare(channel, declare_queue)
                     link.declared.add(declare_queue.name)
-                confirmed = channel.publish_confirmed(
-                    body, routing_key, exchange=exchange, properties=properties, mandatory=True,
-                )
+                try:
+                    confirmed = channel.publish_confirmed(
+                        body, routing_key, exchange=exchange, properties=properties,
+                        mandatory=True,
+                    )
+                except _ENCODING_ERRORS as error:  # pamqp's, before anything was written
+                    raise _not_encodable(error, exchange, routing_key, properties) from error
             except AMQPMessageError as error:
+                # Raised only once the confirm has arrived: the channel is clean and is pooled.
                 if declared_before and declare_queue is not None and not exchange \
                         and routing_key in (declare_queue.name, declare_queue.dead_letter_queue):
                     # The queue was deleted since this connection declared it: again.
@@ -217,6 +227,13 @@ class Publisher:
                 channel = None
                 self._drop(link)
                 last_error = error
+            except BaseException:
+                # Interrupted (gevent.Timeout, GreenletExit, KeyboardInterrupt, …), perhaps
+                # after the frames were written: the confirm still due would be credited to
+                # the channel's next publish, so the channel must not go back to the pool.
+                _close_quietly(channel)
+                channel = None
+                raise
             else:
                 if not confirmed:
                     raise BrokerUnavailable(
@@ -237,6 +254,52 @@ class Publisher:
             links, self._links = list(self._links.values()), {}
         for link in links:
             link.close()
+
+
+# What pamqp raises for a value it cannot encode.
+_ENCODING_ERRORS = (TypeError, ValueError, OverflowError, struct.error)
+
+
+def _not_encodable(error: BaseException, exchange: str, routing_key: str,
+                   properties: Mapping[str, Any]) -> MessageNotEncodable:
+    fields = _unencodable_fields(exchange, routing_key, properties)
+    return MessageNotEncodable(
+        f'The message cannot be encoded for RabbitMQ because of its '
+        f'{", ".join(fields) or "properties"} ({type(error).__name__}: {error}); it was not '
+        f'sent. Keep the exchange to '
+        f'{frames.MAX_EXCHANGE_NAME} letters, digits, spaces and "-_.:@#,/+", the routing key '
+        f'and string properties to {frames.MAX_SHORT_STRING} bytes of UTF-8, priority and '
+        f'delivery_mode to their AMQP ranges, and header values to text, numbers, booleans, '
+        f'None, lists and tables of them.'
+    )
+
+
+def _unencodable_fields(exchange: str, routing_key: str,
+                        properties: Mapping[str, Any]) -> list[str]:
+    """The names of what pamqp cannot encode, each tried alone (headers key by key)."""
+    found = [name for name, value in (('exchange', exchange), ('routing_key', routing_key))
+             if not _encodes(commands.Basic.Publish, {name: value})]
+    for name, value in properties.items():
+        if _encodes(commands.Basic.Properties, {name: value}):
+            continue
+        if name == 'headers' and isinstance(value, Mapping):
+            keys = [f'headers[{key!r}]' for key, item in value.items()
+                    if not _encodes(commands.Basic.Properties, {'headers': {key: item}})]
+            found.extend(keys or ['headers'])
+        else:
+            found.append(name)
+    return found
+
+
+def _encodes(kind: type[commands.Basic.Publish] | type[commands.Basic.Properties],
+             fields: dict[str, Any]) -> bool:
+    try:
+        built = kind(**fields)
+        pamqp_frame.marshal(ContentHeader(0, 0, built)
+                            if isinstance(built, commands.Basic.Properties) else built, 1)
+    except _ENCODING_ERRORS:
+        return False
+    return True
 
 
 _publisher: Publisher | None = None

@@ -27,5 +27,9 @@ class BrokerUnavailable(CarrotError):
     """RabbitMQ could not be reached, or did not confirm a publish."""
 
 
+class MessageNotEncodable(CarrotError):
+    """A message's exchange, routing key or properties cannot be encoded as AMQP frames."""
+
+
 class BadMessage(CarrotError):
     """A delivered message cannot be decoded into a task call."""

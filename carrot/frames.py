@@ -50,7 +50,9 @@ _PROPERTIES: tuple[tuple[str, int, str], ...] = (
 )
 _KNOWN = frozenset(name for name, _, _ in _PROPERTIES)
 # pamqp's rules for an exchange name (AMQP's exchange-name domain).
-_EXCHANGE_NAME = re.compile(r'[a-zA-Z0-9-_.:@#,/+ ]{0,127}')
+EXCHANGE_NAME = re.compile(r'[a-zA-Z0-9-_.:@#,/+ ]{0,127}')
+MAX_EXCHANGE_NAME = 127
+MAX_SHORT_STRING = 255  # bytes of UTF-8: a routing key, a string property
 _DELIVERY_MODES = (1, 2)
 
 
@@ -66,7 +68,7 @@ def publish_frames(
 
     None when a property is one this encoder does not handle; amqpstorm then does it.
     """
-    if not _KNOWN.issuperset(properties) or not _EXCHANGE_NAME.fullmatch(exchange) \
+    if not _KNOWN.issuperset(properties) or not EXCHANGE_NAME.fullmatch(exchange) \
             or properties.get('delivery_mode') not in (None, *_DELIVERY_MODES):
         return None
     try:
@@ -117,7 +119,7 @@ def _short_string(value: Any) -> bytes:
     if not isinstance(value, str):
         raise _Unsupported(value)
     encoded = value.encode()
-    if len(encoded) > 255:
+    if len(encoded) > MAX_SHORT_STRING:
         raise _Unsupported(value)  # pamqp raises the error that says so
     return bytes((len(encoded),)) + encoded
 

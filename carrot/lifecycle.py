@@ -47,14 +47,18 @@ def record_published(
 
     Written with prepared SQL rather than ``objects.create()`` (on the publishing hot path
     the ORM's query compilation cost more than the round trip, and no ``pre_save`` or
-    ``post_save`` signals are sent for these rows). Outside a transaction, rows that
-    concurrent publishers write at the same moment share one INSERT and one commit.
+    ``post_save`` signals are sent for these rows). In autocommit mode outside a
+    transaction, rows that concurrent publishers write at the same moment share one INSERT
+    and one commit.
     """
     alias = database()
     values: list[Any] = [MessageLog.PUBLISHED, message_id, task, args_json, kwargs_json, queue,
                          exchange, routing_key, priority, timezone.now(), 0]
-    if transaction.get_connection(alias).in_atomic_block:
-        [pk] = _insert_rows(alias, [values])  # part of the caller's transaction
+    connection = transaction.get_connection(alias)
+    if connection.in_atomic_block or not connection.get_autocommit():
+        # Part of the caller's transaction (atomic, or autocommit turned off): grouped, its
+        # row would be committed by another thread, or another thread's kept in it.
+        [pk] = _insert_rows(alias, [values])
     else:
         pk = _group_insert.insert(alias, values)
     return _loaded_row(alias, pk, values)
@@ -232,10 +236,18 @@ def discard_unpublished(log: MessageLog) -> None:
 
 
 def mark_publish_failed(log: MessageLog, error: BaseException) -> None:
-    """A row committed with its transaction whose message then could not be sent."""
+    """A row committed with its transaction whose message then could not be sent.
+
+    ``error`` that is not an Exception interrupted the send: the message may have gone.
+    """
+    if isinstance(error, Exception):
+        reason = f'Not published: {error}'
+    else:
+        detail = f' ({error})' if str(error) else ''
+        reason = (f'Not published, or not confirmed: the publish was interrupted by '
+                  f'{type(error).__name__}{detail}, so RabbitMQ may or may not have it.')
     MessageLog.objects.filter(pk=log.pk, status=MessageLog.PUBLISHED).update(
-        status=MessageLog.FAILED, failure_time=timezone.now(),
-        exception=f'Not published: {error}',
+        status=MessageLog.FAILED, failure_time=timezone.now(), exception=reason,
     )
 
 

@@ -13,8 +13,9 @@ from typing import Any
 
 from django.db import transaction
 
-from carrot import conf, lifecycle, message, registry
+from carrot import conf, frames, lifecycle, message, registry
 from carrot.broker import get_publisher
+from carrot.exceptions import CarrotConfigException
 from carrot.models import MessageLog
 from carrot.scheduling import create_scheduled_task, run_now
 
@@ -24,6 +25,8 @@ __all__ = ['Message', 'create_message', 'create_scheduled_task', 'get_host_from_
 logger = logging.getLogger('carrot.publish')
 
 TaskRef = Callable[..., Any] | str
+
+MAX_ROUTING_KEY = 200  # MessageLog.routing_key's max_length
 
 
 def get_host_from_name(name: str | None) -> conf.Broker:
@@ -92,7 +95,8 @@ class Message:
         """Send after the commit; on failure the committed row says FAILED, not PUBLISHED.
 
         The caller's code has moved on by now, so the failure is on the row and in the log
-        (the ``carrot.publish`` logger), not raised.
+        (the ``carrot.publish`` logger), not raised. An interruption (gevent.Timeout,
+        GreenletExit, KeyboardInterrupt) is raised once the row says so.
         """
         try:
             self.send()
@@ -100,6 +104,48 @@ class Message:
             lifecycle.mark_publish_failed(log, error)
             logger.error('Task %s (%s) was committed but not published: %s',
                          self.task, self.uuid, error)
+        except BaseException as interruption:
+            # Its fate is unknown (sent, maybe confirmed): the row must not say PUBLISHED.
+            lifecycle.mark_publish_failed(log, interruption)
+            logger.error('Task %s (%s) was committed but its publish was interrupted by %s; '
+                         'it may or may not be in RabbitMQ.', self.task, self.uuid,
+                         type(interruption).__name__)
+            raise
+
+
+def check_destination(exchange: object, routing_key: object) -> None:
+    """CarrotConfigException unless RabbitMQ can be sent, and MessageLog can keep, both names."""
+    if not isinstance(exchange, str) or not frames.EXCHANGE_NAME.fullmatch(exchange):
+        problem = (f'is {len(exchange)} characters long' if isinstance(exchange, str)
+                   and len(exchange) > frames.MAX_EXCHANGE_NAME else 'is not a valid name')
+        raise CarrotConfigException(
+            f'The exchange {_shown(exchange)} {problem}: AMQP allows at most '
+            f'{frames.MAX_EXCHANGE_NAME} letters, digits, spaces and "-_.:@#,/+". Pass the '
+            f'name of an existing exchange, or leave exchange empty for the default one.'
+        )
+    if not isinstance(routing_key, str):
+        raise CarrotConfigException(
+            f'The routing_key must be a string, not {type(routing_key).__name__}.')
+    try:
+        size = len(routing_key.encode())
+    except UnicodeEncodeError:
+        raise CarrotConfigException(
+            f'The routing_key {_shown(routing_key)} is not valid Unicode text (it holds a lone '
+            f'surrogate). Pass a routing_key that can be encoded as UTF-8.'
+        ) from None
+    if size > frames.MAX_SHORT_STRING or len(routing_key) > MAX_ROUTING_KEY:
+        raise CarrotConfigException(
+            f'The routing_key {_shown(routing_key)} is {len(routing_key)} characters '
+            f'({size} bytes of UTF-8) long: AMQP carries at most {frames.MAX_SHORT_STRING} '
+            f'bytes, and MessageLog keeps at most {MAX_ROUTING_KEY} characters. Pass a '
+            f'shorter routing_key.'
+        )
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message, cut short when it is long."""
+    text = repr(value)
+    return text if len(text) <= 60 else f'{text[:57]}...'
 
 
 def create_message(
@@ -113,20 +159,24 @@ def create_message(
 ) -> Message:
     """A validated Message, not yet published.
 
-    Raises TaskNotRegistered, TaskImportError, CarrotConfigException (unknown queue),
-    ArgumentsNotSerializable or ValueError (bad priority) before anything is written or sent.
+    Raises TaskNotRegistered, TaskImportError, CarrotConfigException (unknown queue, or an
+    exchange or routing key AMQP cannot carry), ArgumentsNotSerializable or ValueError (bad
+    priority) before anything is written or sent.
     """
     path = validate_task(task)
     target = conf.get_settings().queue(queue)
     message.check_priority(priority)
+    exchange = exchange or ''
+    routing_key = routing_key or target.name
+    check_destination(exchange, routing_key)
     args = list(task_args)
     kwargs = dict(task_kwargs or {})
     args_json, kwargs_json = message.encode_arguments(args, kwargs)
     return Message(
         queue=target,
         task_message=message.TaskMessage(task=path, args=args, kwargs=kwargs, priority=priority),
-        exchange=exchange or '',
-        routing_key=routing_key or target.name,
+        exchange=exchange,
+        routing_key=routing_key,
         args_json=args_json,
         kwargs_json=kwargs_json,
     )

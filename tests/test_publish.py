@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import datetime
 import json
+import threading
+import time
+from typing import Any
 
+import gevent
 import pytest
-from django.db import transaction
+from django.db import connections, transaction
 from django.test.utils import override_settings
 
+from carrot import lifecycle
+from carrot.amqp import SignallingRpc
 from carrot.broker import get_publisher
 from carrot.exceptions import (
     ArgumentsNotSerializable,
     BrokerUnavailable,
     CarrotConfigException,
+    CarrotError,
+    MessageNotEncodable,
     TaskNotRegistered,
 )
 from carrot.models import MessageLog
@@ -66,6 +74,44 @@ def test_bad_input_raises_before_anything_is_written_or_sent(
         call()  # type: ignore[operator]
     assert MessageLog.objects.count() == 0
     assert broker.message_count(queue) == 0
+
+
+@pytest.mark.parametrize(('destination', 'error'), [
+    ({'exchange': 'x' * 128}, r"exchange 'xxx.* is 128 characters long: AMQP allows at most 127"),
+    ({'exchange': 'no$such'}, r"exchange 'no\$such' is not a valid name"),
+    ({'routing_key': 'é' * 128}, r'routing_key .* \(256 bytes of UTF-8\) long: AMQP carries at '
+                                 r'most 255 bytes'),
+    ({'routing_key': 'k' * 201}, r'routing_key .* is 201 characters .* MessageLog keeps at most '
+                                 r'200'),
+])
+def test_an_exchange_or_routing_key_amqp_cannot_carry_is_refused_before_anything_is_written(
+        queue: str, broker: Broker, destination: dict[str, str], error: str) -> None:
+    with pytest.raises(CarrotConfigException, match=error):
+        publish_message(tasks.noop, **destination)
+    assert MessageLog.objects.count() == 0
+    assert broker.message_count(queue) == 0
+
+
+@pytest.mark.parametrize(('properties', 'routing_key', 'named'), [
+    ({'priority': 300}, None, 'priority'),
+    ({'headers': {'type': 'tests.project.tasks.noop', 'x-foreign': object()}}, None,
+     "headers['x-foreign']"),
+    ({}, 'é' * 128, 'routing_key'),
+])
+def test_a_message_that_cannot_be_encoded_is_a_carrot_error_naming_what(
+        queue: str, broker: Broker, properties: dict[str, object], routing_key: str | None,
+        named: str) -> None:
+    """The worker dead-letters foreign messages with their own properties: a CarrotError
+    lets it requeue one it cannot send, where a raw TypeError would crash its consumer."""
+    publisher = get_publisher()
+    host = get_host_from_name(queue)
+    with pytest.raises(MessageNotEncodable) as caught:
+        publisher.send(host, b'{}', properties, routing_key=routing_key or queue)
+    assert isinstance(caught.value, CarrotError)
+    assert f'because of its {named} (' in str(caught.value)
+    assert 'it was not sent' in str(caught.value)
+    publisher.send(host, b'{}', {}, routing_key=queue)  # the publisher is still usable
+    assert broker.message_count(queue) == 1
 
 
 def test_inside_a_transaction_the_message_goes_out_on_commit(
@@ -185,3 +231,63 @@ def test_large_bodies_and_properties_amqpstorm_encodes_arrive_intact(
     assert large_sent.properties['content_encoding'] == 'utf-8'  # amqpstorm's default too
     assert stamped.properties['headers'] == {'nested': {'a': 1}}
     assert stamped.properties['timestamp'].replace(tzinfo=datetime.UTC) == stamp
+
+
+def test_a_row_written_with_autocommit_off_is_not_grouped_with_other_threads_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With autocommit off, the caller's row is in its own transaction; another thread's
+    row, written at the same moment, is committed in that thread, not in the caller's."""
+    def row(message_id: str) -> dict[str, Any]:
+        return dict(message_id=message_id, task='tests.project.tasks.noop', args_json='[]',
+                    kwargs_json='{}', queue='q', exchange='', routing_key='q', priority=0)
+
+    other_done = threading.Event()
+
+    def other_thread() -> None:
+        try:
+            lifecycle.record_published(**row('other'))
+        finally:
+            connections.close_all()
+            other_done.set()
+
+    # The interleaving: the other thread publishes while this one is writing its row.
+    insert_rows = lifecycle._insert_rows
+    started: list[threading.Thread] = []
+
+    def insert_while_the_other_publishes(alias: str, rows: list[list[Any]]) -> list[int]:
+        if not started:
+            started.append(threading.Thread(target=other_thread))
+            started[0].start()
+            deadline = time.monotonic() + 10
+            while not (other_done.is_set() or lifecycle._group_insert._pending):
+                assert time.monotonic() < deadline, 'the other thread did not publish'
+                time.sleep(0.001)
+        return insert_rows(alias, rows)
+
+    monkeypatch.setattr(lifecycle, '_insert_rows', insert_while_the_other_publishes)
+    transaction.set_autocommit(False)
+    try:
+        lifecycle.record_published(**row('mine'))
+        transaction.rollback()
+    finally:
+        transaction.set_autocommit(True)
+    started[0].join(10)
+    assert other_done.is_set()
+    assert list(MessageLog.objects.values_list('uuid', flat=True)) == ['other']
+
+
+def test_a_publish_interrupted_after_commit_marks_its_row_and_goes_on(
+        queue: str, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gevent.Timeout while waiting for the confirm: sent, but its fate unknown."""
+    def timed_out(rpc: SignallingRpc, uuid: str, connection_adapter: Any = None) -> None:
+        raise gevent.Timeout(5)
+
+    publish_message(tasks.noop)  # the queue declared: the next wait is the confirm's
+    monkeypatch.setattr(SignallingRpc, '_wait_for_request', timed_out)
+    with pytest.raises(gevent.Timeout), transaction.atomic():
+        log = publish_message(tasks.noop)
+    row = MessageLog.objects.get(pk=log.pk)
+    assert row.status == MessageLog.FAILED
+    assert row.exception == ('Not published, or not confirmed: the publish was interrupted by '
+                             'Timeout (5 seconds), so RabbitMQ may or may not have it.')
+    assert broker.message_count(queue) == 2  # it was written before the wait
