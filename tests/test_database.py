@@ -143,9 +143,10 @@ def test_a_large_group_of_published_rows_is_written_in_one_statement_in_order() 
             (row[1], [int(row[1].split('-')[1])], row[8], MessageLog.PUBLISHED)
 
 
-def _start(message_id: str) -> lifecycle.Start:
-    """The start of a task whose row was published."""
-    MessageLog.objects.create(uuid=message_id, task='tests.project.tasks.add')
+def _start(message_id: str, again: bool = False) -> lifecycle.Start:
+    """The start of a task whose row was published (``again``: a redelivery's)."""
+    if not again:
+        MessageLog.objects.create(uuid=message_id, task='tests.project.tasks.add')
     return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add',
                            args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
                            priority=0)
@@ -257,3 +258,25 @@ def test_a_refusal_leaves_a_completed_row_as_it_is() -> None:
                                     reason='not registered', queue='q') is None
     row = MessageLog.objects.get(uuid='done')
     assert (row.status, row.output, row.exception) == (MessageLog.COMPLETED, '2', None)
+
+
+def test_an_end_left_for_a_later_round_is_written_before_its_redelivery_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backed-up recorder: the earlier run's end, not the batch limit, decides."""
+    monkeypatch.setattr(recording, 'BATCH_LIMIT', 1)
+    recorder = recording.Recorder()
+    recorder.start()
+    try:
+        first = recorder.record_start(_start('first'), urgent=True)
+        redelivered = recorder.record_start(_start('redelivered'), urgent=True)
+        first.get(timeout=10)
+        redelivered.get(timeout=10)
+        for started, message_id in ((first, 'first'), (redelivered, 'redelivered')):
+            recorder.record_finish(started, lifecycle.Finish(
+                message_id=message_id, status=MessageLog.COMPLETED), settle=lambda ok: None)
+        # Its channel was lost before the ack: the message comes back while its end waits.
+        again = recorder.record_start(_start('redelivered', again=True), urgent=True)
+        assert again.get(timeout=10).already_completed is True
+    finally:
+        recorder.stop()
+    assert _status('redelivered') == (MessageLog.COMPLETED, 1)

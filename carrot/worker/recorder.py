@@ -186,6 +186,8 @@ class Recorder:
     def _write_round(self) -> None:
         # Ends first: a redelivered message's start then sees its earlier run's end.
         finishes, self._finishes = self._finishes[:BATCH_LIMIT], self._finishes[BATCH_LIMIT:]
+        # ... and an end left for a later round goes before a start of the same message.
+        ending_later = {job.finish.message_id for job in self._finishes}
         # A task that ended while its start was still queued: one write records both.
         queued = {id(job.result): job for job in self._starts}
         together = {id(job): queued.pop(id(job.started)) for job in finishes
@@ -196,7 +198,7 @@ class Recorder:
         for job in self._starts:
             if id(job.result) in queued:
                 (due if (job.due <= now or self._stopping) and len(due) < BATCH_LIMIT
-                 else held).append(job)
+                 and job.start.message_id not in ending_later else held).append(job)
         self._starts = held
         try:
             if finishes:
