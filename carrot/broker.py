@@ -23,7 +23,12 @@ from pamqp.header import ContentHeader
 
 from carrot import conf, frames
 from carrot.amqp import Connection, SignallingChannel
-from carrot.exceptions import BrokerUnavailable, CarrotConfigException, MessageNotEncodable
+from carrot.exceptions import (
+    BrokerUnavailable,
+    CarrotConfigException,
+    CarrotError,
+    MessageNotEncodable,
+)
 
 logger = logging.getLogger('carrot.broker')
 
@@ -227,11 +232,15 @@ class Publisher:
                 channel = None
                 self._drop(link)
                 last_error = error
+            except CarrotError:
+                raise  # before the publish was written (or on a channel RabbitMQ closed)
             except BaseException:
                 # Interrupted (gevent.Timeout, GreenletExit, KeyboardInterrupt, …), perhaps
                 # after the frames were written: the confirm still due would be credited to
                 # the channel's next publish, so the channel must not go back to the pool.
-                _close_quietly(channel)
+                # Closed in the background: waiting here for the broker that was too slow
+                # would hold the interruption up.
+                threading.Thread(target=_close_quietly, args=(channel,), daemon=True).start()
                 channel = None
                 raise
             else:

@@ -344,15 +344,20 @@ def _start_by_message_id(connection: BaseDatabaseWrapper,
 def _rows_of(alias: str, starts: Sequence[Start]) -> dict[str, tuple[int, str]]:
     """``{message id: (pk, status)}`` of the starts' rows, creating the missing ones.
 
-    The rows are locked: a status read from an older snapshot (MySQL's repeatable read)
-    could miss another worker's COMPLETED, and the task would run again.
+    Where the database can, the rows are locked: a status read from an older snapshot
+    (MySQL's repeatable read) could miss another worker's COMPLETED, and the task would run
+    again. They are locked by primary key, in its order, after a plain read finds them: a
+    locking read by message id would also lock the gaps where missing rows go, and two
+    workers inserting there would deadlock.
     """
     ids = [s.message_id for s in starts]
-    rows = {
-        uuid: (pk, status)
-        for pk, uuid, status in MessageLog.objects.using(alias).select_for_update()
-        .filter(uuid__in=ids).order_by('pk').values_list('pk', 'uuid', 'status')
-    }
+    rows_of = MessageLog.objects.using(alias)
+    found = rows_of.filter(uuid__in=ids).values_list('pk', 'uuid', 'status')
+    if connections[alias].features.has_select_for_update:
+        pks = [pk for pk, _, _ in found]
+        found = rows_of.select_for_update().filter(pk__in=pks).order_by('pk').values_list(
+            'pk', 'uuid', 'status') if pks else found.none()
+    rows = {uuid: (pk, status) for pk, uuid, status in found}
     missing = [s for s in starts if s.message_id not in rows]
     if missing:
         now = timezone.now()
@@ -385,6 +390,8 @@ def clean(text: str) -> str:
     """
     if '\x00' in text:
         text = text.replace('\x00', '')
+    if text.isascii():  # the usual case, and a constant-time check
+        return text
     try:
         text.encode('utf-8')
     except UnicodeEncodeError:
@@ -524,12 +531,14 @@ def record_refused(
         ),
     )
     if not created:
-        if log.status == MessageLog.COMPLETED:
-            return None  # it ran before this redelivery: the row stays as it ended
-        log.status = MessageLog.FAILED
-        log.failure_time = now
-        log.exception = clean(reason)
-        log.save(update_fields=['status', 'failure_time', 'exception'])
+        # Not over COMPLETED, even one another worker commits meanwhile: the message ran
+        # before this redelivery, and the row stays as it ended.
+        failed = dict(status=MessageLog.FAILED, failure_time=now, exception=clean(reason))
+        if not MessageLog.objects.filter(pk=log.pk).exclude(
+                status=MessageLog.COMPLETED).update(**failed):
+            return None
+        for name, value in failed.items():
+            setattr(log, name, value)
     return log
 
 
@@ -542,7 +551,7 @@ def output_text(value: object) -> str | None:
         return None
     try:
         return json.dumps(value)
-    except (TypeError, ValueError, RecursionError):  # not JSON, circular, or too deep
+    except Exception:  # not JSON, circular, too deep, or a container that fails
         pass
     try:
         return str(value)

@@ -26,7 +26,8 @@ logger = logging.getLogger('carrot.publish')
 
 TaskRef = Callable[..., Any] | str
 
-MAX_ROUTING_KEY = 200  # MessageLog.routing_key's max_length
+# What MessageLog.routing_key holds.
+MAX_ROUTING_KEY: int = MessageLog._meta.get_field('routing_key').max_length or 0
 
 
 def get_host_from_name(name: str | None) -> conf.Broker:

@@ -19,7 +19,7 @@ from carrot.amqp import Connection, SignallingChannel, SignallingRpc
 from carrot.broker import get_publisher
 from carrot.exceptions import CarrotConfigException
 from carrot.utilities import get_host_from_name
-from tests.conftest import Broker
+from tests.conftest import Broker, wait_for
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_a_publish_interrupted_after_its_frames_were_written_does_not_pool_its_c
     with pytest.raises(KeyboardInterrupt):
         publisher.send(host, b'{}', {'message_id': 'interrupted'}, routing_key=queue)
     assert channel not in link.idle
-    assert channel.is_closed
+    wait_for(lambda: channel.is_closed, timeout=10, what='the interrupted channel to close')
 
     # The publishes after it each get their own confirm: delivery tags 1, 2, 3 of a new channel.
     confirms: list[tuple[SignallingChannel, int]] = []

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 import gevent
+import gevent.event
 import pytest
 from django.db import connection
 
@@ -194,9 +195,12 @@ def test_a_start_being_written_is_not_discarded_but_can_be_waited_for(
     """A fault after a task ran writes FAILED only after a start the recorder already took."""
     monkeypatch.setattr(recording, 'START_HOLD_SECONDS', 0.0)
     write_ends = lifecycle.finish_many
+    writing_ends = gevent.event.Event()
+    may_write = gevent.event.Event()
 
     def slow_ends(finishes: list[lifecycle.Finish]) -> dict[str, lifecycle.Started]:
-        gevent.sleep(0.5)  # a round writes its ends first, holding the starts it took
+        writing_ends.set()  # a round writes its ends first, holding the starts it took
+        may_write.wait(10)
         return write_ends(finishes)
 
     monkeypatch.setattr(lifecycle, 'finish_many', slow_ends)
@@ -209,8 +213,9 @@ def test_a_start_being_written_is_not_discarded_but_can_be_waited_for(
         recorder.record_finish(first, lifecycle.Finish(message_id='first',
                                                        status=MessageLog.COMPLETED),
                                settle=lambda recorded: None)
-        gevent.sleep(0.2)  # the round has taken both and is writing the end
+        assert writing_ends.wait(10)  # the round has taken both and is writing the end
         assert recorder.discard_start(taken) is False
+        may_write.set()
         assert taken.get(timeout=10).already_completed is False
         assert _status('taken') == (MessageLog.IN_PROGRESS, 1)
 

@@ -290,7 +290,7 @@ def test_the_blocked_hub_warning_names_what_blocked_it(caplog: pytest.LogCapture
             return record.getMessage()
 
         consumer.current_task = 'tests.project.tasks.compute'
-        assert 'by task tests.project.tasks.compute: while a task computes' in warning_for(
+        assert 'by task tests.project.tasks.compute (in consumer default-1): while' in warning_for(
             consumer_greenlet)
         consumer.current_task = None
         assert 'by consumer default-1:' in warning_for(consumer_greenlet)

@@ -18,13 +18,13 @@ from amqpstorm.message import Message as Delivery
 from django.db import close_old_connections
 from gevent.event import AsyncResult, Event
 
-from carrot import conf, lifecycle, message, registry
+from carrot import conf, frames, lifecycle, message, registry
 from carrot.amqp import SignallingChannel
 from carrot.broker import get_publisher
 from carrot.exceptions import (
     BadMessage,
-    BrokerUnavailable,
     CarrotError,
+    MessageNotEncodable,
     TaskImportError,
     TaskNotRegistered,
 )
@@ -38,8 +38,8 @@ FailureCallback = Callable[[MessageLog, Any], None]
 # How often an idle consumer looks up from its channel to see whether it should stop.
 IDLE_CHECK_SECONDS = 1.0
 REQUEUE_PAUSE_SECONDS = 1.0
-# How long a fault in carrot waits for a start being written before writing FAILED over it
-# (the recorder gives up on a failing database well within this).
+# How long a fault in carrot waits for a start being written before writing FAILED over it;
+# past this the message is handed back instead, as its row's last word is unknown.
 START_WAIT_SECONDS = 60.0
 
 
@@ -244,21 +244,17 @@ class Consumer:
         reason = str(error)
         properties = _dead_letter_properties(delivery.properties, reason)
         try:
-            self._dead_letter(delivery, properties)
-        except BrokerUnavailable as publish_error:
+            try:
+                self._dead_letter(delivery, properties)
+            except MessageNotEncodable as unencodable:
+                # Another client's properties that cannot be sent again (a header that is
+                # not UTF-8, say): dead-letter it with the few that say what it was.
+                self._dead_letter(delivery,
+                                  _minimal_properties(delivery.properties, reason, unencodable))
+        except Exception as publish_error:
             self._requeue(delivery, f'it cannot run ({reason}) and the dead-letter queue '
                                     f'could not take it ({publish_error})')
             return
-        except Exception as publish_error:
-            # A foreign producer's properties that cannot be sent again (a header that is
-            # not UTF-8, say): dead-letter it with the few that say what it was.
-            properties = _minimal_properties(delivery.properties, reason, publish_error)
-            try:
-                self._dead_letter(delivery, properties)
-            except Exception as second_error:
-                self._requeue(delivery, f'it cannot run ({reason}) and the dead-letter queue '
-                                        f'could not take it ({second_error})')
-                return
         message_id = message.message_id_of(delivery.properties)
         self.logger.error('%s: message %s dead-lettered to %s: %s', self.name,
                           message_id or '(no message_id)', runtime.queue.dead_letter_queue, reason)
@@ -290,8 +286,13 @@ class Consumer:
             # one that is being written now is let finish first.
             try:
                 self._start.get(timeout=START_WAIT_SECONDS)
-            except (RecordingFailed, gevent.Timeout):
+            except RecordingFailed:
                 pass
+            except gevent.Timeout:
+                if not self._settled:
+                    self._requeue(delivery, 'carrot failed handling it, and its start is '
+                                            'still being written')
+                return
         if not self._settled:
             self.refuse(delivery, CarrotError(
                 f'carrot could not handle this message: {type(error).__name__}: {error}'))
@@ -375,13 +376,13 @@ def _minimal_properties(delivered: dict[str, Any], reason: str,
     properties: dict[str, Any] = {
         'delivery_mode': message.PERSISTENT,
         'headers': {
-            message.TYPE_HEADER: message.text(headers.get(message.TYPE_HEADER))[:255],
+            message.TYPE_HEADER: message.text(headers.get(message.TYPE_HEADER)),
             message.DEAD_REASON_HEADER: (
                 f'{reason} (its properties could not be sent again, only these: '
                 f'{type(error).__name__}: {error})')[:1000],
         },
     }
     message_id = message.message_id_of(delivered)
-    if message_id is not None and len(message_id.encode()) <= 255:
+    if message_id is not None and len(message_id.encode()) <= frames.MAX_SHORT_STRING:
         properties['message_id'] = message_id
     return properties

@@ -292,12 +292,15 @@ class Recorder:
                 logger.warning('Writing task records failed (%s); retrying in %.1f s',
                                error, delay)
                 gevent.sleep(delay)
+            except (TypeError, ValueError) as error:
+                # The rows', not the database's (a driver that cannot encode a value, such
+                # as a lone surrogate): retrying will not help, writing them one by one will.
+                raise RecordingFailed(f'{type(error).__name__}: {error}', bad_data=True) from error
             except Exception as error:
-                # Not the database's doing but the rows' (a driver that cannot encode a
-                # value, say): retrying will not help, writing the rows one by one will.
+                # Not the database's doing: retrying will not help, but the recorder must
+                # live on, and the messages go back to their queue.
                 logger.exception('Writing task records failed')
-                raise RecordingFailed(f'{type(error).__name__}: {error}',
-                                      bad_data=True) from error
+                raise RecordingFailed(f'{type(error).__name__}: {error}') from error
             else:
                 self._healthy = True
                 return results

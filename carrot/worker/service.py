@@ -103,10 +103,10 @@ class Service:
         task, culprit = self._blocking(event.greenlet)
         if task:
             logger.warning(
-                'The gevent hub was blocked for more than %.1f s by task %s: while a task '
-                'computes without waiting on I/O, every other task and the broker heartbeats '
-                'stand still. Move CPU-bound work to a subprocess or a queue of its own.',
-                event.blocking_time, task)
+                'The gevent hub was blocked for more than %.1f s by task %s (in %s): while a '
+                'task computes without waiting on I/O, every other task and the broker '
+                'heartbeats stand still. Move CPU-bound work to a subprocess or a queue of its '
+                'own.', event.blocking_time, task, culprit)
         else:
             logger.warning(
                 'The gevent hub was blocked for more than %.1f s by %s: every task and the '
