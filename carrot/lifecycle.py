@@ -8,6 +8,7 @@ finishing together cost a few statements, not a few hundred.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import threading
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,7 @@ from typing import Any
 
 from django.db import connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import F
+from django.db.models import F, Field
 from django.utils import timezone
 
 from carrot.models import MessageLog
@@ -70,12 +71,20 @@ def _loaded_row(alias: str, pk: int, values: list[Any]) -> MessageLog:
     Built from every column in order (``from_db``), which is several times cheaper than
     ``MessageLog(**kwargs)`` on the publishing hot path.
     """
-    fields = MessageLog._meta.concrete_fields
+    fields, names = _concrete_fields()
     given = dict(zip(PUBLISHED_COLUMNS, values, strict=True))
     given[MessageLog._meta.pk.attname] = pk
     # Defaults are taken per row, as Model.__init__ takes them.
     row = [given[f.attname] if f.attname in given else f.get_default() for f in fields]
-    return MessageLog.from_db(alias, [f.attname for f in fields], row)
+    return MessageLog.from_db(alias, names, row)
+
+
+@functools.cache
+def _concrete_fields() -> tuple[tuple[Field[Any, Any], ...], list[str]]:
+    """MessageLog's columns in order, and their attribute names (looked up once, on first use,
+    when the app registry is ready)."""
+    fields = tuple(MessageLog._meta.concrete_fields)
+    return fields, [f.attname for f in fields]
 
 
 # Measured here: arrays cost more than a VALUES list for a few rows and less for many
@@ -351,12 +360,11 @@ def _rows_of(alias: str, starts: Sequence[Start]) -> dict[str, tuple[int, str]]:
     workers inserting there would deadlock.
     """
     ids = [s.message_id for s in starts]
-    rows_of = MessageLog.objects.using(alias)
-    found = rows_of.filter(uuid__in=ids).values_list('pk', 'uuid', 'status')
-    if connections[alias].features.has_select_for_update:
-        pks = [pk for pk, _, _ in found]
-        found = rows_of.select_for_update().filter(pk__in=pks).order_by('pk').values_list(
-            'pk', 'uuid', 'status') if pks else found.none()
+    objects = MessageLog.objects.using(alias)
+    found = list(objects.filter(uuid__in=ids).values_list('pk', 'uuid', 'status'))
+    if found and connections[alias].features.has_select_for_update:
+        found = list(objects.select_for_update().filter(pk__in=[pk for pk, _, _ in found])
+                     .order_by('pk').values_list('pk', 'uuid', 'status'))
     rows = {uuid: (pk, status) for pk, uuid, status in found}
     missing = [s for s in starts if s.message_id not in rows]
     if missing:
@@ -440,13 +448,18 @@ _END_COLUMNS = ('status', 'output', 'log', 'exception', 'traceback', 'completion
 def _end_values(finish: Finish, connection: BaseDatabaseWrapper,
                 now: datetime.datetime) -> tuple[Any, ...]:
     """The _END_COLUMNS of ``finish``, then 1 when it also records the start, else 0."""
-    at = MessageLog._meta.get_field('completion_time').get_db_prep_value(
-        finish.at or now, connection)
+    at = _completion_time_field().get_db_prep_value(finish.at or now, connection)
     completed = finish.status == MessageLog.COMPLETED
     return (finish.status, _clean_optional(finish.output), clean(finish.log),
             _clean_optional(finish.exception), _clean_optional(finish.traceback),
             at if completed else None, None if completed else at,
             0 if finish.start is None else 1)
+
+
+@functools.cache
+def _completion_time_field() -> Field[Any, Any]:
+    """The field whose database form both end times take (looked up once)."""
+    return MessageLog._meta.get_field('completion_time')
 
 
 def _finish_by_message_id(

@@ -196,9 +196,11 @@ class Recorder:
         due: list[_StartJob] = []
         held: list[_StartJob] = []
         for job in self._starts:
-            if id(job.result) in queued:
-                (due if (job.due <= now or self._stopping) and len(due) < BATCH_LIMIT
-                 and job.start.message_id not in ending_later else held).append(job)
+            if id(job.result) not in queued:
+                continue  # written with its end
+            ready = ((job.due <= now or self._stopping)
+                     and job.start.message_id not in ending_later)
+            (due if ready and len(due) < BATCH_LIMIT else held).append(job)
         self._starts = held
         try:
             if finishes:
