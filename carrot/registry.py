@@ -1,8 +1,10 @@
 """Which task paths may run: functions defined in a module of ``CARROT['task_modules']``.
 
 A message names its task by dotted path. Importing whatever it names would let anyone who
-can publish run any function on the worker, so only functions *defined* in the listed
-modules (not names they merely import) are accepted.
+can publish run any function on the worker, so only plain Python functions *defined* in the
+listed modules are accepted: not names they merely import, not names that start with an
+underscore (which covers a module's own ``__getattribute__``, ``__setattr__`` and the like),
+and not builtins, bound methods, classes, callable objects or modules.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def check_registered(path: str) -> tuple[str, str]:
             f"{path} is not a registered task: its module {module} is not in "
             f"settings.CARROT['task_modules'] (which lists {listed}). Add {module!r} there."
         )
+    if name.startswith('_'):
+        raise TaskNotRegistered(
+            f'{path} is not a registered task: names that start with an underscore are '
+            f"private to their module and never run. Rename the function if it is a task."
+        )
     return module, name
 
 
@@ -80,11 +87,29 @@ def _resolve(path: str) -> Task:
     function = getattr(module, name, None)
     if function is None:
         raise TaskImportError(f'{path}: {module_name} has no function called {name}.')
-    if not callable(function) or inspect.isclass(function):
-        raise TaskImportError(f'{path} is not a function.')
-    if getattr(function, '__module__', module_name) != module_name:
+    # Only a plain function qualifies: a builtin, a bound method, a method-wrapper, a class,
+    # a module or a callable object could do anything its owner can.
+    if not inspect.isfunction(function):
+        raise TaskNotRegistered(
+            f'{path} is not a registered task: it is a {_kind(function)}, and only plain '
+            f'functions defined in {module_name} may run.'
+        )
+    if function.__module__ != module_name:
         raise TaskNotRegistered(
             f'{path} is imported into {module_name} from {function.__module__}, not defined '
             f'there; only functions defined in a listed task module may run.'
         )
-    return function  # type: ignore[no-any-return]
+    return function
+
+
+def _kind(value: object) -> str:
+    """What ``value`` is, for an error message: its kind, never its value."""
+    if inspect.ismodule(value):
+        return 'module'
+    if inspect.isclass(value):
+        return 'class'
+    if inspect.ismethod(value):
+        return 'bound method'
+    if inspect.isbuiltin(value):
+        return 'builtin function'
+    return f'{type(value).__name__} object'
