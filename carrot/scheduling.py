@@ -13,14 +13,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models import Min, Q
+from django.db.models import Min, Q, Value
+from django.db.models.functions import Concat
 
-from carrot import message, registry, schedules
+from carrot import message, oncommit, registry, schedules
 from carrot.conf import get_settings
 from carrot.models import MessageLog, ScheduledTask
+
+if TYPE_CHECKING:
+    from carrot.utilities import Message
 
 logger = logging.getLogger('carrot.scheduler')
 
@@ -89,13 +93,18 @@ def _name_taken(name: str) -> ValueError:
 def publish(row: ScheduledTask, priority: int | None = None) -> MessageLog:
     """Publish ``row``'s task now with its arguments, queue, exchange, routing key and
     priority; its schedule is not changed."""
-    from carrot.utilities import publish_message  # carrot.utilities re-exports this module
+    return _message(row, priority).publish()
+
+
+def _message(row: ScheduledTask, priority: int | None = None) -> Message:
+    """The validated message of ``row``'s task, not yet written or sent."""
+    from carrot.utilities import create_message  # carrot.utilities re-exports this module
 
     args, kwargs = row.call_arguments()
-    return publish_message(
-        row.task, *args, priority=row.priority if priority is None else priority,
+    return create_message(
+        row.task, priority=row.priority if priority is None else priority, task_args=args,
         queue=row.queue or None, exchange=row.exchange or '',
-        routing_key=row.routing_key or None, **kwargs,
+        routing_key=row.routing_key or None, task_kwargs=kwargs,
     )
 
 
@@ -116,6 +125,16 @@ class Round:
     more_due: bool
 
 
+@dataclass(eq=False)
+class _Run:
+    """A claimed run of a schedule: its row is written, its message still to be sent."""
+
+    row: ScheduledTask
+    due: datetime
+    following: datetime
+    send: oncommit.Send
+
+
 def run_due(now: datetime) -> Round:
     """Claim the rows due at ``now``, move each on to its next run and publish it.
 
@@ -123,9 +142,14 @@ def run_due(now: datetime) -> Round:
     ``update()``) are given one and not published. A row that cannot be published (its
     task no longer imports, its arguments are not valid) is logged at ERROR and moved on
     like the others, so it neither blocks the rest nor repeats its error every second.
+
+    The round's messages are sent once it commits, as one unit. A round interrupted while
+    sending (the service stopped it: ``GreenletExit``) hands back every run not confirmed
+    sent: its schedule is set back to that run, which the next round publishes again.
     """
     alias = router.db_for_write(ScheduledTask)
-    published = failed = 0
+    runs: list[_Run] = []
+    failed = 0
     with transaction.atomic(using=alias):
         rows = list(_claimable(alias, now)[:CLAIM_BATCH])
         for row in rows:
@@ -147,7 +171,8 @@ def run_due(now: datetime) -> Round:
             try:
                 # A savepoint: one row's failure stays its own.
                 with transaction.atomic(using=alias):
-                    publish(row)
+                    task_message = _message(row)
+                    send = oncommit.Send(task_message, task_message.record())
             except Exception as error:
                 failed += 1
                 logger.error('Scheduled task %r (id %s) was due at %s but could not be '
@@ -155,10 +180,53 @@ def run_due(now: datetime) -> Round:
                              row.task_name, row.pk, due.isoformat(), following.isoformat(),
                              error)
                 continue
-            published += 1
+            runs.append(_Run(row, due, following, send))
+        if runs:
+            transaction.on_commit(lambda: _send_round(runs), using=alias)
+    published = sum(1 for run in runs if run.send.outcome is not oncommit.Outcome.FAILED)
+    return Round(published, failed + len(runs) - published,
+                 more_due=len(rows) == CLAIM_BATCH)
+
+
+def _send_round(runs: list[_Run]) -> None:
+    """Send the round's messages once its claims are committed; hand back what was not sent
+    when the sending is interrupted."""
+    try:
+        oncommit.send_all([run.send for run in runs])
+    except BaseException:
+        _hand_back([run for run in runs if run.send.outcome in
+                    (oncommit.Outcome.UNCERTAIN, oncommit.Outcome.NOT_SENT)])
+        raise
+    for run in runs:
+        if run.send.outcome is oncommit.Outcome.SENT:
             logger.info('Scheduled task %r published (due at %s; next run at %s)',
-                        row.task_name, due.isoformat(), following.isoformat())
-    return Round(published, failed, more_due=len(rows) == CLAIM_BATCH)
+                        run.row.task_name, run.due.isoformat(), run.following.isoformat())
+
+
+def _hand_back(runs: list[_Run]) -> None:
+    """Set each schedule back to its run that was not sent, so the next round publishes it.
+
+    The row of a message certainly not sent goes; the row of one interrupted while being
+    sent stays FAILED (RabbitMQ may have it, and a worker may run it) with a note.
+    """
+    for run in runs:
+        try:
+            ScheduledTask.objects.filter(pk=run.row.pk, next_run_at=run.following).update(
+                next_run_at=run.due, last_run_at=run.row.last_run_at)
+            log = MessageLog.objects.filter(pk=run.send.log.pk, status=MessageLog.FAILED)
+            if run.send.outcome is oncommit.Outcome.NOT_SENT:
+                log.delete()
+            else:
+                log.update(exception=Concat(
+                    'exception', Value(' Its schedule publishes this run again.')))
+        except Exception as error:
+            logger.error('Scheduled task %r (id %s): its run due at %s was not published and '
+                         'could not be handed back: %s', run.row.task_name, run.row.pk,
+                         run.due.isoformat(), error)
+            continue
+        logger.warning('Scheduled task %r (id %s): its run due at %s was interrupted before it '
+                       'was published, and is handed back to the next round',
+                       run.row.task_name, run.row.pk, run.due.isoformat())
 
 
 def _claimable(alias: str, now: datetime) -> Any:

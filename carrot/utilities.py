@@ -6,14 +6,13 @@ PUBLISHED row, and sends the message: at once, or when the surrounding transacti
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from django.db import transaction
 
-from carrot import conf, frames, lifecycle, message, registry
+from carrot import conf, frames, lifecycle, message, oncommit, registry
 from carrot.broker import get_publisher
 from carrot.exceptions import CarrotConfigException
 from carrot.models import MessageLog
@@ -21,8 +20,6 @@ from carrot.scheduling import create_scheduled_task, run_now
 
 __all__ = ['Message', 'create_message', 'create_scheduled_task', 'get_host_from_name',
            'publish_message', 'run_now', 'validate_task']
-
-logger = logging.getLogger('carrot.publish')
 
 TaskRef = Callable[..., Any] | str
 
@@ -65,17 +62,25 @@ class Message:
         return self.task_message.message_id
 
     def publish(self) -> MessageLog:
-        """Write the PUBLISHED row and send the message (on commit, inside a transaction)."""
-        log = lifecycle.record_published(
-            message_id=self.uuid, task=self.task, args_json=self.args_json,
-            kwargs_json=self.kwargs_json, queue=self.queue.name, exchange=self.exchange,
-            routing_key=self.routing_key, priority=self.task_message.priority,
-        )
+        """Write the PUBLISHED row and send the message (on commit, inside a transaction).
+
+        Raises TransactionManagementError, writing nothing, when autocommit is off outside
+        ``atomic()``: carrot cannot know when such a transaction commits, and a message sent
+        before its row is committed could run a task whose row is then rolled back.
+        """
         alias = lifecycle.database()
-        if transaction.get_connection(alias).in_atomic_block:
-            # robust: one failed send must not keep the transaction's other hooks (other
-            # messages, the project's own) from running.
-            transaction.on_commit(lambda: self._send_committed(log), using=alias, robust=True)
+        connection = transaction.get_connection(alias)
+        in_transaction = connection.in_atomic_block
+        if not in_transaction and not connection.get_autocommit():
+            raise transaction.TransactionManagementError(
+                f'publish_message cannot be used with autocommit turned off outside '
+                f'transaction.atomic() (database {alias!r}): carrot sends a message once '
+                f'its row is committed, and cannot see when such a transaction commits. '
+                f'Publish inside transaction.atomic(), or with autocommit on.'
+            )
+        log = self.record()
+        if in_transaction:
+            oncommit.send_on_commit(self, log, alias)
         else:
             try:
                 self.send()
@@ -84,6 +89,14 @@ class Message:
                 raise
         return log
 
+    def record(self) -> MessageLog:
+        """Write the PUBLISHED row of this message, without sending it."""
+        return lifecycle.record_published(
+            message_id=self.uuid, task=self.task, args_json=self.args_json,
+            kwargs_json=self.kwargs_json, queue=self.queue.name, exchange=self.exchange,
+            routing_key=self.routing_key, priority=self.task_message.priority,
+        )
+
     def send(self) -> None:
         """Send the message to RabbitMQ and wait for the broker's confirm."""
         body, properties = message.encode(self.task_message, (self.args_json, self.kwargs_json))
@@ -91,27 +104,6 @@ class Message:
             self.queue.broker, body, properties, routing_key=self.routing_key,
             exchange=self.exchange, declare_queue=self.queue,
         )
-
-    def _send_committed(self, log: MessageLog) -> None:
-        """Send after the commit; on failure the committed row says FAILED, not PUBLISHED.
-
-        The caller's code has moved on by now, so the failure is on the row and in the log
-        (the ``carrot.publish`` logger), not raised. An interruption (gevent.Timeout,
-        GreenletExit, KeyboardInterrupt) is raised once the row says so.
-        """
-        try:
-            self.send()
-        except Exception as error:
-            lifecycle.mark_publish_failed(log, error)
-            logger.error('Task %s (%s) was committed but not published: %s',
-                         self.task, self.uuid, error)
-        except BaseException as interruption:
-            # Its fate is unknown (sent, maybe confirmed): the row must not say PUBLISHED.
-            lifecycle.mark_publish_failed(log, interruption)
-            logger.error('Task %s (%s) was committed but its publish was interrupted by %s; '
-                         'it may or may not be in RabbitMQ.', self.task, self.uuid,
-                         type(interruption).__name__)
-            raise
 
 
 def check_destination(exchange: object, routing_key: object) -> None:

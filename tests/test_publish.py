@@ -295,3 +295,80 @@ def test_a_publish_interrupted_after_commit_marks_its_row_then_raises(
     assert row.exception == ('Not published, or not confirmed: the publish was interrupted by '
                              'Timeout (5 seconds), so RabbitMQ may or may not have it.')
     assert broker.message_count(queue) == 2  # it was written before the wait
+
+
+def _interrupt_send(monkeypatch: pytest.MonkeyPatch, call: int,
+                    interruption: BaseException) -> list[str]:
+    """Make the ``call``-th Message.send raise ``interruption`` before it sends anything (a
+    Ctrl-C or a kill arriving then); the others send for real. The sent ids are returned."""
+    from carrot import utilities
+
+    send = utilities.Message.send
+    calls: list[str] = []
+
+    def interrupted(message: utilities.Message) -> None:
+        calls.append(message.uuid)
+        if len(calls) == call:
+            raise interruption
+        send(message)
+
+    monkeypatch.setattr(utilities.Message, 'send', interrupted)
+    return calls
+
+
+def test_an_interrupted_send_on_commit_marks_every_later_row_of_the_transaction(
+        queue: str, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Django runs no hook after one that raises KeyboardInterrupt or GreenletExit: the
+    rows after it must not be left PUBLISHED with no message sent."""
+    _interrupt_send(monkeypatch, 2, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt), transaction.atomic():
+        first, second = publish_message(tasks.noop), publish_message(tasks.noop)
+        with pytest.raises(RuntimeError), transaction.atomic():  # a savepoint rolled back
+            publish_message(tasks.noop)
+            raise RuntimeError('roll back the savepoint')
+        third, fourth = publish_message(tasks.noop), publish_message(tasks.noop)
+    rows = {row.pk: row for row in MessageLog.objects.all()}
+    assert set(rows) == {first.pk, second.pk, third.pk, fourth.pk}
+    assert rows[first.pk].status == MessageLog.PUBLISHED
+    assert rows[second.pk].status == MessageLog.FAILED
+    assert 'interrupted by KeyboardInterrupt, so RabbitMQ may or may not have it' in (
+        rows[second.pk].exception or '')
+    for later in (third, fourth):
+        assert rows[later.pk].status == MessageLog.FAILED
+        assert rows[later.pk].exception == (
+            'Not published: the transaction committed, but sending its messages was '
+            'interrupted by KeyboardInterrupt before this one, so RabbitMQ does not have it. '
+            'Publish it again if it should still run.')
+    [sent] = broker.get_all(queue)
+    assert sent.properties['message_id'] == first.uuid
+
+
+def test_after_a_rolled_back_savepoint_the_others_are_sent_and_nothing_is_kept(
+        queue: str, broker: Broker) -> None:
+    from carrot import oncommit
+
+    with transaction.atomic():
+        kept = publish_message(tasks.noop)
+        with pytest.raises(RuntimeError), transaction.atomic():
+            publish_message(tasks.noop)
+            raise RuntimeError('roll back the savepoint')
+        last = publish_message(tasks.noop)
+    assert sorted(m.properties['message_id'] for m in broker.get_all(queue)) == sorted(
+        [kept.uuid, last.uuid])
+    assert set(MessageLog.objects.values_list('status', flat=True)) == {MessageLog.PUBLISHED}
+    assert not oncommit._waiting.get(transaction.get_connection())  # nothing left behind
+
+
+def test_with_autocommit_off_outside_atomic_publishing_is_refused_writing_nothing(
+        queue: str, broker: Broker) -> None:
+    """Its row would wait for a commit carrot cannot see, while the message went at once."""
+    transaction.set_autocommit(False)
+    try:
+        with pytest.raises(transaction.TransactionManagementError,
+                           match='autocommit turned off outside transaction.atomic'):
+            publish_message(tasks.noop)
+        transaction.commit()
+    finally:
+        transaction.set_autocommit(True)
+    assert not MessageLog.objects.exists()
+    assert broker.message_count(queue) == 0

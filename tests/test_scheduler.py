@@ -133,7 +133,9 @@ def test_a_cron_schedule_fires_at_its_minute_in_the_time_zone(
     assert eleven.last_run_at is None
     assert eleven.next_run_at == datetime(2026, 1, 16, 10, 0, tzinfo=UTC)
     assert publish_times(run='eleven') == []
-    assert "Scheduled task 'noon' published (due at 2026-01-15T11:00:00+00:00" in worker.output
+    # Logged once RabbitMQ has confirmed it, a moment after its row is committed.
+    wait_for(lambda: "Scheduled task 'noon' published (due at 2026-01-15T11:00:00+00:00"
+             in worker.output, timeout=10, what='the log line')
 
 
 def test_a_schedule_whose_task_is_gone_is_logged_and_the_others_carry_on(

@@ -288,3 +288,47 @@ def test_a_row_with_an_invalid_schedule_is_paused_with_an_error(
         assert scheduling.run_due(timezone.now()).failed == 1
     assert not ScheduledTask.objects.get(pk=row.pk).active
     assert "'broken-cron'" in caplog.text and 'make the row active again' in caplog.text
+
+
+def test_a_round_killed_while_sending_hands_back_the_runs_it_did_not_send(
+        queue: str, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's stop kills the scheduler greenlet while the broker is slow: the runs
+    not sent go back to their schedules, which publish them at the next round."""
+    import gevent
+
+    from carrot import utilities
+
+    rows = [create_scheduled_task(tasks.noop, {'seconds': 5}, f'slow-{n}', queue)
+            for n in range(3)]
+    now = max(row.next_run_at for row in rows if row.next_run_at)
+    send = utilities.Message.send
+    sending = gevent.event.Event()
+
+    def slow_second(message: utilities.Message) -> None:
+        if sending.is_set():
+            gevent.sleep(30)  # a broker too slow to confirm: the stop comes first
+        sending.set()
+        send(message)
+
+    monkeypatch.setattr(utilities.Message, 'send', slow_second)
+    round_ = gevent.spawn(scheduling.run_due, now)
+    assert sending.wait(10)
+    gevent.sleep(0.2)
+    round_.kill(block=True, timeout=10)
+    assert round_.dead and isinstance(round_.value, gevent.GreenletExit)  # killed
+    [sent] = broker.get_all(queue)
+    sent_row = MessageLog.objects.get(uuid=sent.properties['message_id'])
+    assert sent_row.status == MessageLog.PUBLISHED
+    # The one interrupted may have reached RabbitMQ: its row stays, saying so.
+    [uncertain] = MessageLog.objects.filter(status=MessageLog.FAILED)
+    assert 'may or may not have it' in (uncertain.exception or '')
+    assert (uncertain.exception or '').endswith('Its schedule publishes this run again.')
+    assert MessageLog.objects.count() == 2  # the one not sent has no row
+    schedules_ = {row.task_name: row for row in ScheduledTask.objects.all()}
+    advanced = [row for row in schedules_.values() if row.next_run_at > now]
+    handed_back = [row for row in schedules_.values() if row.next_run_at <= now]
+    assert len(advanced) == 1 and len(handed_back) == 2
+    monkeypatch.setattr(utilities.Message, 'send', send)
+    done = scheduling.run_due(now)
+    assert (done.published, done.failed) == (2, 0)
+    assert len(broker.get_all(queue)) == 2

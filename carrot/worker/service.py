@@ -147,7 +147,8 @@ class Service:
                                'RabbitMQ', running)
             self.pool.kill(block=True, timeout=5)
         if self.scheduler is not None:
-            # It stops between rounds; a round in progress finishes its publishing.
+            # It stops between rounds; a round in progress finishes sending its messages or,
+            # killed, hands back to their schedules the runs it did not send.
             self.scheduler.join(timeout=1.0 if self.stop_now.is_set() else 30.0)
             self.scheduler.kill(block=True, timeout=5)
         # Write the last ends and acknowledge their messages (briefly, after a second signal).

@@ -1,0 +1,154 @@
+"""The messages a transaction sends when it commits, kept as one unit.
+
+Django runs a transaction's ``on_commit`` hooks one after the other and, once one of them
+raises something that is not an Exception (``gevent.Timeout``, ``GreenletExit``,
+``KeyboardInterrupt``), runs none of the rest: their rows would say PUBLISHED for ever, and
+their messages would never be sent. So carrot keeps, per database connection, the list of
+sends still waiting for their hook, beside Django's own list (which alone knows which
+savepoints were rolled back). A send that is interrupted marks its own row FAILED (RabbitMQ
+may or may not have it) and every later row of the transaction FAILED (not sent) before
+the interruption goes on: no row is left saying PUBLISHED for a message nobody sends.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from django.db import transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.utils import timezone
+
+from carrot import lifecycle
+from carrot.models import MessageLog
+
+logger = logging.getLogger('carrot.publish')
+
+
+class Sendable(Protocol):
+    """A message that can be sent (``carrot.utilities.Message``)."""
+
+    @property
+    def task(self) -> str: ...
+
+    @property
+    def uuid(self) -> str: ...
+
+    def send(self) -> None: ...
+
+
+class Outcome(enum.Enum):
+    WAITING = 'waiting'
+    SENT = 'sent'  # confirmed by RabbitMQ
+    FAILED = 'failed'  # refused, or the broker unreachable: the row says FAILED
+    UNCERTAIN = 'uncertain'  # interrupted while being sent: RabbitMQ may have it
+    NOT_SENT = 'not sent'  # an earlier send of the same unit was interrupted
+
+
+@dataclass(eq=False)
+class Send:
+    """A message whose row is written, waiting to be sent, and what became of it."""
+
+    message: Sendable
+    log: MessageLog
+    outcome: Outcome = Outcome.WAITING
+
+
+# Per connection (so per thread, or per greenlet in the worker): the sends whose on_commit
+# hook has not run yet, in the order they were registered.
+_waiting: weakref.WeakKeyDictionary[BaseDatabaseWrapper, list[Send]] = (
+    weakref.WeakKeyDictionary())
+
+
+def send_on_commit(message: Sendable, log: MessageLog, alias: str) -> Send:
+    """Send ``message`` once the transaction on ``alias`` commits (nothing on a rollback)."""
+    connection = transaction.get_connection(alias)
+    waiting = _waiting.setdefault(connection, [])
+    if waiting and not connection.run_on_commit:
+        # No hook is pending on this connection: those sends belong to transactions or
+        # savepoints that were rolled back, and will never run.
+        waiting.clear()
+    send = Send(message, log)
+    waiting.append(send)
+    transaction.on_commit(lambda: _run_hook(connection, send), using=alias, robust=True)
+    return send
+
+
+def _run_hook(connection: BaseDatabaseWrapper, send: Send) -> None:
+    waiting = _waiting.get(connection, [])
+    # Hooks run in the order they were registered: a send before this one still waiting
+    # had its savepoint rolled back. Those after it are this transaction's, still to come.
+    position = next((i for i, s in enumerate(waiting) if s is send), -1)
+    later = waiting[position + 1:] if position >= 0 else []
+    del waiting[:position + 1]
+    try:
+        send_all([send])
+    except BaseException as interruption:
+        waiting.clear()
+        mark_not_sent(later, interruption)
+        raise
+
+
+def send_all(sends: Sequence[Send]) -> None:
+    """Send each message in turn, recording its outcome on it and on its row.
+
+    A send that fails (the broker refused it or cannot be reached) marks its row FAILED and
+    the others go on. One that is interrupted marks its row FAILED as perhaps sent and the
+    rest FAILED as not sent, then the interruption is raised.
+    """
+    for index, send in enumerate(sends):
+        try:
+            send.message.send()
+        except Exception as error:
+            send.outcome = Outcome.FAILED
+            _quietly_mark_failed(send, error)
+            logger.error('Task %s (%s) was committed but not published: %s',
+                         send.message.task, send.message.uuid, error)
+        except BaseException as interruption:
+            send.outcome = Outcome.UNCERTAIN
+            _quietly_mark_failed(send, interruption)
+            logger.error('Task %s (%s) was committed but its publish was interrupted by %s; '
+                         'it may or may not be in RabbitMQ.', send.message.task,
+                         send.message.uuid, type(interruption).__name__)
+            mark_not_sent(sends[index + 1:], interruption)
+            raise
+        else:
+            send.outcome = Outcome.SENT
+
+
+def mark_not_sent(sends: Sequence[Send], interruption: BaseException) -> None:
+    """FAILED, saying why, for the rows of ``sends`` never sent because of ``interruption``.
+
+    A send whose savepoint was rolled back has no row, and is left alone.
+    """
+    if not sends:
+        return
+    for send in sends:
+        send.outcome = Outcome.NOT_SENT
+    reason = (f'Not published: the transaction committed, but sending its messages was '
+              f'interrupted by {type(interruption).__name__} before this one, so RabbitMQ '
+              f'does not have it. Publish it again if it should still run.')
+    try:
+        MessageLog.objects.using(sends[0].log._state.db or lifecycle.database()).filter(
+            pk__in=[s.log.pk for s in sends], uuid__in=[s.log.uuid for s in sends],
+            status=MessageLog.PUBLISHED,
+        ).update(status=MessageLog.FAILED, failure_time=timezone.now(), exception=reason)
+    except Exception as error:  # the interruption must go on all the same
+        logger.error('%d committed task(s) were not published (interrupted by %s), and their '
+                     'rows could not be marked FAILED: %s; message ids: %s', len(sends),
+                     type(interruption).__name__, error, ', '.join(s.log.uuid for s in sends))
+    else:
+        logger.error('%d committed task(s) were not published: interrupted by %s; their rows '
+                     'say FAILED', len(sends), type(interruption).__name__)
+
+
+def _quietly_mark_failed(send: Send, error: BaseException) -> None:
+    try:
+        lifecycle.mark_publish_failed(send.log, error)
+    except Exception as db_error:
+        logger.error('The row of task %s (%s) could not be marked FAILED: %s',
+                     send.message.task, send.message.uuid, db_error)
