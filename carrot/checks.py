@@ -6,9 +6,11 @@ import importlib
 from typing import Any
 
 from django.core import checks
+from django.utils.module_loading import import_string
 
 from carrot import conf
 from carrot.exceptions import CarrotConfigException
+from carrot.reporting import SafeExceptionReporterFilter, holds_url_password
 
 
 @checks.register('carrot')
@@ -34,6 +36,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 f'{type(error).__name__}: {error}',
                 id='carrot.E002',
             ))
+    if any(holds_url_password(url) for url in _broker_urls(_raw_settings())) \
+            and not _reporter_filter_hides_urls():
+        found.append(checks.Warning(
+            "A broker URL in settings.CARROT holds a password, and Django's error reports "
+            "(the debug page, the mails AdminEmailHandler sends) would show it: their filter "
+            "does not hide CARROT['default_broker'] or a queue's 'host'.",
+            hint="Set DEFAULT_EXCEPTION_REPORTER_FILTER = "
+                 "'carrot.reporting.SafeExceptionReporterFilter' (or a subclass of it).",
+            id='carrot.W002',
+        ))
     from carrot.consumer import load_consumer_class
 
     for queue in settings.queues:
@@ -45,6 +57,26 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 id='carrot.E003',
             ))
     return found
+
+
+def _broker_urls(raw: Any) -> list[str]:
+    """Every broker URL in the (valid) raw CARROT setting."""
+    if not isinstance(raw, dict):
+        return []
+    brokers = [raw.get('default_broker'),
+               *(queue.get('host') for queue in raw.get('queues') or ())]
+    urls = [b.get('url') if isinstance(b, dict) else b for b in brokers]
+    return [url for url in urls if isinstance(url, str)]
+
+
+def _reporter_filter_hides_urls() -> bool:
+    from django.conf import settings
+
+    try:
+        used = import_string(settings.DEFAULT_EXCEPTION_REPORTER_FILTER)
+    except ImportError:
+        return False
+    return isinstance(used, type) and issubclass(used, SafeExceptionReporterFilter)
 
 
 def _raw_settings() -> Any:

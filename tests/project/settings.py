@@ -18,6 +18,8 @@ USE_TZ = True
 TIME_ZONE = os.environ.get('CARROT_TEST_TIME_ZONE', 'UTC')
 ALLOWED_HOSTS = ['*']
 ROOT_URLCONF = 'tests.project.urls'
+# The broker password stays out of the debug page and the mailed error reports.
+DEFAULT_EXCEPTION_REPORTER_FILTER = 'carrot.reporting.SafeExceptionReporterFilter'
 DEFAULT_AUTO_FIELD = 'django.db.models.AutoField'
 
 INSTALLED_APPS = [

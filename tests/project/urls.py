@@ -1,4 +1,13 @@
+from django.conf import settings
 from django.contrib import admin
+from django.http import HttpRequest, HttpResponse
 from django.urls import path
 
-urlpatterns = [path('admin/', admin.site.urls)]
+
+def fails(request: HttpRequest) -> HttpResponse:
+    """A view that raises, holding the broker URL in a local variable as it does."""
+    broker_url = settings.CARROT['default_broker']
+    raise RuntimeError(f'cannot reach the broker ({len(broker_url)} characters)')
+
+
+urlpatterns = [path('admin/', admin.site.urls), path('fails/', fails)]
