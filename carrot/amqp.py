@@ -14,7 +14,7 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from amqpstorm.channel import CONTENT_FRAME, Channel
@@ -28,6 +28,9 @@ from carrot.frames import ack_frame, publish_frames
 # How long a waiter sleeps at most before it looks again for a connection error that no
 # frame announced (a socket that died quietly).
 ERROR_CHECK_INTERVAL = 1.0
+# Publishes written to the socket at a time by publish_all_confirmed: the broker's confirms
+# for the first ones flow back while the next are written.
+PIPELINE_WRITE = 200
 
 
 class SignallingRpc(Rpc):
@@ -88,6 +91,60 @@ def _check_for_failure(adapter: Any) -> None:
         raise closed[0] if closed else AMQPChannelError('channel closed')
 
 
+class Confirms:
+    """The broker's answers to a run of publishes sent without waiting, by delivery tag.
+
+    Filled in by the connection's reader thread: ``ACK`` (stored), ``NACK`` (refused) or
+    ``RETURNED`` (mandatory, and no queue was bound: a Basic.Return, which comes before the
+    message's ack, names it by its ``message_id``); None while unanswered.
+    """
+
+    ACK, NACK, RETURNED = 'ack', 'nack', 'returned'
+
+    def __init__(self, first_tag: int, message_ids: Sequence[str | None]) -> None:
+        self.first_tag = first_tag
+        self.message_ids = list(message_ids)
+        self.outcomes: list[str | None] = [None] * len(message_ids)
+        self.unanswered = len(message_ids)
+        self.written = 0  # how many of the publishes went to the socket
+        self._lowest = 0  # every outcome below this index is known
+        self._returned: set[str] = set()
+        self._return_header_due = False
+        self._return_body_left = 0
+        self.answered = threading.Event()
+        if not message_ids:
+            self.answered.set()
+
+    def on_confirm(self, nacked: bool, delivery_tag: int, multiple: bool) -> None:
+        last = delivery_tag - self.first_tag
+        for index in range(self._lowest if multiple else last, last + 1):
+            if 0 <= index < len(self.outcomes) and self.outcomes[index] is None:
+                returned = self.message_ids[index] in self._returned
+                self.outcomes[index] = (self.NACK if nacked else
+                                        self.RETURNED if returned else self.ACK)
+                self.unanswered -= 1
+        while self._lowest < len(self.outcomes) and self.outcomes[self._lowest] is not None:
+            self._lowest += 1
+        if not self.unanswered:
+            self.answered.set()
+
+    def on_return_frame(self, frame_in: Any) -> bool:
+        """Take the frames of a returned message; False for a frame that is not one."""
+        if frame_in.name == 'Basic.Return':
+            self._return_header_due = True
+        elif frame_in.name == 'ContentHeader' and self._return_header_due:
+            self._return_header_due = False
+            self._return_body_left = frame_in.body_size
+            message_id = frame_in.properties.message_id
+            self._returned.add(message_id.decode() if isinstance(message_id, bytes)
+                               else str(message_id))
+        elif frame_in.name == 'ContentBody' and self._return_body_left > 0:
+            self._return_body_left -= len(frame_in.value)
+        else:
+            return False
+        return True
+
+
 class SignallingChannel(Channel):
     """A Channel that announces deliveries and can wait for the next one without polling."""
 
@@ -96,6 +153,49 @@ class SignallingChannel(Channel):
         self.rpc: SignallingRpc = SignallingRpc(self, timeout=rpc_timeout)
         self.delivery_arrived = threading.Event()
         self._carrot_connection: Connection = connection  # amqpstorm types it as its own
+        self._published = 0  # publishes since confirm mode began: the last delivery tag
+        self._confirms: Confirms | None = None
+
+    def confirm_deliveries(self) -> Any:
+        answer = super().confirm_deliveries()
+        self._published = 0
+        return answer
+
+    def confirms_for(self, message_ids: Sequence[str | None]) -> Confirms:
+        """What will collect the answers to the next publishes, one per message id."""
+        return Confirms(self._published + 1, message_ids)
+
+    def publish_all_confirmed(self, publications: Sequence[bytes], confirms: Confirms,
+                              timeout: float) -> None:
+        """Write every publish (each its encoded frames), then wait once for all confirms.
+
+        For a pooled confirm-mode channel whose earlier publishes are all confirmed;
+        ``confirms`` (from ``confirms_for``) gets the answers, and counts in ``written`` the
+        publishes handed to the socket (from the moment their write begins). Raises the
+        channel's or the connection's error, or AMQPChannelError after ``timeout`` seconds,
+        when not every answer came: the answers that did are in ``confirms`` all the same.
+        """
+        self.check_for_errors()
+        with self.rpc.lock:
+            self._confirms = confirms
+            try:
+                for start in range(0, len(publications), PIPELINE_WRITE):
+                    chunk = publications[start:start + PIPELINE_WRITE]
+                    # Counted before the write: one cut short may have reached the broker.
+                    confirms.written += len(chunk)
+                    self._published += len(chunk)
+                    self._carrot_connection.write_bytes(b''.join(chunk))
+                deadline = time.monotonic() + timeout
+                while not confirms.answered.is_set():
+                    _check_for_failure(self)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise AMQPChannelError(
+                            f'RabbitMQ did not confirm {confirms.unanswered} publish(es) '
+                            f'within {timeout:.0f} s')
+                    confirms.answered.wait(min(remaining, ERROR_CHECK_INTERVAL))
+            finally:
+                self._confirms = None
 
     def publish_confirmed(self, body: bytes, routing_key: str, exchange: str,
                           properties: Mapping[str, Any], mandatory: bool) -> bool:
@@ -110,6 +210,7 @@ class SignallingChannel(Channel):
                                 mandatory, self._carrot_connection.max_frame_size)
         try:
             if frames is None:
+                self._published += 1
                 return bool(self.basic.publish(body, routing_key, exchange=exchange,
                                                properties=dict(properties),
                                                mandatory=mandatory))
@@ -117,6 +218,7 @@ class SignallingChannel(Channel):
             with self.rpc.lock:
                 confirm = self.rpc.register_request(['Basic.Ack', 'Basic.Nack'])
                 self._carrot_connection.write_bytes(frames)
+                self._published += 1
                 result = self.rpc.get_request(confirm, raw=True)
                 if mandatory:
                     self.check_for_exceptions()  # a Basic.Return comes before the confirm
@@ -134,6 +236,14 @@ class SignallingChannel(Channel):
         self._carrot_connection.write_bytes(ack_frame(self.channel_id, delivery_tag))
 
     def on_frame(self, frame_in: Any) -> None:
+        confirms = self._confirms
+        if confirms is not None:
+            if frame_in.name in ('Basic.Ack', 'Basic.Nack'):
+                confirms.on_confirm(frame_in.name == 'Basic.Nack', frame_in.delivery_tag,
+                                    frame_in.multiple)
+                return
+            if confirms.on_return_frame(frame_in):
+                return
         super().on_frame(frame_in)
         if frame_in.name in CONTENT_FRAME:
             self.delivery_arrived.set()

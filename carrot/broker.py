@@ -12,17 +12,19 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from amqpstorm.channel import Channel
 from amqpstorm.exception import AMQPChannelError, AMQPConnectionError, AMQPError, AMQPMessageError
 from pamqp import commands
 from pamqp import frame as pamqp_frame
+from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from carrot import conf, frames
-from carrot.amqp import Connection, SignallingChannel
+from carrot.amqp import Confirms, Connection, SignallingChannel
 from carrot.exceptions import (
     BrokerUnavailable,
     CarrotConfigException,
@@ -36,6 +38,8 @@ HEARTBEAT_SECONDS = 60
 CONNECT_TIMEOUT_SECONDS = 10
 PUBLISH_CHANNELS_PER_BROKER = 64
 PRECONDITION_FAILED = 406
+# How long a pipelined run of publishes waits for all its confirms.
+PIPELINE_CONFIRM_SECONDS = 60
 
 
 def connect(broker: conf.Broker, purpose: str) -> Connection:
@@ -101,6 +105,7 @@ class _BrokerLink:
         self.connection = connect(broker, 'publisher')
         self.idle: list[SignallingChannel] = []
         self.declared: set[str] = set()
+        self.known_exchanges: set[str] = set()  # exchanges seen to exist on this connection
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(PUBLISH_CHANNELS_PER_BROKER)
 
@@ -258,6 +263,122 @@ class Publisher:
             f'{_safe(last_error or Exception(), broker)}.'
         )
 
+    def send_many(self, broker: conf.Broker, outgoing: Sequence[Outgoing],
+                  progress: SendProgress) -> None:
+        """Publish every message on one channel, then wait once for all the confirms.
+
+        ``progress`` (made for ``outgoing``) says, also after an interruption, which
+        messages were confirmed, which were handed to the socket, and each one's error. A
+        message the broker returned (no queue bound), or left unconfirmed because the
+        channel or the connection failed, is sent again on its own with ``send``, which
+        knows each of those cases; so is every message when the run cannot begin.
+        """
+        unavailable: BrokerUnavailable | None = None
+        try:
+            self._publish_pipelined(broker, outgoing, progress)
+        except BrokerUnavailable as error:  # no connection: nothing was sent
+            unavailable = error
+        except (AMQPError, CarrotError):
+            pass  # whatever is not confirmed is sent one by one below
+        for index, item in enumerate(outgoing):
+            if progress.confirmed[index] or progress.errors[index] is not None:
+                continue
+            if unavailable is not None:  # do not wait for the same refusal once a message
+                progress.errors[index] = unavailable
+                continue
+            progress.written[index] = True  # perhaps stored from here on
+            try:
+                self.send(broker, item.body, item.properties, item.routing_key,
+                          item.exchange, item.declare_queue)
+            except BrokerUnavailable as error:
+                progress.errors[index] = unavailable = error
+            except CarrotError as error:
+                progress.errors[index] = error
+            else:
+                progress.confirmed[index] = True
+
+    def _publish_pipelined(self, broker: conf.Broker, outgoing: Sequence[Outgoing],
+                           progress: SendProgress) -> None:
+        link = self._link(broker)
+        channel = link.checkout()
+        try:
+            for queue in {o.declare_queue.name: o.declare_queue for o in outgoing
+                          if o.declare_queue is not None}.values():
+                if queue.name not in link.declared:
+                    declare(channel, queue)
+                    link.declared.add(queue.name)
+            missing = self._missing_exchanges(link, {o.exchange for o in outgoing})
+            encoded: list[bytes] = []
+            sent: list[int] = []
+            for index, item in enumerate(outgoing):
+                if item.exchange in missing:
+                    progress.errors[index] = missing[item.exchange]
+                    continue
+                try:
+                    encoded.append(_encoded(channel, item))
+                except _ENCODING_ERRORS as error:  # pamqp's, for what carrot.frames leaves it
+                    progress.errors[index] = _not_encodable(
+                        error, item.exchange, item.routing_key, item.properties)
+                else:
+                    sent.append(index)
+            confirms = channel.confirms_for(
+                [_message_id(outgoing[index].properties) for index in sent])
+            try:
+                channel.publish_all_confirmed(encoded, confirms, PIPELINE_CONFIRM_SECONDS)
+            finally:
+                for position, index in enumerate(sent):
+                    progress.written[index] = position < confirms.written
+                    answer = confirms.outcomes[position]
+                    progress.confirmed[index] = answer == Confirms.ACK
+                    if answer == Confirms.NACK:
+                        progress.errors[index] = BrokerUnavailable(
+                            f'RabbitMQ at {broker.display} refused (nacked) the message; it '
+                            f'was not stored. Check the broker log for resource alarms.')
+                if channel._inbound:  # a returned message's frames: no consumer takes them
+                    channel._inbound.clear()
+        except AMQPConnectionError:
+            self._drop(link)
+            link.checkin(None)
+            raise
+        except BaseException:
+            # Closed in the background, as in ``send``: an unanswered confirm would be
+            # credited to the channel's next publish.
+            threading.Thread(target=_close_quietly, args=(channel,), daemon=True).start()
+            link.checkin(None)
+            raise
+        link.checkin(channel)
+
+    @staticmethod
+    def _missing_exchanges(link: _BrokerLink, exchanges: set[str]) -> dict[str, CarrotError]:
+        """The error of each of ``exchanges`` that does not exist, looked up once a connection.
+
+        A publish to a missing exchange makes RabbitMQ close the channel, and the messages
+        before it in a pipelined run, stored perhaps but not yet confirmed, would be sent
+        again: so the run sends none to an exchange not known to exist.
+        """
+        unknown = exchanges - link.known_exchanges - {''}
+        if not unknown:
+            return {}
+        missing: dict[str, CarrotError] = {}
+        channel = link.connection.channel()
+        try:
+            for name in sorted(unknown):
+                try:
+                    channel.exchange.declare(name, passive=True)
+                except AMQPChannelError as error:
+                    if 'NOT_FOUND' not in str(error):
+                        raise
+                    missing[name] = CarrotConfigException(
+                        f'RabbitMQ refused the publish: {error}. Declare the exchange first or '
+                        f'publish to the default exchange.')
+                    _close_quietly(channel)
+                    channel = link.connection.channel()
+                else:
+                    link.known_exchanges.add(name)
+        finally:
+            _close_quietly(channel)
+        return missing
+
     def close(self) -> None:
         with self._lock:
             links, self._links = list(self._links.values()), {}
@@ -267,6 +388,58 @@ class Publisher:
 
 # What pamqp raises for a value it cannot encode.
 _ENCODING_ERRORS = (TypeError, ValueError, OverflowError, struct.error)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message for ``Publisher.send_many``: ``send``'s arguments."""
+
+    body: bytes
+    properties: Mapping[str, Any]
+    routing_key: str
+    exchange: str = ''
+    declare_queue: conf.Queue | None = None
+
+
+class SendProgress:
+    """What became of each message of a ``send_many``, by position."""
+
+    def __init__(self, count: int) -> None:
+        #: RabbitMQ confirmed it: stored.
+        self.confirmed = [False] * count
+        #: Handed to the socket: perhaps stored, even when not confirmed.
+        self.written = [False] * count
+        #: Why it was not stored, when that is known.
+        self.errors: list[CarrotError | None] = [None] * count
+
+
+def _encoded(channel: SignallingChannel, item: Outgoing) -> bytes:
+    """The frames of ``item``'s publish on ``channel``: carrot.frames', else pamqp's."""
+    properties = dict(item.properties)
+    properties.setdefault('content_encoding', 'utf-8')  # as amqpstorm's publish does
+    encoded = frames.publish_frames(channel.channel_id, item.exchange, item.routing_key,
+                                    item.body, properties, True,
+                                    channel._carrot_connection.max_frame_size)
+    if encoded is not None:
+        return encoded
+    size = channel._carrot_connection.max_frame_size - frames.FRAME_OVERHEAD
+    parts = [
+        pamqp_frame.marshal(commands.Basic.Publish(exchange=item.exchange,
+                                                   routing_key=item.routing_key,
+                                                   mandatory=True), channel.channel_id),
+        pamqp_frame.marshal(ContentHeader(0, len(item.body),
+                                          commands.Basic.Properties(**properties)),
+                            channel.channel_id),
+    ]
+    for start in range(0, len(item.body), size):
+        parts.append(pamqp_frame.marshal(ContentBody(item.body[start:start + size]),
+                                         channel.channel_id))
+    return b''.join(parts)
+
+
+def _message_id(properties: Mapping[str, Any]) -> str | None:
+    found = properties.get('message_id')
+    return None if found is None else str(found)
 
 
 def _not_encodable(error: BaseException, exchange: str, routing_key: str,

@@ -23,7 +23,8 @@ from django.db import transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
-from carrot import lifecycle
+from carrot import conf, lifecycle
+from carrot.broker import Outgoing, SendProgress, get_publisher
 from carrot.models import MessageLog
 
 logger = logging.getLogger('carrot.publish')
@@ -38,7 +39,12 @@ class Sendable(Protocol):
     @property
     def uuid(self) -> str: ...
 
+    @property
+    def queue(self) -> conf.Queue: ...
+
     def send(self) -> None: ...
+
+    def outgoing(self) -> Outgoing: ...
 
 
 class Outcome(enum.Enum):
@@ -55,6 +61,8 @@ class Send:
 
     message: Sendable
     log: MessageLog
+    #: Registered inside a savepoint, which may yet be rolled back (and its hook dropped).
+    in_savepoint: bool = False
     outcome: Outcome = Outcome.WAITING
 
 
@@ -72,52 +80,94 @@ def send_on_commit(message: Sendable, log: MessageLog, alias: str) -> Send:
         # No hook is pending on this connection: those sends belong to transactions or
         # savepoints that were rolled back, and will never run.
         waiting.clear()
-    send = Send(message, log)
+    send = Send(message, log, in_savepoint=bool(connection.savepoint_ids))
     waiting.append(send)
     transaction.on_commit(lambda: _run_hook(connection, send), using=alias, robust=True)
     return send
 
 
 def _run_hook(connection: BaseDatabaseWrapper, send: Send) -> None:
+    """Send ``send`` and, in the same pipelined run, every later send of the transaction
+    that is sure to be committed: one registered outside any savepoint."""
+    if send.outcome is not Outcome.WAITING:
+        return  # sent already, with an earlier hook's run
     waiting = _waiting.get(connection, [])
     # Hooks run in the order they were registered: a send before this one still waiting
-    # had its savepoint rolled back. Those after it are this transaction's, still to come.
+    # had its savepoint rolled back. Those after it are this transaction's, still to come;
+    # one made inside a savepoint is left to its own hook, which runs only if the
+    # savepoint was kept.
     position = next((i for i, s in enumerate(waiting) if s is send), -1)
     later = waiting[position + 1:] if position >= 0 else []
-    del waiting[:position + 1]
+    batch = [send, *(s for s in later if not s.in_savepoint)]
+    waiting[:] = [s for s in later if s.in_savepoint]
     try:
-        send_all([send])
+        send_all(batch)
     except BaseException as interruption:
-        waiting.clear()
-        mark_not_sent(later, interruption)
+        left, waiting[:] = list(waiting), []
+        mark_not_sent(left, interruption)
         raise
 
 
 def send_all(sends: Sequence[Send]) -> None:
-    """Send each message in turn, recording its outcome on it and on its row.
+    """Send each message, recording its outcome on it and on its row.
 
-    A send that fails (the broker refused it or cannot be reached) marks its row FAILED and
-    the others go on. One that is interrupted marks its row FAILED as perhaps sent and the
-    rest FAILED as not sent, then the interruption is raised.
+    Many are sent in one pipelined run per broker, waiting once for all the confirms. A
+    send that fails (the broker refused it or cannot be reached) marks its row FAILED and
+    the others go on. An interruption marks the rows of those it may have reached FAILED
+    as perhaps sent, and the rest FAILED as not sent; then it is raised.
     """
-    for index, send in enumerate(sends):
+    if len(sends) == 1:
+        _send_one(sends[0])
+        return
+    by_broker: dict[conf.Broker, list[Send]] = {}
+    for send in sends:
+        by_broker.setdefault(send.message.queue.broker, []).append(send)
+    for broker, group in by_broker.items():
+        progress = SendProgress(len(group))
         try:
-            send.message.send()
-        except Exception as error:
-            send.outcome = Outcome.FAILED
-            _quietly_mark_failed(send, error)
-            logger.error('Task %s (%s) was committed but not published: %s',
-                         send.message.task, send.message.uuid, error)
+            get_publisher().send_many(broker, [s.message.outgoing() for s in group],
+                                      progress)
         except BaseException as interruption:
-            send.outcome = Outcome.UNCERTAIN
-            _quietly_mark_failed(send, interruption)
-            logger.error('Task %s (%s) was committed but its publish was interrupted by %s; '
-                         'it may or may not be in RabbitMQ.', send.message.task,
-                         send.message.uuid, type(interruption).__name__)
-            mark_not_sent(sends[index + 1:], interruption)
+            for index, send in enumerate(group):
+                if progress.confirmed[index]:
+                    send.outcome = Outcome.SENT
+                elif progress.written[index]:
+                    _interrupted(send, interruption)
+            mark_not_sent([s for s in sends if s.outcome is Outcome.WAITING], interruption)
             raise
-        else:
-            send.outcome = Outcome.SENT
+        for index, send in enumerate(group):
+            error = progress.errors[index]
+            if error is None:
+                send.outcome = Outcome.SENT
+            else:
+                _failed(send, error)
+
+
+def _send_one(send: Send) -> None:
+    try:
+        send.message.send()
+    except Exception as error:
+        _failed(send, error)
+    except BaseException as interruption:
+        _interrupted(send, interruption)
+        raise
+    else:
+        send.outcome = Outcome.SENT
+
+
+def _failed(send: Send, error: Exception) -> None:
+    send.outcome = Outcome.FAILED
+    _quietly_mark_failed(send, error)
+    logger.error('Task %s (%s) was committed but not published: %s',
+                 send.message.task, send.message.uuid, error)
+
+
+def _interrupted(send: Send, interruption: BaseException) -> None:
+    send.outcome = Outcome.UNCERTAIN
+    _quietly_mark_failed(send, interruption)
+    logger.error('Task %s (%s) was committed but its publish was interrupted by %s; '
+                 'it may or may not be in RabbitMQ.', send.message.task,
+                 send.message.uuid, type(interruption).__name__)
 
 
 def mark_not_sent(sends: Sequence[Send], interruption: BaseException) -> None:

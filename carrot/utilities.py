@@ -13,7 +13,7 @@ from typing import Any
 from django.db import transaction
 
 from carrot import conf, frames, lifecycle, message, oncommit, registry
-from carrot.broker import get_publisher
+from carrot.broker import Outgoing, get_publisher
 from carrot.exceptions import CarrotConfigException
 from carrot.models import MessageLog
 from carrot.scheduling import create_scheduled_task, run_now
@@ -99,11 +99,14 @@ class Message:
 
     def send(self) -> None:
         """Send the message to RabbitMQ and wait for the broker's confirm."""
+        item = self.outgoing()
+        get_publisher().send(self.queue.broker, item.body, item.properties, item.routing_key,
+                             item.exchange, item.declare_queue)
+
+    def outgoing(self) -> Outgoing:
+        """The message as the publisher sends it (to ``queue.broker``)."""
         body, properties = message.encode(self.task_message, (self.args_json, self.kwargs_json))
-        get_publisher().send(
-            self.queue.broker, body, properties, routing_key=self.routing_key,
-            exchange=self.exchange, declare_queue=self.queue,
-        )
+        return Outgoing(body, properties, self.routing_key, self.exchange, self.queue)
 
 
 def check_destination(exchange: object, routing_key: object) -> None:

@@ -297,30 +297,35 @@ def test_a_publish_interrupted_after_commit_marks_its_row_then_raises(
     assert broker.message_count(queue) == 2  # it was written before the wait
 
 
-def _interrupt_send(monkeypatch: pytest.MonkeyPatch, call: int,
-                    interruption: BaseException) -> list[str]:
-    """Make the ``call``-th Message.send raise ``interruption`` before it sends anything (a
-    Ctrl-C or a kill arriving then); the others send for real. The sent ids are returned."""
-    from carrot import utilities
+def _interrupt_writes(monkeypatch: pytest.MonkeyPatch, call: int,
+                      interruption: BaseException) -> None:
+    """Publish one message per socket write, and make the ``call``-th write raise
+    ``interruption`` (a Ctrl-C or a kill arriving then), once the broker had time to confirm
+    what went before."""
+    from carrot import amqp
 
-    send = utilities.Message.send
-    calls: list[str] = []
+    write = amqp.Connection.write_bytes
+    calls: list[int] = []
 
-    def interrupted(message: utilities.Message) -> None:
-        calls.append(message.uuid)
+    def interrupted(connection: amqp.Connection, data: bytes) -> None:
+        calls.append(len(data))
         if len(calls) == call:
+            time.sleep(0.5)
             raise interruption
-        send(message)
+        write(connection, data)
 
-    monkeypatch.setattr(utilities.Message, 'send', interrupted)
-    return calls
+    monkeypatch.setattr(amqp, 'PIPELINE_WRITE', 1)
+    monkeypatch.setattr(amqp.Connection, 'write_bytes', interrupted)
 
 
 def test_an_interrupted_send_on_commit_marks_every_later_row_of_the_transaction(
         queue: str, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
     """Django runs no hook after one that raises KeyboardInterrupt or GreenletExit: the
     rows after it must not be left PUBLISHED with no message sent."""
-    _interrupt_send(monkeypatch, 2, KeyboardInterrupt())
+    publish_message(tasks.noop)  # declares the queue: the writes below are the publishes
+    broker.get_all(queue)
+    MessageLog.objects.all().delete()
+    _interrupt_writes(monkeypatch, 2, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt), transaction.atomic():
         first, second = publish_message(tasks.noop), publish_message(tasks.noop)
         with pytest.raises(RuntimeError), transaction.atomic():  # a savepoint rolled back
@@ -356,7 +361,9 @@ def test_after_a_rolled_back_savepoint_the_others_are_sent_and_nothing_is_kept(
     assert sorted(m.properties['message_id'] for m in broker.get_all(queue)) == sorted(
         [kept.uuid, last.uuid])
     assert set(MessageLog.objects.values_list('status', flat=True)) == {MessageLog.PUBLISHED}
-    assert not oncommit._waiting.get(transaction.get_connection())  # nothing left behind
+    with transaction.atomic():
+        publish_message(tasks.noop)
+    assert not oncommit._waiting.get(transaction.get_connection())  # nothing piles up
 
 
 def test_with_autocommit_off_outside_atomic_publishing_is_refused_writing_nothing(
@@ -372,3 +379,68 @@ def test_with_autocommit_off_outside_atomic_publishing_is_refused_writing_nothin
         transaction.set_autocommit(True)
     assert not MessageLog.objects.exists()
     assert broker.message_count(queue) == 0
+
+
+def test_a_transactions_messages_are_sent_together_and_confirmed_by_the_commit(
+        queue: str, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pipelined run: every message written, then one wait for all the confirms."""
+    from carrot import amqp
+
+    waits: list[int] = []
+    pipelined = amqp.SignallingChannel.publish_all_confirmed
+
+    def counted(channel: amqp.SignallingChannel, publications: Any, confirms: amqp.Confirms,
+                timeout: float) -> None:
+        waits.append(len(publications))
+        pipelined(channel, publications, confirms, timeout)
+
+    monkeypatch.setattr(amqp.SignallingChannel, 'publish_all_confirmed', counted)
+    with transaction.atomic():
+        logs = [publish_message(tasks.add, n, 1) for n in range(2000)]
+        assert broker.message_count(queue) == 0
+    assert waits == [2000]
+    assert broker.message_count(queue) == 2000  # stored when the commit returned
+    assert MessageLog.objects.filter(status=MessageLog.PUBLISHED).count() == len(logs)
+
+
+def test_in_a_pipelined_run_an_unroutable_message_fails_alone(
+        queue: str, broker: Broker) -> None:
+    """A message RabbitMQ returns (no queue bound), and one whose exchange does not exist
+    (RabbitMQ closes the channel), get FAILED rows saying so; the others are sent."""
+    with transaction.atomic():
+        before = publish_message(tasks.noop)
+        returned = publish_message(tasks.noop, exchange='amq.direct',
+                                   routing_key='nobody-is-bound-here')
+        middle = publish_message(tasks.noop)
+        missing = publish_message(tasks.noop, exchange='no-such-exchange-here')
+        after = publish_message(tasks.noop)
+    rows = {row.pk: row for row in MessageLog.objects.all()}
+    assert [rows[log.pk].status for log in (before, middle, after)] == [MessageLog.PUBLISHED] * 3
+    assert rows[returned.pk].status == MessageLog.FAILED
+    assert 'could not route the message' in (rows[returned.pk].exception or '')
+    assert rows[missing.pk].status == MessageLog.FAILED
+    assert 'NOT_FOUND' in (rows[missing.pk].exception or '')
+    assert sorted(m.properties['message_id'] for m in broker.get_all(queue)) == sorted(
+        log.uuid for log in (before, middle, after))
+
+
+def test_confirms_are_matched_to_their_messages_by_delivery_tag() -> None:
+    """Frames a real broker sends rarely (a nack, a multiple ack after a return), fed to the
+    confirm collector as the connection's reader thread would."""
+    from types import SimpleNamespace
+
+    from carrot.amqp import Confirms
+
+    confirms = Confirms(first_tag=11, message_ids=['a', 'b', 'c', 'd', 'e'])
+    frame = SimpleNamespace
+    assert confirms.on_return_frame(frame(name='Basic.Return'))
+    assert confirms.on_return_frame(frame(name='ContentHeader', body_size=4,
+                                          properties=frame(message_id='b')))
+    assert confirms.on_return_frame(frame(name='ContentBody', value=b'body'))
+    assert not confirms.on_return_frame(frame(name='ContentBody', value=b'stray'))
+    confirms.on_confirm(False, 12, multiple=True)  # a and b
+    confirms.on_confirm(True, 14, multiple=False)  # d refused
+    assert not confirms.answered.is_set()
+    confirms.on_confirm(False, 15, multiple=True)  # c and e
+    assert confirms.answered.is_set()
+    assert confirms.outcomes == ['ack', 'returned', 'ack', 'nack', 'ack']

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -293,42 +294,58 @@ def test_a_row_with_an_invalid_schedule_is_paused_with_an_error(
 def test_a_round_killed_while_sending_hands_back_the_runs_it_did_not_send(
         queue: str, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
     """The service's stop kills the scheduler greenlet while the broker is slow: the runs
-    not sent go back to their schedules, which publish them at the next round."""
+    not confirmed go back to their schedules, which publish them at the next round."""
     import gevent
 
-    from carrot import utilities
+    from carrot import amqp
 
     rows = [create_scheduled_task(tasks.noop, {'seconds': 5}, f'slow-{n}', queue)
             for n in range(3)]
     now = max(row.next_run_at for row in rows if row.next_run_at)
-    send = utilities.Message.send
-    sending = gevent.event.Event()
+    scheduling.publish(rows[0])  # the queue declared: each write below is one publish
+    broker.get_all(queue)
+    MessageLog.objects.all().delete()
+    write, on_confirm = amqp.Connection.write_bytes, amqp.Confirms.on_confirm
+    writes: list[int] = []
 
-    def slow_second(message: utilities.Message) -> None:
-        if sending.is_set():
+    def slow_after_the_first(connection: amqp.Connection, data: bytes) -> None:
+        writes.append(len(data))
+        if len(writes) == 2:
+            gevent.sleep(0.5)  # the first one's confirm arrives meanwhile
+            write(connection, data)
             gevent.sleep(30)  # a broker too slow to confirm: the stop comes first
-        sending.set()
-        send(message)
+        write(connection, data)
 
-    monkeypatch.setattr(utilities.Message, 'send', slow_second)
+    def no_confirm_after_the_first(confirms: amqp.Confirms, nacked: bool, delivery_tag: int,
+                                   multiple: bool) -> None:
+        if delivery_tag == confirms.first_tag:
+            on_confirm(confirms, nacked, delivery_tag, multiple)
+
+    monkeypatch.setattr(amqp, 'PIPELINE_WRITE', 1)
+    monkeypatch.setattr(amqp.Connection, 'write_bytes', slow_after_the_first)
+    monkeypatch.setattr(amqp.Confirms, 'on_confirm', no_confirm_after_the_first)
     round_ = gevent.spawn(scheduling.run_due, now)
-    assert sending.wait(10)
-    gevent.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while len(writes) < 2 or not round_:
+        assert time.monotonic() < deadline
+        gevent.sleep(0.05)
+    gevent.sleep(1.0)
     round_.kill(block=True, timeout=10)
     assert round_.dead and isinstance(round_.value, gevent.GreenletExit)  # killed
-    [sent] = broker.get_all(queue)
-    sent_row = MessageLog.objects.get(uuid=sent.properties['message_id'])
+    # The first was confirmed; the second reached RabbitMQ unconfirmed; the third never left.
+    sent = broker.get_all(queue)
+    assert len(sent) == 2
+    sent_row = MessageLog.objects.get(uuid=sent[0].properties['message_id'])
     assert sent_row.status == MessageLog.PUBLISHED
-    # The one interrupted may have reached RabbitMQ: its row stays, saying so.
     [uncertain] = MessageLog.objects.filter(status=MessageLog.FAILED)
+    assert uncertain.uuid == sent[1].properties['message_id']
     assert 'may or may not have it' in (uncertain.exception or '')
     assert (uncertain.exception or '').endswith('Its schedule publishes this run again.')
-    assert MessageLog.objects.count() == 2  # the one not sent has no row
-    schedules_ = {row.task_name: row for row in ScheduledTask.objects.all()}
-    advanced = [row for row in schedules_.values() if row.next_run_at > now]
-    handed_back = [row for row in schedules_.values() if row.next_run_at <= now]
-    assert len(advanced) == 1 and len(handed_back) == 2
-    monkeypatch.setattr(utilities.Message, 'send', send)
+    assert MessageLog.objects.count() == 2  # the one never sent has no row
+    schedules_ = list(ScheduledTask.objects.all())
+    assert sum(row.next_run_at > now for row in schedules_) == 1
+    assert sum(row.next_run_at <= now for row in schedules_) == 2  # handed back
+    monkeypatch.undo()
     done = scheduling.run_due(now)
     assert (done.published, done.failed) == (2, 0)
-    assert len(broker.get_all(queue)) == 2
+    assert len(broker.get_all(queue)) == 2  # the uncertain one runs again: at least once
