@@ -9,6 +9,7 @@ from django.core import checks
 from django.utils.module_loading import import_string
 
 from carrot import conf
+from carrot.consumer import check_consumer_class
 from carrot.exceptions import CarrotConfigException
 from carrot.reporting import SafeExceptionReporterFilter, holds_url_password
 
@@ -46,11 +47,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                  "'carrot.reporting.SafeExceptionReporterFilter' (or a subclass of it).",
             id='carrot.W002',
         ))
-    from carrot.consumer import load_consumer_class
-
     for queue in settings.queues:
         try:
-            load_consumer_class(queue.consumer_class)
+            check_consumer_class(queue.consumer_class)
         except CarrotConfigException as error:
             found.append(checks.Error(
                 f"CARROT['queues'] ({queue.name!r}): {error}",

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from carrot import DEFAULT_BROKER
+from carrot.consumer import DEFAULT_CONSUMER_CLASS
 from carrot.exceptions import CarrotConfigException
 
 DEFAULT_QUEUE = 'default'
@@ -57,7 +58,7 @@ class Queue:
     broker: Broker
     concurrency: int = 1
     consumable: bool = True
-    consumer_class: str = 'carrot.consumer.Consumer'
+    consumer_class: str = DEFAULT_CONSUMER_CLASS
     durable: bool = True
     queue_arguments: Mapping[str, Any] = field(default_factory=dict)
     exchange_arguments: Mapping[str, Any] = field(default_factory=dict)
@@ -200,10 +201,10 @@ def _parse_queue(raw: Any, index: int, default_broker: Broker) -> Queue:
         raise CarrotConfigException(f"{key}['name'] must be a non-empty string.")
     key = f"CARROT['queues'][{index}] ({name!r})"
     host = raw.get('host')
-    consumer_class = raw.get('consumer_class', 'carrot.consumer.Consumer')
+    consumer_class = raw.get('consumer_class', DEFAULT_CONSUMER_CLASS)
     if not isinstance(consumer_class, str) or '.' not in consumer_class:
         raise CarrotConfigException(
-            f"{key}['consumer_class'] must be a dotted path such as 'carrot.consumer.Consumer'."
+            f"{key}['consumer_class'] must be a dotted path such as {DEFAULT_CONSUMER_CLASS!r}."
         )
     return Queue(
         name=name,

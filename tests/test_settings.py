@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from django.core import checks
 from django.test.utils import override_settings
@@ -9,6 +13,7 @@ from django.test.utils import override_settings
 from carrot import conf
 from carrot.checks import check_settings
 from carrot.exceptions import CarrotConfigException
+from tests.conftest import MANAGE, ROOT
 
 
 def test_no_carrot_setting_means_one_default_queue_on_local_guest() -> None:
@@ -141,3 +146,16 @@ def test_a_malformed_url_error_never_quotes_the_password() -> None:
         conf.parse_broker('amqp://user:sekret/part@host:5672/', "CARROT['default_broker']")
     assert 'sekret' not in str(caught.value)
     assert 'URL-encode' in str(caught.value)
+
+
+def test_manage_py_check_in_a_web_process_imports_no_gevent() -> None:
+    """A web process checks carrot's settings without loading the worker's gevent."""
+    probe = ('import sys; from django.core.management import execute_from_command_line; '
+             'execute_from_command_line(["manage.py", "check"]); '
+             'print("gevent loaded:", sorted(m for m in sys.modules if m.startswith("gevent")))')
+    result = subprocess.run([sys.executable, '-c', probe], cwd=MANAGE.parent, text=True,
+                            capture_output=True, timeout=60,
+                            env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'System check identified no issues' in result.stdout + result.stderr
+    assert 'gevent loaded: []' in result.stdout
