@@ -36,6 +36,8 @@ class Result:
     #: More rows matched than MAX_ROWS: the action took the first MAX_ROWS.
     capped: bool = False
     audit_id: int | None = None
+    #: run_now: (scheduled task name, message id) of each task published.
+    published: list[tuple[str, str]] = field(default_factory=list)
 
     def skip(self, pk: int, why: str) -> None:
         self.skipped += 1
@@ -57,6 +59,8 @@ class Result:
     def as_json(self) -> dict[str, object]:
         return {'action': self.action, 'count': self.count, 'skipped': self.skipped,
                 'reasons': self.reasons, 'capped': self.capped, 'audit_id': self.audit_id,
+                'published': [{'task_name': name, 'message_id': message_id}
+                              for name, message_id in self.published],
                 'summary': self.summary}
 
 
@@ -188,9 +192,7 @@ def run_now(pks: Iterable[int]) -> Result:
             result.skip(row.pk, f'{row.task_name} not published: {error}')
         else:
             result.count += 1
-            if len(result.reasons) < MAX_REASONS:
-                result.reasons.append(f'{row.pk}: {row.task_name} published as message '
-                                      f'{log.uuid}')
+            result.published.append((row.task_name, log.uuid))
     return result
 
 
@@ -217,7 +219,9 @@ def set_active(pks: Iterable[int], active: bool) -> Result:
 
 def record(result: Result, username: str, target: str) -> Result:
     """Write the audit record of ``result``."""
-    detail = '; '.join(result.reasons)
+    detail = '; '.join([*result.reasons,
+                        *(f'{name} published as message {message_id}'
+                          for name, message_id in result.published[:MAX_REASONS])])
     if result.skipped:
         detail = f'skipped {result.skipped}: {detail}'
     if result.capped:

@@ -203,8 +203,9 @@ class Count:
         return {'value': self.value, 'capped': self.capped}
 
 
-def capped_count(rows: QuerySet[Any], cap: int = COUNT_CAP) -> Count:
-    """COUNT over at most ``cap`` + 1 rows: cheap at any table size."""
+def capped_count(rows: QuerySet[Any], cap: int | None = None) -> Count:
+    """COUNT over at most ``cap`` (COUNT_CAP) + 1 rows: cheap at any table size."""
+    cap = COUNT_CAP if cap is None else cap
     value = rows.order_by()[:cap + 1].count()
     return Count(min(value, cap), value > cap)
 

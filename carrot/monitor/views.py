@@ -14,7 +14,6 @@ from typing import Any
 
 from django.contrib import messages
 from django.http import (
-    FileResponse,
     Http404,
     HttpRequest,
     HttpResponse,
@@ -264,11 +263,11 @@ def audit_list(request: HttpRequest) -> HttpResponse:
 
 
 @monitor_view
-def asset(request: HttpRequest, name: str) -> FileResponse:
+def asset(request: HttpRequest, name: str) -> HttpResponse:
     """The monitor's CSS and JavaScript, served from the package: no static files setup."""
     if name not in ASSETS:
         raise Http404(name)
     content_type, _ = mimetypes.guess_type(name)
-    response = FileResponse((STATIC / name).open('rb'), content_type=content_type)
+    response = HttpResponse((STATIC / name).read_bytes(), content_type=content_type)
     response['Cache-Control'] = 'private, max-age=3600'
     return response
