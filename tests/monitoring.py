@@ -25,8 +25,8 @@ LOG = ('2026-12-01 09:30:00,001 INFO carrot.task: Starting the import\n'
        'ValueError: row 7')
 
 
-@pytest.fixture
-def users() -> Iterator[dict[str, User]]:
+@pytest.fixture(name='users')
+def users_fixture() -> Iterator[dict[str, User]]:
     """staff (a superuser: may act), plain (not staff), viewer (staff without permissions:
     read-only), actor (staff with carrot.change_messagelog only)."""
     User.objects.all().delete()

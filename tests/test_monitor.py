@@ -18,7 +18,13 @@ from carrot.models import MessageLog, MonitorAction, ScheduledTask
 from carrot.monitor import actions, queries
 from tests.conftest import BROKER_URL, Broker, carrot_settings, wait_for
 from tests.monitoring import (
-    LOG, OTHER_PREFIX, PREFIX, client_for, make_rows, make_schedule, users,  # noqa: F401
+    LOG,
+    OTHER_PREFIX,
+    PREFIX,
+    client_for,
+    make_rows,
+    make_schedule,
+    users_fixture,  # noqa: F401  (the users fixture)
 )
 
 PAGES = ['', 'tasks/queued/', 'tasks/running/', 'tasks/failed/', 'tasks/completed/',

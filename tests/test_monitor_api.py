@@ -13,7 +13,13 @@ from carrot.models import MessageLog, MonitorAction, ScheduledTask
 from carrot.monitor import queries
 from tests.conftest import Broker, carrot_settings
 from tests.monitoring import (
-    LOG, OTHER_PREFIX, PREFIX, client_for, make_rows, make_schedule, users,  # noqa: F401
+    LOG,
+    OTHER_PREFIX,
+    PREFIX,
+    client_for,
+    make_rows,
+    make_schedule,
+    users_fixture,  # noqa: F401  (the users fixture)
 )
 
 API = PREFIX + 'api/'
