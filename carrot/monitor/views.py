@@ -78,7 +78,6 @@ def task_list(request: HttpRequest, status: str) -> HttpResponse:
         'status': status,
         'page': page,
         'counts': queries.status_counts(chosen),
-        'matching': queries.capped_count(chosen.queryset()) if chosen.args == '' else None,
         'queues': queries.queue_names(),
         'filter_query': urlencode(params),
         'next_url': (url(request, 'task-list', status, query={**params, 'after': page.next_after})
