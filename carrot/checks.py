@@ -55,6 +55,31 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 f"CARROT['queues'] ({queue.name!r}): {error}",
                 id='carrot.E003',
             ))
+    found.extend(_check_monitor_authentication(settings.monitor_authentication))
+    return found
+
+
+def _check_monitor_authentication(paths: tuple[str, ...]) -> list[checks.CheckMessage]:
+    """Each of CARROT['monitor_authentication'] must import as a view decorator."""
+    found: list[checks.CheckMessage] = []
+    for path in paths:
+        try:
+            decorator = import_string(path)
+        except ImportError as error:
+            found.append(checks.Error(
+                f"settings.CARROT['monitor_authentication'] lists {path!r}, which does not "
+                f'import: {error}',
+                hint='List dotted paths of view decorators, such as '
+                     "'django.contrib.auth.decorators.login_required'.",
+                id='carrot.E010',
+            ))
+            continue
+        if not callable(decorator):
+            found.append(checks.Error(
+                f"settings.CARROT['monitor_authentication'] lists {path!r}, which is a "
+                f'{type(decorator).__name__}, not a view decorator.',
+                id='carrot.E010',
+            ))
     return found
 
 

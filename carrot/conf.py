@@ -23,6 +23,7 @@ QUEUE_KEYS = frozenset({
 })
 TOP_LEVEL_KEYS = frozenset({
     'default_broker', 'queues', 'task_modules', 'monitor_authentication', 'shutdown_timeout',
+    'monitor_read_only',
 })
 BROKER_DICT_KEYS = frozenset({'host', 'port', 'name', 'username', 'password', 'secure', 'url'})
 MAX_PREFETCH = 65535
@@ -77,6 +78,8 @@ class CarrotSettings:
     task_modules: tuple[str, ...]
     monitor_authentication: tuple[str, ...]
     shutdown_timeout: float = 60.0
+    #: The monitor shows everything and offers no action, to everyone.
+    monitor_read_only: bool = False
 
     def queue(self, name: str | None) -> Queue:
         """The queue called ``name``.
@@ -276,6 +279,8 @@ def parse(raw: Any) -> CarrotSettings:
             raw.get('monitor_authentication'), "CARROT['monitor_authentication']"
         ),
         shutdown_timeout=float(timeout),
+        monitor_read_only=_bool(raw.get('monitor_read_only', False),
+                                "CARROT['monitor_read_only']"),
     )
 
 

@@ -83,7 +83,11 @@ class MessageLog(TaskArguments, models.Model):
         ordering = ('-failure_time', '-completion_time', 'status', '-priority', '-publish_time')
         indexes = [
             models.Index(fields=['status', 'publish_time'], name='carrot_log_status_time'),
-            models.Index(fields=['task'], name='carrot_log_task'),
+            # The monitor's lists: newest first (by id) within a status, a queue or a task;
+            # each page starts after the last id of the one before (keyset pagination).
+            models.Index(fields=['status', 'id'], name='carrot_log_status_id'),
+            models.Index(fields=['queue', 'status', 'id'], name='carrot_log_queue_status_id'),
+            models.Index(fields=['task', 'status', 'id'], name='carrot_log_task_status_id'),
         ]
 
     def __str__(self) -> str:
@@ -278,3 +282,39 @@ class ScheduledTask(TaskArguments, models.Model):
         from carrot import scheduling
 
         return scheduling.publish(self, priority=priority)
+
+
+class MonitorAction(models.Model):
+    """One change made through the monitor or its API: who did what, to what, and when."""
+
+    REQUEUE = 'requeue'
+    DELETE = 'delete'
+    RUN_NOW = 'run_now'
+    PAUSE = 'pause'
+    RESUME = 'resume'
+    ACTION_CHOICES = (
+        (REQUEUE, 'Requeue'),
+        (DELETE, 'Delete'),
+        (RUN_NOW, 'Run now'),
+        (PAUSE, 'Pause'),
+        (RESUME, 'Resume'),
+    )
+
+    #: Who acted: the user name (a name, not a foreign key, so that the record outlives the
+    #: user, and carrot does not need django.contrib.auth's tables).
+    username = models.CharField(max_length=150, blank=True, default='')
+    action = models.CharField(max_length=20, choices=ACTION_CHOICES)
+    #: What it acted on, in words: the rows chosen, or the filter that chose them.
+    target = models.TextField()
+    #: How many rows it changed.
+    count = models.PositiveIntegerField(default=0)
+    #: What happened beyond the count: rows skipped and why, messages not sent.
+    detail = models.TextField(blank=True, default='')
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ('-id',)
+        verbose_name = 'monitor action'
+
+    def __str__(self) -> str:
+        return f'{self.username or "?"} {self.action} {self.target}'

@@ -21,7 +21,11 @@ def test_the_wheel_holds_migrations_commands_and_type_marker(tmp_path: Path) -> 
     for expected in ('carrot/migrations/0006_scheduling.py',
                      'carrot/management/commands/carrot.py',
                      'carrot/management/commands/carrot_send.py',
-                     'carrot/worker/main.py', 'carrot/py.typed'):
+                     'carrot/worker/main.py', 'carrot/py.typed',
+                     'carrot/migrations/0007_monitor.py', 'carrot/urls.py',
+                     'carrot/templates/carrot/monitor/base.html',
+                     'carrot/templates/carrot/monitor/task_list.html',
+                     'carrot/static/carrot/monitor.css', 'carrot/static/carrot/monitor.js'):
         assert expected in names
     assert not any(n.startswith('tests/') for n in names)
     requires = {line.split(':', 1)[1].strip().split('>')[0].split('<')[0].lower()

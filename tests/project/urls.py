@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
-from django.urls import path
+from django.urls import include, path
 
 
 def fails(request: HttpRequest) -> HttpResponse:
@@ -10,4 +10,10 @@ def fails(request: HttpRequest) -> HttpResponse:
     raise RuntimeError(f'cannot reach the broker ({len(broker_url)} characters)')
 
 
-urlpatterns = [path('admin/', admin.site.urls), path('fails/', fails)]
+urlpatterns = [
+    path('admin/', admin.site.urls),
+    path('fails/', fails),
+    # The monitor, twice: any prefix works, and a second mount has its own namespace.
+    path('monitor/', include('carrot.urls')),
+    path('ops/queue-monitor/', include('carrot.urls', namespace='carrot-ops')),
+]

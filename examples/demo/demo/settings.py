@@ -9,6 +9,8 @@ ALLOWED_HOSTS = ['localhost', '127.0.0.1']
 USE_TZ = True
 TIME_ZONE = 'UTC'
 ROOT_URLCONF = 'demo.urls'
+# The carrot monitor sends visitors who are not logged in here.
+LOGIN_URL = '/admin/login/'
 # Keeps the broker password out of the debug page and mailed error reports (carrot.W002).
 DEFAULT_EXCEPTION_REPORTER_FILTER = 'carrot.reporting.SafeExceptionReporterFilter'
 DEFAULT_AUTO_FIELD = 'django.db.models.AutoField'

@@ -1,4 +1,8 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
-urlpatterns = [path('admin/', admin.site.urls)]
+urlpatterns = [
+    path('admin/', admin.site.urls),
+    # The carrot monitor: log in at /admin/ as a staff user, then open /monitor/.
+    path('monitor/', include('carrot.urls')),
+]

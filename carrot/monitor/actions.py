@@ -1,0 +1,240 @@
+"""Every change the monitor (pages, API, admin) makes, and the audit record of each.
+
+Each action takes at most MAX_ROWS rows and works through them in transactions of BATCH
+rows, so one click never holds a lock on a million rows nor runs past a request's time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from django.db import connections, transaction
+from django.utils import timezone
+
+from carrot import lifecycle, oncommit
+from carrot.models import MessageLog, MonitorAction, ScheduledTask, _parse_arguments
+
+#: The most rows one action changes; the rest wait for the next one.
+MAX_ROWS = 1000
+#: Rows per transaction.
+BATCH = 100
+#: Skipped rows whose reason is kept in the audit record and shown.
+MAX_REASONS = 20
+
+
+@dataclass
+class Result:
+    """What an action did."""
+
+    action: str
+    count: int = 0
+    skipped: int = 0
+    #: "row id: why", for the first MAX_REASONS rows skipped or not sent.
+    reasons: list[str] = field(default_factory=list)
+    #: More rows matched than MAX_ROWS: the action took the first MAX_ROWS.
+    capped: bool = False
+    audit_id: int | None = None
+    #: run_now: (scheduled task name, message id) of each task published.
+    published: list[tuple[str, str]] = field(default_factory=list)
+
+    def skip(self, pk: int, why: str) -> None:
+        self.skipped += 1
+        if len(self.reasons) < MAX_REASONS:
+            self.reasons.append(f'{pk}: {why}')
+
+    @property
+    def summary(self) -> str:
+        verbs = {MonitorAction.REQUEUE: 'Requeued', MonitorAction.DELETE: 'Deleted',
+                 MonitorAction.RUN_NOW: 'Published', MonitorAction.PAUSE: 'Paused',
+                 MonitorAction.RESUME: 'Resumed'}
+        text = f'{verbs[self.action]} {self.count}'
+        if self.skipped:
+            text += f', skipped {self.skipped}'
+        if self.capped:
+            text += f' (the first {MAX_ROWS} of more: act again for the rest)'
+        return text + '.'
+
+    def as_json(self) -> dict[str, object]:
+        return {'action': self.action, 'count': self.count, 'skipped': self.skipped,
+                'reasons': self.reasons, 'capped': self.capped, 'audit_id': self.audit_id,
+                'published': [{'task_name': name, 'message_id': message_id}
+                              for name, message_id in self.published],
+                'summary': self.summary}
+
+
+def _batches(pks: Sequence[int]) -> Iterable[list[int]]:
+    for start in range(0, len(pks), BATCH):
+        yield list(pks[start:start + BATCH])
+
+
+def _unique(pks: Iterable[int], result: Result) -> list[int]:
+    chosen = list(dict.fromkeys(pks))
+    if len(chosen) > MAX_ROWS:
+        result.capped = True
+    return chosen[:MAX_ROWS]
+
+
+def _locked(alias: str, pks: list[int]) -> list[MessageLog]:
+    rows = MessageLog.objects.using(alias).filter(pk__in=pks).order_by('pk')
+    if connections[alias].features.has_select_for_update:
+        rows = rows.select_for_update()
+    return list(rows)
+
+
+def requeue(pks: Iterable[int]) -> Result:
+    """Send FAILED tasks again: the same message (same message id), the same row.
+
+    In one transaction per batch the rows go back to PUBLISHED (their failure, output and
+    log cleared, their publish time now) and their messages are sent when it commits,
+    through carrot's own publishing path: a worker that receives one finds its row
+    PUBLISHED and runs it. A message that cannot be sent leaves its row FAILED, saying why.
+    Rows that are not FAILED are skipped: a queued or running task will run, a completed one
+    has run (publish it anew if it should run again).
+    """
+    result = Result(MonitorAction.REQUEUE)
+    alias = lifecycle.database()
+    for batch in _batches(_unique(pks, result)):
+        sends: list[oncommit.Send] = []
+        with transaction.atomic(using=alias):
+            rows = _locked(alias, batch)
+            for missing in sorted(set(batch) - {row.pk for row in rows}):
+                result.skip(missing, 'no such task (deleted?)')
+            ready = []
+            for row in rows:
+                if row.status != MessageLog.FAILED:
+                    result.skip(row.pk, f'it is {row.get_status_display().lower()}; only '
+                                        f'failed tasks are requeued')
+                    continue
+                try:
+                    ready.append((row, message_of(row)))
+                except Exception as error:
+                    result.skip(row.pk, f'cannot be published again: {error}')
+            now = timezone.now()
+            MessageLog.objects.using(alias).filter(
+                pk__in=[row.pk for row, _ in ready], status=MessageLog.FAILED,
+            ).update(status=MessageLog.PUBLISHED, publish_time=now, failure_time=None,
+                     completion_time=None, exception=None, traceback=None, output=None,
+                     log=None)
+            for row, task_message in ready:
+                sends.append(oncommit.send_on_commit(task_message, row, alias))
+        for send in sends:  # sent on commit: each outcome is known now
+            if send.outcome in (oncommit.Outcome.SENT, oncommit.Outcome.WAITING):
+                result.count += 1  # WAITING: inside the caller's transaction, sent on its commit
+            else:
+                result.skip(send.log.pk, f'not sent ({send.outcome.value}): its row says why')
+    return result
+
+
+def message_of(row: MessageLog) -> oncommit.Sendable:
+    """The message of ``row`` as carrot publishes it, with the row's own message id.
+
+    Validated as any publish is (the task registered, the queue known, the arguments JSON);
+    raises otherwise.
+    """
+    from carrot.utilities import create_message
+
+    args = _parse_arguments(row.task_args, [])
+    kwargs = _parse_arguments(row.content, {})
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        raise ValueError('its arguments are not a list and an object')
+    created = create_message(
+        row.task, priority=row.priority, task_args=list(args), queue=row.queue or None,
+        exchange=row.exchange or '', routing_key=row.routing_key or None, task_kwargs=kwargs,
+    )
+    return dataclasses.replace(
+        created, task_message=dataclasses.replace(created.task_message, message_id=row.uuid))
+
+
+#: The statuses a row may be deleted in: a queued or running task's row would only be
+#: written again by the worker that runs it.
+DELETABLE = (MessageLog.COMPLETED, MessageLog.FAILED)
+
+
+def delete(pks: Iterable[int]) -> Result:
+    """Delete finished (COMPLETED or FAILED) task rows; others are skipped."""
+    result = Result(MonitorAction.DELETE)
+    alias = lifecycle.database()
+    for batch in _batches(_unique(pks, result)):
+        with transaction.atomic(using=alias):
+            rows = _locked(alias, batch)
+            for missing in sorted(set(batch) - {row.pk for row in rows}):
+                result.skip(missing, 'no such task (deleted already?)')
+            finished = []
+            for row in rows:
+                if row.status in DELETABLE:
+                    finished.append(row.pk)
+                else:
+                    result.skip(row.pk, f'it is {row.get_status_display().lower()}; only '
+                                        f'completed and failed tasks are deleted')
+            deleted, _ = MessageLog.objects.using(alias).filter(
+                pk__in=finished, status__in=DELETABLE).delete()
+            result.count += deleted
+    return result
+
+
+def _schedules(pks: Iterable[int], result: Result) -> list[ScheduledTask]:
+    chosen = _unique(pks, result)
+    rows = list(ScheduledTask.objects.filter(pk__in=chosen).order_by('pk'))
+    for missing in sorted(set(chosen) - {row.pk for row in rows}):
+        result.skip(missing, 'no such scheduled task')
+    return rows
+
+
+def run_now(pks: Iterable[int]) -> Result:
+    """Publish each scheduled task at once; its schedule is left as it is."""
+    result = Result(MonitorAction.RUN_NOW)
+    for row in _schedules(pks, result):
+        try:
+            log = row.run_now()
+        except Exception as error:
+            result.skip(row.pk, f'{row.task_name} not published: {error}')
+        else:
+            result.count += 1
+            result.published.append((row.task_name, log.uuid))
+    return result
+
+
+def set_active(pks: Iterable[int], active: bool) -> Result:
+    """Pause (``active`` False) or resume scheduled tasks.
+
+    Saved through the model, so a resumed schedule gets its next run on its schedule
+    (not the runs it missed while paused).
+    """
+    result = Result(MonitorAction.RESUME if active else MonitorAction.PAUSE)
+    for row in _schedules(pks, result):
+        if row.active == active:
+            result.skip(row.pk, f'{row.task_name} is {"active" if active else "paused"} already')
+            continue
+        row.active = active
+        try:
+            row.save(update_fields=['active'])
+        except ValueError as error:  # a schedule that does not parse
+            result.skip(row.pk, f'{row.task_name}: {error}')
+        else:
+            result.count += 1
+    return result
+
+
+def record(result: Result, username: str, target: str) -> Result:
+    """Write the audit record of ``result``."""
+    detail = '; '.join([*result.reasons,
+                        *(f'{name} published as message {message_id}'
+                          for name, message_id in result.published[:MAX_REASONS])])
+    if result.skipped:
+        detail = f'skipped {result.skipped}: {detail}'
+    if result.capped:
+        detail = f'capped at {MAX_ROWS} rows. {detail}'
+    entry = MonitorAction.objects.create(
+        username=username[:150], action=result.action, target=target, count=result.count,
+        detail=detail)
+    result.audit_id = entry.pk
+    return result
+
+
+def describe_ids(noun: str, pks: Sequence[int]) -> str:
+    """``tasks 3, 5 and 9`` for the audit log; long selections are cut short."""
+    shown = ', '.join(str(pk) for pk in pks[:20])
+    more = f' and {len(pks) - 20} more' if len(pks) > 20 else ''
+    return f'{noun} {shown}{more}' if pks else f'no {noun}'

@@ -1,0 +1,73 @@
+"""The carrot monitor's URLs: ``path('<any prefix>/', include('carrot.urls'))``.
+
+Every link, form and API call is reversed within the namespace the request came in by, so
+the monitor can be mounted under any prefix, more than once (give each further mount its
+own ``namespace``).
+"""
+
+from __future__ import annotations
+
+from django.urls import path, register_converter
+
+from carrot.monitor import api, views
+
+
+class _Choice:
+    """A path segment that is one of ``names``."""
+
+    names: tuple[str, ...] = ()
+    regex: str = ''
+
+    def to_python(self, value: str) -> str:
+        return value
+
+    def to_url(self, value: str) -> str:
+        if value not in self.names:
+            raise ValueError(value)
+        return value
+
+
+class _Status(_Choice):
+    names = ('queued', 'running', 'failed', 'completed')
+    regex = '|'.join(names)
+
+
+class _TaskAction(_Choice):
+    names = ('requeue', 'delete')
+    regex = '|'.join(names)
+
+
+class _ScheduleAction(_Choice):
+    names = ('run', 'pause', 'resume')
+    regex = '|'.join(names)
+
+
+register_converter(_Status, 'carrot_status')
+register_converter(_TaskAction, 'carrot_task_action')
+register_converter(_ScheduleAction, 'carrot_schedule_action')
+
+app_name = 'carrot'
+
+urlpatterns = [
+    path('', views.index, name='index'),
+    path('tasks/<carrot_status:status>/', views.task_list, name='task-list'),
+    path('tasks/find/', views.task_find, name='task-find'),
+    path('tasks/<int:pk>/', views.task_detail, name='task-detail'),
+    path('tasks/<carrot_task_action:action>/', views.task_action, name='task-action'),
+    path('schedules/', views.schedule_list, name='schedule-list'),
+    path('schedules/<int:pk>/', views.schedule_detail, name='schedule-detail'),
+    path('schedules/<carrot_schedule_action:action>/', views.schedule_action,
+         name='schedule-action'),
+    path('audit/', views.audit_list, name='audit'),
+    path('assets/<str:name>', views.asset, name='asset'),
+    path('api/', api.root, name='api-root'),
+    path('api/tasks/<carrot_status:status>/', api.task_list, name='api-task-list'),
+    path('api/tasks/find/', api.task_find, name='api-task-find'),
+    path('api/tasks/<int:pk>/', api.task_detail, name='api-task-detail'),
+    path('api/tasks/<carrot_task_action:action>/', api.task_action, name='api-task-action'),
+    path('api/schedules/', api.schedule_list, name='api-schedule-list'),
+    path('api/schedules/<int:pk>/', api.schedule_detail, name='api-schedule-detail'),
+    path('api/schedules/<carrot_schedule_action:action>/', api.schedule_action,
+         name='api-schedule-action'),
+    path('api/audit/', api.audit, name='api-audit'),
+]
