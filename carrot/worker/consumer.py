@@ -171,14 +171,15 @@ class Consumer:
         # before its ack was lost, and while the database is failing a task must not run
         # without its IN_PROGRESS row.
         wait_for_start = bool(method.get('redelivered')) or not runtime.recorder.healthy
+        start = lifecycle.Start(
+            message_id=task_message.message_id, task=task_message.task,
+            args=task_message.args, kwargs=task_message.kwargs, queue=self.queue,
+            exchange=message.text(method.get('exchange')),
+            routing_key=message.text(method.get('routing_key')),
+            priority=task_message.priority,
+        )
         try:
-            started = runtime.recorder.record_start(lifecycle.Start(
-                message_id=task_message.message_id, task=task_message.task,
-                args=task_message.args, kwargs=task_message.kwargs, queue=self.queue,
-                exchange=message.text(method.get('exchange')),
-                routing_key=message.text(method.get('routing_key')),
-                priority=task_message.priority,
-            ), urgent=wait_for_start)
+            started = runtime.recorder.record_start(start, urgent=wait_for_start)
             self._start = started
         except RecordingFailed as error:
             self._requeue(delivery, f'its start could not be recorded ({error})')
@@ -208,7 +209,7 @@ class Consumer:
                 message_id=task_message.message_id, status=outcome.status,
                 output=outcome.output, log=outcome.log, exception=outcome.exception_text,
                 traceback=outcome.traceback, at=outcome.ended_at,
-            ), settle=lambda ok: self._settle_recorded(delivery, ok))
+            ), settle=lambda ok: self._settle_recorded(delivery, ok), start=start)
         except RecordingFailed as error:
             self._requeue(delivery, f'its end could not be recorded ({error})')
             return

@@ -61,6 +61,7 @@ class _StartJob:
 @dataclass
 class _FinishJob:
     started: AsyncResult  # of the task's _StartJob, written in an earlier or the same batch
+    start: lifecycle.Start  # written with the end when ``started`` failed
     finish: lifecycle.Finish  # its pk is filled in from ``started``
     settle: Settle
     result: AsyncResult = field(default_factory=AsyncResult)
@@ -142,13 +143,15 @@ class Recorder:
         return len(self._starts) < before
 
     def record_finish(self, started: AsyncResult, finish: lifecycle.Finish,
-                      settle: Settle) -> AsyncResult:
+                      settle: Settle, *, start: lifecycle.Start) -> AsyncResult:
         """Queue the end of a task; ``settle(recorded)`` is called once it is committed or not.
 
-        ``.get()`` on the result waits for the commit (and raises RecordingFailed).
+        ``start`` is what ``started`` was recorded from: the end is written with it if that
+        write failed. ``.get()`` on the result waits for the commit (and raises
+        RecordingFailed).
         """
         self._check_running()
-        job = _FinishJob(started, finish, settle)
+        job = _FinishJob(started, start, finish, settle)
         self._finishes.append(job)
         self._wakeup.set()
         return job.result
@@ -236,8 +239,9 @@ class Recorder:
             elif job.started.successful():
                 ready.append(_Ending(job, replace(job.finish, pk=job.started.value.pk)))
             else:
-                # Its start was never recorded: let the message come back rather than ack it.
-                self._settle(job, RecordingFailed('its start could not be recorded'))
+                # Its start was not recorded (the database was away longer than a start is
+                # retried): the end carries it, so the task that ran is not run again.
+                ready.append(_Ending(job, replace(job.finish, start=job.start)))
         self._finishes[:0] = waiting
         if ready:
             self._write_endings(ready)
