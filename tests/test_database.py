@@ -9,7 +9,7 @@ from typing import Any
 import gevent
 import gevent.event
 import pytest
-from django.db import OperationalError, connection
+from django.db import OperationalError, connection, connections
 
 from carrot import lifecycle
 from carrot.models import MessageLog, ScheduledTask
@@ -326,3 +326,35 @@ def test_an_end_whose_start_could_not_be_written_is_written_with_it_and_acknowle
     assert settled == [True]
     row = MessageLog.objects.get(uuid='lost-start')
     assert (row.status, row.output, row.attempts) == (MessageLog.COMPLETED, '2', 1)
+
+
+def test_a_connection_that_fails_to_close_does_not_end_the_retries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing what the database broke can raise; the end must still be written."""
+    monkeypatch.setattr(recording, 'RETRY_DELAYS', (0.01,))
+    monkeypatch.setattr(lifecycle, 'finish_many', _failing(lifecycle.finish_many, 1))
+    wrapper = type(connections['default'])
+    close = wrapper.close
+    closes: list[object] = []
+
+    def close_failing_once(self: Any) -> None:
+        closes.append(self)
+        if len(closes) == 1:  # as the driver may, closing a connection it saw break
+            raise OperationalError('the connection is already broken')
+        close(self)
+
+    recorder = recording.Recorder()
+    recorder.start()
+    try:
+        start = _start('unclosable')
+        started = recorder.record_start(start, urgent=True)
+        started.get(timeout=10)
+        monkeypatch.setattr(wrapper, 'close', close_failing_once)
+        settled: list[bool] = []
+        recorder.record_finish(started, lifecycle.Finish(
+            message_id='unclosable', status=MessageLog.COMPLETED,
+        ), settle=settled.append, start=start).get(timeout=10)
+    finally:
+        recorder.stop()
+    assert closes and settled == [True]
+    assert _status('unclosable') == (MessageLog.COMPLETED, 1)

@@ -292,7 +292,7 @@ class Recorder:
             except DatabaseFault as error:
                 self._healthy = False
                 # Reconnect on the next try, in case the connection itself broke.
-                connections[lifecycle.database()].close()
+                close_connection(lifecycle.database())
                 if delay is None:
                     raise RecordingFailed(f'{type(error).__name__}: {error}') from error
                 logger.warning('Writing task records failed (%s); retrying in %.1f s',
@@ -311,3 +311,15 @@ class Recorder:
                 self._healthy = True
                 return results
         raise AssertionError('unreachable')
+
+
+def close_connection(alias: str) -> None:
+    """Close the connection to ``alias`` so the next query reconnects.
+
+    Closing a connection the database already broke can fail too; that must not end the
+    retries it is part of.
+    """
+    try:
+        connections[alias].close()
+    except Exception as error:
+        logger.warning('Closing a broken database connection failed: %s', error)
