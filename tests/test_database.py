@@ -328,6 +328,30 @@ def test_an_end_whose_start_could_not_be_written_is_written_with_it_and_acknowle
     assert (row.status, row.output, row.attempts) == (MessageLog.COMPLETED, '2', 1)
 
 
+def test_ends_and_awaited_starts_are_retried_until_the_database_takes_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past RETRY_DELAYS: an end given up would hand back a task that ran."""
+    monkeypatch.setattr(recording, 'RETRY_DELAYS', (0.01, 0.02))
+    tries = 3 * len(recording.RETRY_DELAYS)
+    monkeypatch.setattr(lifecycle, 'start_many', _failing(lifecycle.start_many, tries))
+    monkeypatch.setattr(lifecycle, 'finish_many', _failing(lifecycle.finish_many, tries))
+    recorder = recording.Recorder()
+    recorder.start()
+    try:
+        start = _start('awaited')
+        started = recorder.record_start(start, urgent=True)
+        assert started.get(timeout=10).already_completed is False
+        settled: list[bool] = []
+        recorder.record_finish(started, lifecycle.Finish(
+            message_id='awaited', status=MessageLog.COMPLETED, output='2',
+        ), settle=settled.append, start=start).get(timeout=10)
+        assert recorder.healthy
+    finally:
+        recorder.stop()
+    assert settled == [True]
+    assert _status('awaited') == (MessageLog.COMPLETED, 1)
+
+
 def test_a_connection_that_fails_to_close_does_not_end_the_retries(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Closing what the database broke can raise; the end must still be written."""
@@ -358,3 +382,32 @@ def test_a_connection_that_fails_to_close_does_not_end_the_retries(
         recorder.stop()
     assert closes and settled == [True]
     assert _status('unclosable') == (MessageLog.COMPLETED, 1)
+
+
+def test_the_recorder_stops_within_its_timeout_while_the_database_is_away(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its round is killed, end and start retries and all. The end is not settled: its
+    message stays unacknowledged, and goes back to its queue when the service closes its
+    link."""
+    monkeypatch.setattr(recording, 'RETRY_DELAYS', (0.01, 0.05))
+    monkeypatch.setattr(recording, 'KILL_TIMEOUT_SECONDS', 60.0)  # not the kill's timeout
+    recorder = recording.Recorder()
+    recorder.start()
+    start = _start('stopped')
+    started = recorder.record_start(start, urgent=True)
+    started.get(timeout=10)
+    monkeypatch.setattr(lifecycle, 'finish_many', _failing(lifecycle.finish_many, 10 ** 9))
+    monkeypatch.setattr(lifecycle, 'start_many', _failing(lifecycle.start_many, 10 ** 9))
+    settled: list[bool] = []
+    ended = recorder.record_finish(started, lifecycle.Finish(
+        message_id='stopped', status=MessageLog.COMPLETED), settle=settled.append, start=start)
+    waited_for = recorder.record_start(_start('waited-for'), urgent=True)  # the same round
+    gevent.sleep(0.3)
+    stopping = gevent.spawn(recorder.stop, 0.5)
+    stopping.join(3)
+    if not stopping.dead:
+        assert recorder.greenlet is not None
+        recorder.greenlet.kill(block=False)
+        raise AssertionError('the recorder did not stop')
+    assert settled == [] and not ended.ready() and not waited_for.ready()
+    assert _status('stopped') == (MessageLog.IN_PROGRESS, 1)
