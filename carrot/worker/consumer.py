@@ -185,6 +185,13 @@ class Consumer:
             self._requeue(delivery, f'its start could not be recorded ({error})')
             return
         if wait_for_start:
+            # The recorder retries it until the database takes it; only a stop ends the wait.
+            gevent.wait([started, runtime.stopping], count=1)
+            if not started.ready():
+                runtime.recorder.discard_start(started)
+                self._hand_back(delivery, 'the service is stopping and its start is not '
+                                          'recorded yet')
+                return
             try:
                 already_completed = started.get().already_completed
             except RecordingFailed as error:
@@ -307,10 +314,13 @@ class Consumer:
         self._settled = True
 
     def _requeue(self, delivery: Delivery, why: str) -> None:
+        self._hand_back(delivery, why)
+        gevent.sleep(REQUEUE_PAUSE_SECONDS)  # do not spin on a database that is down
+
+    def _hand_back(self, delivery: Delivery, why: str) -> None:
         self.logger.error('%s: message %s handed back to the queue: %s', self.name,
                           delivery.properties.get('message_id'), why)
         self._nack(delivery)
-        gevent.sleep(REQUEUE_PAUSE_SECONDS)  # do not spin on a database that is down
 
     def _call_failure_callbacks(self, message_id: str, error: Any) -> None:
         if not self.failure_callbacks:
