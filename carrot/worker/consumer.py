@@ -1,12 +1,14 @@
 """A consumer: one greenlet, one channel, one message at a time.
 
 Every delivery ends in exactly one of: an ack after its end is recorded, a requeue (the
-database could not record it, or the service is stopping), or the dead-letter queue with a
-FAILED row saying why (it cannot run at all).
+database refused to record it, or the service is stopping), or the dead-letter queue with a
+FAILED row saying why (it cannot run at all). While the database is unreachable a consumer
+waits for it rather than hand its message back.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +17,8 @@ from typing import Any, cast
 import gevent
 from amqpstorm.exception import AMQPChannelError, AMQPError
 from amqpstorm.message import Message as Delivery
-from django.db import close_old_connections
+from django.db import DataError, IntegrityError, close_old_connections
+from django.db import Error as DatabaseFault
 from gevent.event import AsyncResult, Event
 
 from carrot import conf, frames, lifecycle, message, registry
@@ -31,7 +34,7 @@ from carrot.exceptions import (
 from carrot.models import MessageLog
 from carrot.worker import executor
 from carrot.worker.link import QueueLink, backoff_delay
-from carrot.worker.recorder import Recorder, RecordingFailed
+from carrot.worker.recorder import Recorder, RecordingFailed, close_connection, retry_delay
 
 FailureCallback = Callable[[MessageLog, Any], None]
 
@@ -247,9 +250,21 @@ class Consumer:
                                 delivery.properties.get('message_id'), error)
 
     def refuse(self, delivery: Delivery, error: CarrotError) -> None:
-        """Dead-letter a message that cannot run, with a FAILED row where it has an id."""
+        """Dead-letter a message that cannot run, with a FAILED row where it has an id.
+
+        The row is written first, so no message sits in the dead-letter queue without the
+        row that says why; a redelivery (the dead-lettering failed) writes FAILED again.
+        """
         runtime = self._runtime()
         reason = str(error)
+        message_id = message.message_id_of(delivery.properties)
+        task = message.text((delivery.properties.get('headers') or {}).get(message.TYPE_HEADER))
+        try:
+            log = self._record_refused(message_id, task or '(unknown)', reason)
+        except _Stopping:
+            self._hand_back(delivery, f'it cannot run ({reason}), and the service is stopping '
+                                      f'before its FAILED row could be written')
+            return
         properties = _dead_letter_properties(delivery.properties, reason)
         try:
             try:
@@ -263,21 +278,40 @@ class Consumer:
             self._requeue(delivery, f'it cannot run ({reason}) and the dead-letter queue '
                                     f'could not take it ({publish_error})')
             return
-        message_id = message.message_id_of(delivery.properties)
         self.logger.error('%s: message %s dead-lettered to %s: %s', self.name,
                           message_id or '(no message_id)', runtime.queue.dead_letter_queue, reason)
-        task = message.text((delivery.properties.get('headers') or {}).get(message.TYPE_HEADER))
-        try:
-            log = lifecycle.record_refused(message_id=message_id, task=task or '(unknown)',
-                                           reason=reason, queue=self.queue)
-            if log is not None:
-                self._call_failure_callbacks(log.uuid, error)
-        except Exception as db_error:  # the message is in the dead-letter queue already
-            self.logger.error('%s: the FAILED row of message %s could not be written: %s',
-                              self.name, message_id, db_error)
-        finally:
-            close_old_connections()
+        if log is not None:
+            self._call_failure_callbacks(log.uuid, error)
         self._ack(delivery)
+
+    def _record_refused(self, message_id: str | None, task: str,
+                        reason: str) -> MessageLog | None:
+        """The FAILED row of a refused message, retried while the database is unreachable.
+
+        None when there is no row to write, or the database refuses this one (the message is
+        dead-lettered anyway, its reason in a header). Raises _Stopping when the service
+        stops before the database is back.
+        """
+        stopping = self._runtime().stopping
+        for attempt in itertools.count():
+            try:
+                return lifecycle.record_refused(message_id=message_id, task=task,
+                                                reason=reason, queue=self.queue)
+            except (DataError, IntegrityError, TypeError, ValueError) as db_error:
+                self.logger.error('%s: the FAILED row of message %s could not be written: %s',
+                                  self.name, message_id, db_error)
+                return None
+            except DatabaseFault as db_error:
+                close_connection(lifecycle.database())
+                delay = retry_delay(attempt)
+                self.logger.warning('%s: the FAILED row of message %s could not be written '
+                                    '(%s); retrying in %.1f s', self.name, message_id,
+                                    db_error, delay)
+                if stopping.wait(delay):
+                    raise _Stopping from db_error
+            finally:
+                close_old_connections()
+        raise AssertionError('unreachable')
 
     def _dead_letter(self, delivery: Delivery, properties: dict[str, Any]) -> None:
         runtime = self._runtime()
@@ -339,6 +373,10 @@ class Consumer:
                 self.logger.exception('%s: failure callback %r raised', self.name, callback)
             finally:
                 close_old_connections()
+
+
+class _Stopping(Exception):
+    """The service stopped while a consumer waited for the database."""
 
 
 def _bytes(body: Any) -> bytes:
