@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.bootstrap import ROOT, ensure_postgresql, ensure_rabbitmq, say, venv_python  # noqa: E402
 
 POSTGRESQL_LEG = ['tests/test_publish.py', 'tests/test_worker.py', 'tests/test_database.py',
-                  'tests/test_schedules.py', 'tests/test_scheduler.py']
+                  'tests/test_schedules.py', 'tests/test_scheduler.py', 'tests/test_outage.py']
 
 
 def main() -> int:
