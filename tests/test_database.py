@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import gevent
 import gevent.event
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection, connections
 
 from carrot import lifecycle
 from carrot.models import MessageLog, ScheduledTask
@@ -176,7 +177,8 @@ def test_the_recorder_holds_a_start_back_so_a_short_task_is_written_once(
         settled: list[bool] = []
         recorder.record_finish(short, lifecycle.Finish(message_id='short', output='2',
                                                        status=MessageLog.COMPLETED),
-                               settle=settled.append).get(timeout=10)
+                               settle=settled.append,
+                               start=start('short', again=True)).get(timeout=10)
         assert settled == [True]
         assert short.get(timeout=1).pk == MessageLog.objects.get(uuid='short').pk
         assert status('short') == (MessageLog.COMPLETED, 1)  # start and end in one write
@@ -212,7 +214,7 @@ def test_a_start_being_written_is_not_discarded_but_can_be_waited_for(
         taken = recorder.record_start(_start('taken'))
         recorder.record_finish(first, lifecycle.Finish(message_id='first',
                                                        status=MessageLog.COMPLETED),
-                               settle=lambda recorded: None)
+                               settle=lambda recorded: None, start=_start('first', again=True))
         assert writing_ends.wait(10)  # the round has taken both and is writing the end
         assert recorder.discard_start(taken) is False
         may_write.set()
@@ -243,7 +245,7 @@ def test_an_end_the_database_refuses_is_written_without_its_texts(
         recorder.record_finish(started, lifecycle.Finish(
             message_id='refused', status=MessageLog.FAILED, log='\udcff',
             exception='OSError: \udcff', traceback='\udcff',
-        ), settle=settled.append).get(timeout=10)
+        ), settle=settled.append, start=_start('refused', again=True)).get(timeout=10)
     finally:
         recorder.stop()
     assert settled == [True]
@@ -278,10 +280,134 @@ def test_an_end_left_for_a_later_round_is_written_before_its_redelivery_starts(
         redelivered.get(timeout=10)
         for started, message_id in ((first, 'first'), (redelivered, 'redelivered')):
             recorder.record_finish(started, lifecycle.Finish(
-                message_id=message_id, status=MessageLog.COMPLETED), settle=lambda ok: None)
+                message_id=message_id, status=MessageLog.COMPLETED), settle=lambda ok: None,
+                start=_start(message_id, again=True))
         # Its channel was lost before the ack: the message comes back while its end waits.
         again = recorder.record_start(_start('redelivered', again=True), urgent=True)
         assert again.get(timeout=10).already_completed is True
     finally:
         recorder.stop()
     assert _status('redelivered') == (MessageLog.COMPLETED, 1)
+
+
+def _failing(write: Callable[..., Any], times: int) -> Callable[..., Any]:
+    """``write``, failing its first ``times`` calls as it does while the database is away."""
+    left = [times]
+
+    def failing(*args: Any) -> Any:
+        if left[0]:
+            left[0] -= 1
+            raise OperationalError('connection refused: the database is away')
+        return write(*args)
+
+    return failing
+
+
+def test_an_end_whose_start_could_not_be_written_is_written_with_it_and_acknowledged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not handed back to run again: the task ran, and the database is back for its end."""
+    monkeypatch.setattr(recording, 'RETRY_DELAYS', (0.01,))
+    monkeypatch.setattr(recording, 'START_HOLD_SECONDS', 0.0)
+    # Starts fail and ends do not: no real database does that on cue.
+    monkeypatch.setattr(lifecycle, 'start_many', _failing(lifecycle.start_many, 1000))
+    recorder = recording.Recorder()
+    recorder.start()
+    try:
+        start = _start('lost-start')
+        started = recorder.record_start(start)
+        with pytest.raises(recording.RecordingFailed):
+            started.get(timeout=10)
+        settled: list[bool] = []
+        recorder.record_finish(started, lifecycle.Finish(
+            message_id='lost-start', status=MessageLog.COMPLETED, output='2',
+        ), settle=settled.append, start=start).get(timeout=10)
+    finally:
+        recorder.stop()
+    assert settled == [True]
+    row = MessageLog.objects.get(uuid='lost-start')
+    assert (row.status, row.output, row.attempts) == (MessageLog.COMPLETED, '2', 1)
+
+
+def test_ends_and_awaited_starts_are_retried_until_the_database_takes_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past RETRY_DELAYS: an end given up would hand back a task that ran."""
+    monkeypatch.setattr(recording, 'RETRY_DELAYS', (0.01, 0.02))
+    tries = 3 * len(recording.RETRY_DELAYS)
+    monkeypatch.setattr(lifecycle, 'start_many', _failing(lifecycle.start_many, tries))
+    monkeypatch.setattr(lifecycle, 'finish_many', _failing(lifecycle.finish_many, tries))
+    recorder = recording.Recorder()
+    recorder.start()
+    try:
+        start = _start('awaited')
+        started = recorder.record_start(start, urgent=True)
+        assert started.get(timeout=10).already_completed is False
+        settled: list[bool] = []
+        recorder.record_finish(started, lifecycle.Finish(
+            message_id='awaited', status=MessageLog.COMPLETED, output='2',
+        ), settle=settled.append, start=start).get(timeout=10)
+        assert recorder.healthy
+    finally:
+        recorder.stop()
+    assert settled == [True]
+    assert _status('awaited') == (MessageLog.COMPLETED, 1)
+
+
+def test_a_connection_that_fails_to_close_does_not_end_the_retries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing what the database broke can raise; the end must still be written."""
+    monkeypatch.setattr(recording, 'RETRY_DELAYS', (0.01,))
+    monkeypatch.setattr(lifecycle, 'finish_many', _failing(lifecycle.finish_many, 1))
+    wrapper = type(connections['default'])
+    close = wrapper.close
+    closes: list[object] = []
+
+    def close_failing_once(self: Any) -> None:
+        closes.append(self)
+        if len(closes) == 1:  # as the driver may, closing a connection it saw break
+            raise OperationalError('the connection is already broken')
+        close(self)
+
+    recorder = recording.Recorder()
+    recorder.start()
+    try:
+        start = _start('unclosable')
+        started = recorder.record_start(start, urgent=True)
+        started.get(timeout=10)
+        monkeypatch.setattr(wrapper, 'close', close_failing_once)
+        settled: list[bool] = []
+        recorder.record_finish(started, lifecycle.Finish(
+            message_id='unclosable', status=MessageLog.COMPLETED,
+        ), settle=settled.append, start=start).get(timeout=10)
+    finally:
+        recorder.stop()
+    assert closes and settled == [True]
+    assert _status('unclosable') == (MessageLog.COMPLETED, 1)
+
+
+def test_the_recorder_stops_within_its_timeout_while_the_database_is_away(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its round is killed, end and start retries and all. The end is not settled: its
+    message stays unacknowledged, and goes back to its queue when the service closes its
+    link."""
+    monkeypatch.setattr(recording, 'RETRY_DELAYS', (0.01, 0.05))
+    monkeypatch.setattr(recording, 'KILL_TIMEOUT_SECONDS', 60.0)  # not the kill's timeout
+    recorder = recording.Recorder()
+    recorder.start()
+    start = _start('stopped')
+    started = recorder.record_start(start, urgent=True)
+    started.get(timeout=10)
+    monkeypatch.setattr(lifecycle, 'finish_many', _failing(lifecycle.finish_many, 10 ** 9))
+    monkeypatch.setattr(lifecycle, 'start_many', _failing(lifecycle.start_many, 10 ** 9))
+    settled: list[bool] = []
+    ended = recorder.record_finish(started, lifecycle.Finish(
+        message_id='stopped', status=MessageLog.COMPLETED), settle=settled.append, start=start)
+    waited_for = recorder.record_start(_start('waited-for'), urgent=True)  # the same round
+    gevent.sleep(0.3)
+    stopping = gevent.spawn(recorder.stop, 0.5)
+    stopping.join(3)
+    if not stopping.dead:
+        assert recorder.greenlet is not None
+        recorder.greenlet.kill(block=False)
+        raise AssertionError('the recorder did not stop')
+    assert settled == [] and not ended.ready() and not waited_for.ready()
+    assert _status('stopped') == (MessageLog.IN_PROGRESS, 1)

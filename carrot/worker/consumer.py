@@ -1,12 +1,14 @@
 """A consumer: one greenlet, one channel, one message at a time.
 
 Every delivery ends in exactly one of: an ack after its end is recorded, a requeue (the
-database could not record it, or the service is stopping), or the dead-letter queue with a
-FAILED row saying why (it cannot run at all).
+database refused to record it, or the service is stopping), or the dead-letter queue with a
+FAILED row saying why (it cannot run at all). While the database is unreachable a consumer
+waits for it rather than hand its message back.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +17,8 @@ from typing import Any, cast
 import gevent
 from amqpstorm.exception import AMQPChannelError, AMQPError
 from amqpstorm.message import Message as Delivery
-from django.db import close_old_connections
+from django.db import DataError, IntegrityError, close_old_connections
+from django.db import Error as DatabaseFault
 from gevent.event import AsyncResult, Event
 
 from carrot import conf, frames, lifecycle, message, registry
@@ -31,7 +34,7 @@ from carrot.exceptions import (
 from carrot.models import MessageLog
 from carrot.worker import executor
 from carrot.worker.link import QueueLink, backoff_delay
-from carrot.worker.recorder import Recorder, RecordingFailed
+from carrot.worker.recorder import Recorder, RecordingFailed, close_connection, retry_delay
 
 FailureCallback = Callable[[MessageLog, Any], None]
 
@@ -171,19 +174,27 @@ class Consumer:
         # before its ack was lost, and while the database is failing a task must not run
         # without its IN_PROGRESS row.
         wait_for_start = bool(method.get('redelivered')) or not runtime.recorder.healthy
+        start = lifecycle.Start(
+            message_id=task_message.message_id, task=task_message.task,
+            args=task_message.args, kwargs=task_message.kwargs, queue=self.queue,
+            exchange=message.text(method.get('exchange')),
+            routing_key=message.text(method.get('routing_key')),
+            priority=task_message.priority,
+        )
         try:
-            started = runtime.recorder.record_start(lifecycle.Start(
-                message_id=task_message.message_id, task=task_message.task,
-                args=task_message.args, kwargs=task_message.kwargs, queue=self.queue,
-                exchange=message.text(method.get('exchange')),
-                routing_key=message.text(method.get('routing_key')),
-                priority=task_message.priority,
-            ), urgent=wait_for_start)
+            started = runtime.recorder.record_start(start, urgent=wait_for_start)
             self._start = started
         except RecordingFailed as error:
             self._requeue(delivery, f'its start could not be recorded ({error})')
             return
         if wait_for_start:
+            # The recorder retries it until the database takes it; only a stop ends the wait.
+            gevent.wait([started, runtime.stopping], count=1)
+            if not started.ready():
+                runtime.recorder.discard_start(started)
+                self._hand_back(delivery, 'the service is stopping and its start is not '
+                                          'recorded yet')
+                return
             try:
                 already_completed = started.get().already_completed
             except RecordingFailed as error:
@@ -208,7 +219,7 @@ class Consumer:
                 message_id=task_message.message_id, status=outcome.status,
                 output=outcome.output, log=outcome.log, exception=outcome.exception_text,
                 traceback=outcome.traceback, at=outcome.ended_at,
-            ), settle=lambda ok: self._settle_recorded(delivery, ok))
+            ), settle=lambda ok: self._settle_recorded(delivery, ok), start=start)
         except RecordingFailed as error:
             self._requeue(delivery, f'its end could not be recorded ({error})')
             return
@@ -239,9 +250,21 @@ class Consumer:
                                 delivery.properties.get('message_id'), error)
 
     def refuse(self, delivery: Delivery, error: CarrotError) -> None:
-        """Dead-letter a message that cannot run, with a FAILED row where it has an id."""
+        """Dead-letter a message that cannot run, with a FAILED row where it has an id.
+
+        The row is written first, so no message sits in the dead-letter queue without the
+        row that says why; a redelivery (the dead-lettering failed) writes FAILED again.
+        """
         runtime = self._runtime()
         reason = str(error)
+        message_id = message.message_id_of(delivery.properties)
+        task = message.text((delivery.properties.get('headers') or {}).get(message.TYPE_HEADER))
+        try:
+            log = self._record_refused(message_id, task or '(unknown)', reason)
+        except _Stopping:
+            self._hand_back(delivery, f'it cannot run ({reason}), and the service is stopping '
+                                      f'before its FAILED row could be written')
+            return
         properties = _dead_letter_properties(delivery.properties, reason)
         try:
             try:
@@ -255,21 +278,40 @@ class Consumer:
             self._requeue(delivery, f'it cannot run ({reason}) and the dead-letter queue '
                                     f'could not take it ({publish_error})')
             return
-        message_id = message.message_id_of(delivery.properties)
         self.logger.error('%s: message %s dead-lettered to %s: %s', self.name,
                           message_id or '(no message_id)', runtime.queue.dead_letter_queue, reason)
-        task = message.text((delivery.properties.get('headers') or {}).get(message.TYPE_HEADER))
-        try:
-            log = lifecycle.record_refused(message_id=message_id, task=task or '(unknown)',
-                                           reason=reason, queue=self.queue)
-            if log is not None:
-                self._call_failure_callbacks(log.uuid, error)
-        except Exception as db_error:  # the message is in the dead-letter queue already
-            self.logger.error('%s: the FAILED row of message %s could not be written: %s',
-                              self.name, message_id, db_error)
-        finally:
-            close_old_connections()
+        if log is not None:
+            self._call_failure_callbacks(log.uuid, error)
         self._ack(delivery)
+
+    def _record_refused(self, message_id: str | None, task: str,
+                        reason: str) -> MessageLog | None:
+        """The FAILED row of a refused message, retried while the database is unreachable.
+
+        None when there is no row to write, or the database refuses this one (the message is
+        dead-lettered anyway, its reason in a header). Raises _Stopping when the service
+        stops before the database is back.
+        """
+        stopping = self._runtime().stopping
+        for attempt in itertools.count():
+            try:
+                return lifecycle.record_refused(message_id=message_id, task=task,
+                                                reason=reason, queue=self.queue)
+            except (DataError, IntegrityError, TypeError, ValueError) as db_error:
+                self.logger.error('%s: the FAILED row of message %s could not be written: %s',
+                                  self.name, message_id, db_error)
+                return None
+            except DatabaseFault as db_error:
+                close_connection(lifecycle.database())
+                delay = retry_delay(attempt)
+                self.logger.warning('%s: the FAILED row of message %s could not be written '
+                                    '(%s); retrying in %.1f s', self.name, message_id,
+                                    db_error, delay)
+                if stopping.wait(delay):
+                    raise _Stopping from db_error
+            finally:
+                close_old_connections()
+        raise AssertionError('unreachable')
 
     def _dead_letter(self, delivery: Delivery, properties: dict[str, Any]) -> None:
         runtime = self._runtime()
@@ -306,10 +348,13 @@ class Consumer:
         self._settled = True
 
     def _requeue(self, delivery: Delivery, why: str) -> None:
+        self._hand_back(delivery, why)
+        gevent.sleep(REQUEUE_PAUSE_SECONDS)  # do not spin on a database that is down
+
+    def _hand_back(self, delivery: Delivery, why: str) -> None:
         self.logger.error('%s: message %s handed back to the queue: %s', self.name,
                           delivery.properties.get('message_id'), why)
         self._nack(delivery)
-        gevent.sleep(REQUEUE_PAUSE_SECONDS)  # do not spin on a database that is down
 
     def _call_failure_callbacks(self, message_id: str, error: Any) -> None:
         if not self.failure_callbacks:
@@ -328,6 +373,10 @@ class Consumer:
                 self.logger.exception('%s: failure callback %r raised', self.name, callback)
             finally:
                 close_old_connections()
+
+
+class _Stopping(Exception):
+    """The service stopped while a consumer waited for the database."""
 
 
 def _bytes(body: Any) -> bytes:

@@ -7,12 +7,18 @@ consumers run. A start is held back for START_HOLD_SECONDS: a task that ends wit
 time has its start and end written by one UPDATE, half the database work of a short task.
 
 Once a batch of ends is committed the recorder settles each message: ack, or, when the
-database would not take the write, a requeue. So the database is never on a consumer's
+database refuses the rows themselves, a requeue. So the database is never on a consumer's
 critical path, and a message is still never acknowledged before its end is recorded.
+
+While the database is unreachable, a write something waits for (an end, whose message stays
+unacknowledged; a start a consumer waits for) is retried until it is written, so a task
+that ran is not handed back to run again; only the service's stop ends the wait. A start
+nobody waits for gives up after RETRY_DELAYS, and its task's end is written with it.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -33,14 +39,19 @@ BATCH_LIMIT = 500
 # How long a start waits for its end before it is written on its own (in the next batch
 # after that): a task shorter than this has its start and end written by one UPDATE.
 START_HOLD_SECONDS = 0.2
+# Between tries of a write the database did not take; a write retried until it is written
+# goes on at the last delay.
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+# How long stop() waits for the greenlet to die once its timeout has passed.
+KILL_TIMEOUT_SECONDS = 5.0
 
 Settle = Callable[[bool], None]
 Written = TypeVar('Written')
 
 
 class RecordingFailed(Exception):
-    """The database refused the write after every retry.
+    """The database refused the write, or was unreachable through every retry.
 
     ``bad_data``: it refused the rows themselves (not a lost connection), so writing them one
     by one isolates the bad one instead of failing the whole batch.
@@ -55,12 +66,14 @@ class RecordingFailed(Exception):
 class _StartJob:
     start: lifecycle.Start
     due: float  # time.monotonic() from which it is written even if its task is still running
+    urgent: bool = False  # a consumer waits for it: retried until the database takes it
     result: AsyncResult = field(default_factory=AsyncResult)
 
 
 @dataclass
 class _FinishJob:
     started: AsyncResult  # of the task's _StartJob, written in an earlier or the same batch
+    start: lifecycle.Start  # written with the end when ``started`` failed
     finish: lifecycle.Finish  # its pk is filled in from ``started``
     settle: Settle
     result: AsyncResult = field(default_factory=AsyncResult)
@@ -110,12 +123,16 @@ class Recorder:
         return self._greenlet
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Write and settle what is pending, then stop."""
+        """Write and settle what is pending, then stop.
+
+        Past ``timeout`` the greenlet is killed, retries and all: what it did not settle
+        stays unacknowledged, and goes back to its queue when the service closes its links.
+        """
         self._stopping = True
         self._wakeup.set()
         if self._greenlet is not None:
             self._greenlet.join(timeout)
-            self._greenlet.kill()
+            self._greenlet.kill(timeout=KILL_TIMEOUT_SECONDS)
 
     def record_start(self, start: lifecycle.Start, urgent: bool = False) -> AsyncResult:
         """Queue the IN_PROGRESS write; ``.get()`` on the result gives a lifecycle.Started.
@@ -124,7 +141,8 @@ class Recorder:
         that comes first; ``urgent`` (the caller will wait for it) in the next batch.
         """
         self._check_running()
-        job = _StartJob(start, due=time.monotonic() + (0.0 if urgent else START_HOLD_SECONDS))
+        job = _StartJob(start, due=time.monotonic() + (0.0 if urgent else START_HOLD_SECONDS),
+                        urgent=urgent)
         self._starts.append(job)
         if urgent or len(self._starts) == 1:
             self._wakeup.set()  # otherwise the recorder is already waiting for an earlier one
@@ -142,13 +160,15 @@ class Recorder:
         return len(self._starts) < before
 
     def record_finish(self, started: AsyncResult, finish: lifecycle.Finish,
-                      settle: Settle) -> AsyncResult:
+                      settle: Settle, *, start: lifecycle.Start) -> AsyncResult:
         """Queue the end of a task; ``settle(recorded)`` is called once it is committed or not.
 
-        ``.get()`` on the result waits for the commit (and raises RecordingFailed).
+        ``start`` is what ``started`` was recorded from: the end is written with it if that
+        write failed. ``.get()`` on the result waits for the commit (and raises
+        RecordingFailed).
         """
         self._check_running()
-        job = _FinishJob(started, finish, settle)
+        job = _FinishJob(started, start, finish, settle)
         self._finishes.append(job)
         self._wakeup.set()
         return job.result
@@ -205,14 +225,19 @@ class Recorder:
         try:
             if finishes:
                 self._write_finishes(finishes, together)
-        finally:
-            # Even after a fault above: an unanswered start would keep its end waiting.
+        except Exception:
+            # Even after a fault above: an unanswered start would keep its end waiting. Not
+            # after a kill (the service stopping): writing them would outlive it.
             if due:
                 self._write_starts(due)
+            raise
+        if due:
+            self._write_starts(due)
 
     def _write_starts(self, jobs: list[_StartJob]) -> None:
         try:
-            results = self._with_retries(lambda: lifecycle.start_many([j.start for j in jobs]))
+            results = self._with_retries(lambda: lifecycle.start_many([j.start for j in jobs]),
+                                         until_written=any(job.urgent for job in jobs))
         except RecordingFailed as error:
             if error.bad_data and len(jobs) > 1:
                 for job in jobs:
@@ -236,8 +261,9 @@ class Recorder:
             elif job.started.successful():
                 ready.append(_Ending(job, replace(job.finish, pk=job.started.value.pk)))
             else:
-                # Its start was never recorded: let the message come back rather than ack it.
-                self._settle(job, RecordingFailed('its start could not be recorded'))
+                # Its start was not recorded (the database was away longer than a start is
+                # retried): the end carries it, so the task that ran is not run again.
+                ready.append(_Ending(job, replace(job.finish, start=job.start)))
         self._finishes[:0] = waiting
         if ready:
             self._write_endings(ready)
@@ -245,7 +271,7 @@ class Recorder:
     def _write_endings(self, endings: list[_Ending]) -> None:
         try:
             started = self._with_retries(
-                lambda: lifecycle.finish_many([e.finish for e in endings]))
+                lambda: lifecycle.finish_many([e.finish for e in endings]), until_written=True)
         except RecordingFailed as error:
             if error.bad_data and len(endings) > 1:
                 for one in endings:
@@ -278,8 +304,13 @@ class Recorder:
         else:
             job.result.set_exception(error)
 
-    def _with_retries(self, write: Callable[[], Written]) -> Written:
-        for delay in (*RETRY_DELAYS, None):
+    def _with_retries(self, write: Callable[[], Written], until_written: bool = False) -> Written:
+        """``write()``, tried again while the database fails; ``until_written``: for ever.
+
+        Only faults of the rows themselves, and faults not of the database, end the retries
+        of an ``until_written`` write; the service's stop ends them by killing the recorder.
+        """
+        for attempt in itertools.count():
             try:
                 results = write()
             except (DataError, IntegrityError) as error:
@@ -288,11 +319,13 @@ class Recorder:
             except DatabaseFault as error:
                 self._healthy = False
                 # Reconnect on the next try, in case the connection itself broke.
-                connections[lifecycle.database()].close()
-                if delay is None:
+                close_connection(lifecycle.database())
+                if attempt >= len(RETRY_DELAYS) and not until_written:
                     raise RecordingFailed(f'{type(error).__name__}: {error}') from error
-                logger.warning('Writing task records failed (%s); retrying in %.1f s',
-                               error, delay)
+                delay = retry_delay(attempt)
+                logger.warning('Writing task records failed (%s); retrying in %.1f s%s',
+                               error, delay, ' (until the database takes them)'
+                               if until_written and attempt == len(RETRY_DELAYS) else '')
                 gevent.sleep(delay)
             except (TypeError, ValueError) as error:
                 # The rows', not the database's (a driver that cannot encode a value, such
@@ -307,3 +340,20 @@ class Recorder:
                 self._healthy = True
                 return results
         raise AssertionError('unreachable')
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait after failed try number ``attempt`` (from 0) of a write."""
+    return RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+
+
+def close_connection(alias: str) -> None:
+    """Close the connection to ``alias`` so the next query reconnects.
+
+    Closing a connection the database already broke can fail too; that must not end the
+    retries it is part of.
+    """
+    try:
+        connections[alias].close()
+    except Exception as error:
+        logger.warning('Closing a broken database connection failed: %s', error)

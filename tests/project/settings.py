@@ -2,7 +2,8 @@
 
 The tests start workers as subprocesses, so what varies between tests comes from the
 environment: CARROT_TEST_DB (sqlite or postgresql), CARROT_TEST_SQLITE_PATH,
-CARROT_TEST_PG_NAME and CARROT_TEST_CARROT (a JSON ``CARROT`` setting).
+CARROT_TEST_PG_NAME, CARROT_TEST_PG_PORT and CARROT_TEST_CARROT (a JSON ``CARROT``
+setting).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ if os.environ.get('CARROT_TEST_DB', 'sqlite') == 'postgresql':
         'NAME': os.environ.get('CARROT_TEST_PG_NAME', 'carrot_tests'),
         'USER': 'postgres',
         'HOST': '127.0.0.1',
-        'PORT': 5432,
+        # A test's proxy in front of PostgreSQL, to cut the worker off from its database.
+        'PORT': int(os.environ.get('CARROT_TEST_PG_PORT', 5432)),
     }}
 else:
     DATABASES = {'default': {

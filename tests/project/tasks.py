@@ -71,6 +71,14 @@ def touch(path: str, seconds: float = 0.0) -> str:
     return path
 
 
+def record_run(path: str, tag: str, seconds: float = 0.0) -> str:
+    """Sleeps, then appends ``tag`` to ``path``: a line each time it runs, to count the runs."""
+    time.sleep(seconds)
+    with open(path, 'a') as handle:
+        handle.write(f'{tag}\n')
+    return tag
+
+
 class NotAFunction:
     pass
 
