@@ -215,7 +215,8 @@ def test_a_queue_deleted_under_the_worker_is_declared_again_and_consumed(
     wait_for(lambda: MessageLog.objects.get(pk=log.pk).status == 'COMPLETED', what='the task')
 
 
-@pytest.mark.skip(reason="superseded: while the database is unreachable the worker now waits instead of handing the message back; tests/test_outage.py tests that (rewrite pending)")
+@pytest.mark.skip(reason="superseded: the worker now waits for the database instead of "
+                         "handing the message back; tests/test_outage.py covers it")
 def test_a_message_the_database_cannot_record_is_handed_back_and_runs_later(
         queue: str, broker: Broker, start_worker: StartWorker, database: str) -> None:
     if database != 'sqlite':
