@@ -7,7 +7,7 @@ rows, so one click never holds a lock on a million rows nor runs past a request'
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from django.db import connections, transaction
@@ -238,3 +238,11 @@ def describe_ids(noun: str, pks: Sequence[int]) -> str:
     shown = ', '.join(str(pk) for pk in pks[:20])
     more = f' and {len(pks) - 20} more' if len(pks) > 20 else ''
     return f'{noun} {shown}{more}' if pks else f'no {noun}'
+
+
+#: The schedule actions of the monitor's pages and API, by the name in their URLs.
+SCHEDULE_ACTIONS: dict[str, Callable[[list[int]], Result]] = {
+    'run': run_now,
+    'pause': lambda pks: set_active(pks, False),
+    'resume': lambda pks: set_active(pks, True),
+}

@@ -255,13 +255,6 @@ def task_action(request: HttpRequest, action: str) -> HttpResponse:
     return JsonResponse(result.as_json())
 
 
-SCHEDULE_ACTIONS: dict[str, Callable[[list[int]], actions.Result]] = {
-    'run': actions.run_now,
-    'pause': lambda pks: actions.set_active(pks, False),
-    'resume': lambda pks: actions.set_active(pks, True),
-}
-
-
 @monitor_view
 def schedule_action(request: HttpRequest, action: str) -> HttpResponse:
     """POST ``{"ids": [...]}``."""
@@ -272,6 +265,6 @@ def schedule_action(request: HttpRequest, action: str) -> HttpResponse:
         pks = _ids(_body(request))
     except queries.FilterError as error:
         return _error(str(error))
-    result = actions.record(SCHEDULE_ACTIONS[action](pks), access.who(request),
+    result = actions.record(actions.SCHEDULE_ACTIONS[action](pks), access.who(request),
                             actions.describe_ids('scheduled tasks', pks))
     return JsonResponse(result.as_json())

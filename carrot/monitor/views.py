@@ -8,7 +8,6 @@ the audit log.
 from __future__ import annotations
 
 import mimetypes
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -226,13 +225,6 @@ def schedule_detail(request: HttpRequest, pk: int) -> HttpResponse:
     })
 
 
-SCHEDULE_ACTIONS: dict[str, Callable[[list[int]], actions.Result]] = {
-    'run': actions.run_now,
-    'pause': lambda pks: actions.set_active(pks, False),
-    'resume': lambda pks: actions.set_active(pks, True),
-}
-
-
 @monitor_view
 def schedule_action(request: HttpRequest, action: str) -> HttpResponse:
     if request.method != 'POST':
@@ -240,7 +232,7 @@ def schedule_action(request: HttpRequest, action: str) -> HttpResponse:
     if access.read_only(request):
         return access.refuse(request, access.why_read_only(request))
     pks = _selected(request)
-    result = SCHEDULE_ACTIONS[action](pks)
+    result = actions.SCHEDULE_ACTIONS[action](pks)
     actions.record(result, access.who(request), actions.describe_ids('scheduled tasks', pks))
     return _done(request, result, url(request, 'schedule-list'))
 
