@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from django.test.utils import override_settings
@@ -215,35 +217,42 @@ def test_a_queue_deleted_under_the_worker_is_declared_again_and_consumed(
     wait_for(lambda: MessageLog.objects.get(pk=log.pk).status == 'COMPLETED', what='the task')
 
 
-@pytest.mark.skip(reason="superseded: the worker now waits for the database instead of "
-                         "handing the message back; tests/test_outage.py covers it")
-def test_a_message_the_database_cannot_record_is_handed_back_and_runs_later(
-        queue: str, broker: Broker, start_worker: StartWorker, database: str) -> None:
+def test_a_message_that_arrives_while_the_database_is_locked_waits_and_runs_once(
+        queue: str, broker: Broker, start_worker: StartWorker, database: str,
+        tmp_path: Path) -> None:
+    """The worker waits for a database it cannot write to: the task runs (its start is held
+    back), its end waits with the message unacknowledged on its consumer instead of being
+    handed back to run again, and is written once the lock is gone."""
     if database != 'sqlite':
-        pytest.skip('holds the SQLite write lock to make every write fail')
+        pytest.skip('holds the SQLite write lock to make every write fail; the PostgreSQL '
+                    'outage is tests/test_outage.py')
     import sqlite3
 
     from django.conf import settings as django_settings
 
+    runs = tmp_path / 'runs'
     worker = start_worker(carrot_settings(queue), env={'CARROT_TEST_SQLITE_TIMEOUT': '0.2'})
     blocker = sqlite3.connect(django_settings.DATABASES['default']['NAME'],
                               isolation_level=None)
     blocker.execute('BEGIN IMMEDIATE')  # every other writer now gets "database is locked"
     try:
-        broker.publish_raw(queue, b'{"args": [20, 22]}', {
-            'message_id': 'while-locked', 'headers': {'type': 'tests.project.tasks.add'},
-            'delivery_mode': 2,
-        })
-        wait_for(lambda: 'handed back to the queue' in worker.output, timeout=60,
-                 what='the message to be handed back')
+        broker.publish_raw(queue, json.dumps({'args': [str(runs), 'locked']}).encode(), {
+            'message_id': 'while-locked', 'delivery_mode': 2,
+            'headers': {'type': 'tests.project.tasks.record_run'}})
+        wait_for(lambda: broker.counts(queue) == (0, 1), what='the worker to take the message')
+        time.sleep(3)  # several of the recorder's retries
+        assert broker.counts(queue) == (0, 1), 'the message left its consumer while locked'
+        assert not MessageLog.objects.filter(uuid='while-locked').exists()  # nothing written
     finally:
         blocker.execute('ROLLBACK')
         blocker.close()
     row = wait_for(lambda: MessageLog.objects.filter(uuid='while-locked',
                                                      status='COMPLETED').first(),
                    timeout=60, what='the message to run once the database is back')
-    assert row.output == '42'
+    assert row.output == '"locked"'
     wait_for(lambda: broker.counts(queue) == (0, 0), what='the queue to be empty')
+    assert runs.read_text().split() == ['locked'], 'the task ran more than once'
+    assert 'handed back to the queue' not in worker.output
 
 
 def test_a_dead_letter_keeps_the_message_but_not_its_expiry(
