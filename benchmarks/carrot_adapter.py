@@ -22,7 +22,6 @@ from common import BENCH_DIR, Adapter, BenchError, WorkerSpec
 PROJECT_DIR = BENCH_DIR / 'benchproject'
 REPO_DIR = BENCH_DIR.parent
 QUEUE = 'bench_carrot'
-PUBLISH_GREENLETS = 50
 WORKER_LOG = Path('/tmp/carrot-bench.log')
 PG_NAME = os.environ.get('BENCH_PG_NAME', 'carrot_bench')
 
@@ -61,15 +60,14 @@ class CarrotAdapter(Adapter):
     # carrot declares a direct exchange named after the queue, and a dead-letter queue.
     queues = (QUEUE, f'{QUEUE}.dead')
     exchanges = (QUEUE,)
-    publish_concurrency = PUBLISH_GREENLETS
     publish_description = (
-        f'`publish_message()` from {PUBLISH_GREENLETS} long-lived greenlets of one '
-        'gevent-patched process '
-        '(every publish writes a MessageLog row and is confirmed)'
+        '`publish_message()`, outside any transaction (every call writes and commits its '
+        'MessageLog row and waits for its confirm)'
     )
     confirm_description = '`publish_message()` (writes a MessageLog row, confirmed publish)'
     worker_description = (
-        '`manage.py carrot --no-scheduler`, queue bench_carrot concurrency 100 prefetch 2, '
+        '`manage.py carrot --no-scheduler`, queue bench_carrot concurrency 100, default '
+        'prefetch (1), '
         f'{"SQLite (WAL)" if _using_sqlite() else "PostgreSQL"} MessageLog'
     )
     # A COUNT(*) in the database costs more than a Redis GET; poll less often.
@@ -128,14 +126,15 @@ class CarrotAdapter(Adapter):
 
         ScheduledTask.objects.all().delete()
 
-    def database_statements(self) -> int:
+    def database_statements(self) -> int | None:
         """Transactions committed in the benchmark database so far (PostgreSQL's own count).
 
         Every statement the idle service runs outside a transaction is one; read over a
-        separate connection, so the reading itself is not counted.
+        separate connection, so the reading itself is not counted. None on SQLite, which
+        does not count them.
         """
         if _using_sqlite():
-            raise BenchError('statement counts need PostgreSQL (unset BENCH_DB=sqlite)')
+            return None
         query = ['psql', '-h', '127.0.0.1', '-U', 'postgres', '-d', 'postgres', '-Atc',
                  'SELECT xact_commit + xact_rollback FROM pg_stat_database '
                  f"WHERE datname = '{PG_NAME}'"]
@@ -172,3 +171,10 @@ def make_publisher(task: str, confirm: bool) -> Callable[[], None]:
         publish_message(name, queue=QUEUE)
 
     return publish
+
+
+def one_transaction() -> Any:
+    """The ``transaction.atomic()`` that workload (e) publishes in."""
+    from django.db import transaction
+
+    return transaction.atomic()

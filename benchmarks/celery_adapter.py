@@ -16,8 +16,7 @@ class CeleryAdapter(Adapter):
     # Celery's default queue gets a direct exchange of the same name.
     queues = ('bench_celery',)
     exchanges = ('bench_celery',)
-    publish_concurrency = 1
-    publish_description = 'one loop of `noop.delay()` (Celery default: no publisher confirms)'
+    publish_description = '`noop.delay()` (Celery default: no publisher confirms)'
     confirm_description = "`delay()` with broker_transport_options={'confirm_publish': True}"
     worker_description = (
         f'`celery worker -P gevent -c {CONCURRENCY} --without-gossip --without-mingle '

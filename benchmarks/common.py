@@ -63,8 +63,6 @@ class Adapter:
     #: Queues (and their satellites) the system creates; deleted before and after a run.
     queues: tuple[str, ...] = ()
     exchanges: tuple[str, ...] = ()
-    #: How the no-op / backlog publisher sends: 'loop' (one caller) or 'greenlets:N'.
-    publish_concurrency: int = 1
     #: A human description of the publishing method, copied into the report.
     publish_description: str = ''
     #: What (c) measures for this system, e.g. how confirms are switched on.
@@ -313,6 +311,20 @@ class Worker:
         except psutil.NoSuchProcess:
             pass
         return total
+
+    def rss_mb(self) -> float:
+        """Resident memory of the worker and all of its descendants, in MB."""
+        total = 0
+        try:
+            root = psutil.Process(self.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.NoSuchProcess:
+            pass
+        return total / 1e6
 
     def process_count(self) -> int:
         try:

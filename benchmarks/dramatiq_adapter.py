@@ -26,8 +26,7 @@ class DramatiqAdapter(Adapter):
     name = 'dramatiq'
     # Dramatiq declares a delay queue (.DQ) and a dead-letter queue (.XQ) per queue.
     queues = ('bench_dramatiq', 'bench_dramatiq.DQ', 'bench_dramatiq.XQ')
-    publish_concurrency = 1
-    publish_description = 'one loop of `noop.send()` (Dramatiq default: confirm_delivery=False)'
+    publish_description = '`noop.send()` (Dramatiq default: confirm_delivery=False)'
     confirm_description = 'RabbitmqBroker(confirm_delivery=True) (it is off by default)'
     worker_description = (
         f'`dramatiq-gevent --processes 1 --threads {THREADS}`, default prefetch (2 x threads)'

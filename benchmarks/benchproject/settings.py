@@ -46,7 +46,8 @@ DEFAULT_AUTO_FIELD = 'django.db.models.AutoField'
 
 CARROT = {
     'default_broker': 'amqp://guest:guest@127.0.0.1:5672/',
-    'queues': [{'name': 'bench_carrot', 'concurrency': 100, 'prefetch': 2}],
+    # carrot's defaults but for the concurrency, which the peers also get: prefetch 1.
+    'queues': [{'name': 'bench_carrot', 'concurrency': 100}],
     'task_modules': ['tasks'],
 }
 
