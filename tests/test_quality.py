@@ -40,3 +40,22 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
         env={**os.environ, 'DJANGO_SETTINGS_MODULE': 'tests.project.settings'},
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_web_process_checking_and_publishing_imports_no_gevent() -> None:
+    """``manage.py check``, the monitor's URLs and the publishing API run in web processes,
+    which must not be monkey-patched or slowed by importing gevent."""
+    code = (
+        'import sys, django\n'
+        'django.setup()\n'
+        'from django.core.management import call_command\n'
+        "call_command('check', verbosity=0)\n"
+        'import carrot.urls, carrot.utilities, carrot.admin\n'
+        "print(sorted(m for m in sys.modules if m == 'gevent' or m.startswith('gevent.')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, 'DJANGO_SETTINGS_MODULE': 'tests.project.settings'},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == '[]', f'imported: {result.stdout}'
