@@ -19,7 +19,12 @@ from typing import Any
 
 from amqpstorm.channel import CONTENT_FRAME, Channel
 from amqpstorm.connection import Connection as AmqpstormConnection
-from amqpstorm.exception import AMQPChannelError, AMQPConnectionError, AMQPMessageError
+from amqpstorm.exception import (
+    AMQPChannelError,
+    AMQPConnectionError,
+    AMQPError,
+    AMQPMessageError,
+)
 from amqpstorm.message import Message
 from amqpstorm.rpc import Rpc
 
@@ -313,3 +318,12 @@ class Connection(AmqpstormConnection):
         if not lazy:
             channel.open()
         return channel
+
+
+def close_quietly(opened: Channel | AmqpstormConnection | None) -> None:
+    """Close a channel or a connection, whether or not RabbitMQ or the network did first."""
+    try:
+        if opened is not None:
+            opened.close()
+    except AMQPError:
+        pass

@@ -24,7 +24,7 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from carrot import conf, frames
-from carrot.amqp import Confirms, Connection, SignallingChannel
+from carrot.amqp import Confirms, Connection, SignallingChannel, close_quietly
 from carrot.exceptions import (
     BrokerUnavailable,
     CarrotConfigException,
@@ -225,7 +225,7 @@ class Publisher:
                     f'exchange and routing_key given to publish_message.'
                 ) from None
             except AMQPChannelError as error:
-                _close_quietly(channel)  # do not return it to the pool, nor leak it
+                close_quietly(channel)  # do not return it to the pool, nor leak it
                 channel = None
                 if 'NOT_FOUND' in str(error):
                     raise CarrotConfigException(
@@ -245,7 +245,7 @@ class Publisher:
                 # the channel's next publish, so the channel must not go back to the pool.
                 # Closed in the background: waiting here for the broker that was too slow
                 # would hold the interruption up.
-                threading.Thread(target=_close_quietly, args=(channel,), daemon=True).start()
+                threading.Thread(target=close_quietly, args=(channel,), daemon=True).start()
                 channel = None
                 raise
             else:
@@ -343,7 +343,7 @@ class Publisher:
         except BaseException:
             # Closed in the background, as in ``send``: an unanswered confirm would be
             # credited to the channel's next publish.
-            threading.Thread(target=_close_quietly, args=(channel,), daemon=True).start()
+            threading.Thread(target=close_quietly, args=(channel,), daemon=True).start()
             link.checkin(None)
             raise
         link.checkin(channel)
@@ -371,12 +371,12 @@ class Publisher:
                     missing[name] = CarrotConfigException(
                         f'RabbitMQ refused the publish: {error}. Declare the exchange first or '
                         f'publish to the default exchange.')
-                    _close_quietly(channel)
+                    close_quietly(channel)
                     channel = link.connection.channel()
                 else:
                     link.known_exchanges.add(name)
         finally:
-            _close_quietly(channel)
+            close_quietly(channel)
         return missing
 
     def close(self) -> None:
@@ -495,12 +495,3 @@ def get_publisher() -> Publisher:
         if _publisher is None:
             _publisher = Publisher()
         return _publisher
-
-
-
-def _close_quietly(channel: Channel | None) -> None:
-    try:
-        if channel is not None and channel.is_open:
-            channel.close()
-    except AMQPError:
-        pass

@@ -11,7 +11,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from carrot import broker, conf
-from carrot.amqp import Connection, SignallingChannel
+from carrot.amqp import Connection, SignallingChannel, close_quietly
 from carrot.exceptions import CarrotError
 
 logger = logging.getLogger('carrot.worker')
@@ -71,7 +71,7 @@ class QueueLink:
             except AMQPError:
                 pass
         if connection is not None:
-            _close(connection)
+            close_quietly(connection)
             self._connection = None
         connection = broker.connect(self.queue.broker, f'consumer of {self.queue.name}')
         self._declared = False
@@ -108,12 +108,5 @@ class QueueLink:
     def close(self) -> None:
         with self._lock:
             if self._connection is not None:
-                _close(self._connection)
+                close_quietly(self._connection)
                 self._connection = None
-
-
-def _close(connection: Connection) -> None:
-    try:
-        connection.close()
-    except AMQPError:
-        pass

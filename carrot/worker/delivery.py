@@ -1,0 +1,360 @@
+"""One delivered message, from its bytes to the one way it is settled.
+
+A Delivery holds what RabbitMQ delivered, the task message it decodes to, its start and how it
+was settled. ``process()`` takes it through decode → start → run → finish; every path ends in
+exactly one of ``ack()`` (once its end is recorded), ``requeue(why)`` or
+``dead_letter(reason)``. A second settle raises AlreadySettled and sends nothing: RabbitMQ
+would close the channel, and every message on it, for an unknown delivery tag.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+from typing import TYPE_CHECKING, Any, cast
+
+import gevent
+from amqpstorm.exception import AMQPError
+from amqpstorm.message import Message as Received
+from django.db import DataError, IntegrityError, close_old_connections
+from django.db import Error as DatabaseFault
+from gevent.event import AsyncResult
+
+from carrot import frames, lifecycle, message, registry
+from carrot.amqp import SignallingChannel
+from carrot.broker import get_publisher
+from carrot.exceptions import (
+    BadMessage,
+    CarrotError,
+    MessageNotEncodable,
+    TaskImportError,
+    TaskNotRegistered,
+)
+from carrot.models import MessageLog
+from carrot.worker.executor import Outcome
+from carrot.worker.recorder import RecordingFailed, close_connection, retry_delay
+
+if TYPE_CHECKING:
+    from carrot.worker.consumer import Consumer, Runtime
+
+# After a requeue because the database failed: do not spin on a database that is down.
+REQUEUE_PAUSE_SECONDS = 1.0
+# How long a fault in carrot waits for a start being written before writing FAILED over it;
+# past this the message is handed back instead, as its row's last word is unknown.
+START_WAIT_SECONDS = 60.0
+
+
+class Settlement(enum.Enum):
+    """How a delivery was settled."""
+
+    ACKED = 'acknowledged'
+    REQUEUED = 'requeued'
+    DEAD_LETTERED = 'dead-lettered'
+
+
+class AlreadySettled(RuntimeError):
+    """A delivery was settled a second time: a bug in carrot, and nothing was sent for it."""
+
+
+class Delivery:
+    """One message a consumer received, its decoded task message, its start and its end."""
+
+    def __init__(self, received: Received, consumer: Consumer) -> None:
+        #: What the channel received: body, properties, delivery tag.
+        self.received = received
+        self.consumer = consumer
+        #: The decoded task message, once ``process()`` has decoded it.
+        self.task_message: message.TaskMessage | None = None
+        #: The start being recorded, until the end is handed to the recorder.
+        self.started: AsyncResult | None = None
+        #: The end handed to the recorder; it settles the delivery once that is committed.
+        self.recorded: AsyncResult | None = None
+        #: How it was settled; None until then.
+        self.settlement: Settlement | None = None
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        return self.received.properties
+
+    @property
+    def message_id(self) -> str | None:
+        return message.message_id_of(self.properties)
+
+    @property
+    def body(self) -> bytes:
+        body = self.received.body
+        return body if isinstance(body, bytes) else str(body).encode()
+
+    # -- the three ways to settle it ---------------------------------------------------
+
+    def ack(self) -> None:
+        """Acknowledge it: its end is recorded, or it was completed before."""
+        self._settle(Settlement.ACKED)
+        self._send_ack()
+
+    def requeue(self, why: str, level: int = logging.ERROR) -> None:
+        """Hand it back to its queue, to run again here or in another worker."""
+        self._settle(Settlement.REQUEUED)
+        self.consumer.logger.log(level, '%s: message %s handed back to the queue: %s',
+                                 self.consumer.name, self.message_id, why)
+        self.received.nack(requeue=True)
+
+    def dead_letter(self, reason: str) -> None:
+        """Send it to its queue's dead-letter queue, ``reason`` in a header, and ack it.
+
+        When the dead-letter queue cannot take it, what publishing raised is raised and the
+        delivery stays unsettled.
+        """
+        self._check_unsettled(Settlement.DEAD_LETTERED)
+        queue = self._runtime().queue
+        try:
+            self._publish_dead_letter(_dead_letter_properties(self.properties, reason))
+        except MessageNotEncodable as unencodable:
+            # Another client's properties that cannot be sent again (a header that is not
+            # UTF-8, say): dead-letter it with the few that say what it was.
+            self._publish_dead_letter(_minimal_properties(self.properties, reason, unencodable))
+        self.consumer.logger.error('%s: message %s dead-lettered to %s: %s', self.consumer.name,
+                                   self.message_id or '(no message_id)',
+                                   queue.dead_letter_queue, reason)
+        self._settle(Settlement.DEAD_LETTERED)
+        self._send_ack()
+
+    def _send_ack(self) -> None:
+        tag = self.received.delivery_tag
+        if tag is None:  # not a delivery at all: amqpstorm raises the error that says so
+            self.received.ack()
+            return
+        # Consumers consume on the channels their QueueLink opens: carrot's own, whose ack
+        # frame is encoded by carrot.frames (cheaper than pamqp).
+        cast(SignallingChannel, self.received.channel).ack(tag)
+
+    def _settle(self, how: Settlement) -> None:
+        self._check_unsettled(how)
+        self.settlement = how
+
+    def _check_unsettled(self, how: Settlement) -> None:
+        if self.settlement is not None:
+            raise AlreadySettled(f'message {self.message_id} was {self.settlement.value} '
+                                 f'already; it cannot be {how.value} too')
+
+    def _publish_dead_letter(self, properties: dict[str, Any]) -> None:
+        queue = self._runtime().queue
+        get_publisher().send(queue.broker, self.body, properties,
+                             routing_key=queue.dead_letter_queue, declare_queue=queue)
+
+    # -- decode → start → run → finish -------------------------------------------------
+
+    def process(self) -> None:
+        """Run the task this delivery carries; its recorded end settles it later."""
+        runtime = self._runtime()
+        try:
+            task_message = message.decode(self.body, self.properties)
+            function = registry.resolve(task_message.task)
+        except (BadMessage, TaskNotRegistered, TaskImportError) as error:
+            self.refuse(error)
+            return
+        self.task_message = task_message
+        start = self._start_of(task_message)
+        # Wait for the start to be recorded: a redelivered message may have completed
+        # before its ack was lost, and while the database is failing a task must not run
+        # without its IN_PROGRESS row.
+        wait = bool((self.received.method or {}).get('redelivered')) or not runtime.recorder.healthy
+        try:
+            self.started = runtime.recorder.record_start(start, urgent=wait)
+        except RecordingFailed as error:
+            self._requeue_and_pause(f'its start could not be recorded ({error})')
+            return
+        if wait and not self._may_run_after_start():
+            return
+        outcome = self.consumer.run_task(function, task_message)
+        self._finish(start, outcome)
+
+    def _start_of(self, task_message: message.TaskMessage) -> lifecycle.Start:
+        method = self.received.method or {}
+        return lifecycle.Start(
+            message_id=task_message.message_id, task=task_message.task,
+            args=task_message.args, kwargs=task_message.kwargs, queue=self.consumer.queue,
+            exchange=message.text(method.get('exchange')),
+            routing_key=message.text(method.get('routing_key')),
+            priority=task_message.priority,
+        )
+
+    def _may_run_after_start(self) -> bool:
+        """Wait for the start being written; False when it settled the delivery instead."""
+        runtime = self._runtime()
+        started = cast(AsyncResult, self.started)
+        # The recorder retries it until the database takes it; only a stop ends the wait.
+        gevent.wait([started, runtime.stopping], count=1)
+        if not started.ready():
+            runtime.recorder.discard_start(started)
+            self.requeue('the service is stopping and its start is not recorded yet')
+            return False
+        try:
+            already_completed = started.get().already_completed
+        except RecordingFailed as error:
+            self._requeue_and_pause(f'its start could not be recorded ({error})')
+            return False
+        if already_completed:
+            self.consumer.logger.info(
+                '%s: task %s (%s) was completed before; acknowledging the redelivery without '
+                'running it again', self.consumer.name, self.task_message and
+                self.task_message.task, self.message_id)
+            self.ack()
+            return False
+        return True
+
+    def _finish(self, start: lifecycle.Start, outcome: Outcome) -> None:
+        """Hand the end to the recorder, which acks the delivery once it is committed."""
+        started = cast(AsyncResult, self.started)
+        try:
+            self.recorded = self._runtime().recorder.record_finish(started, lifecycle.Finish(
+                message_id=start.message_id, status=outcome.status, output=outcome.output,
+                log=outcome.log, exception=outcome.exception_text,
+                traceback=outcome.traceback, at=outcome.ended_at,
+            ), settle=self._settle_recorded, start=start)
+        except RecordingFailed as error:
+            self._requeue_and_pause(f'its end could not be recorded ({error})')
+            return
+        self.started = None
+        if outcome.exception is not None and self.consumer.failure_callbacks:
+            try:
+                self.recorded.get()
+            except RecordingFailed:
+                return
+            self.consumer.call_failure_callbacks(start.message_id, outcome.exception)
+
+    def _settle_recorded(self, recorded: bool) -> None:
+        """Called by the recorder: ack a recorded end, hand back one that was not."""
+        try:
+            if recorded:
+                self.ack()
+            else:
+                self.requeue('its end could not be recorded')
+        except AMQPError as error:
+            # The channel is gone; RabbitMQ redelivers the message, and a completed one is
+            # then acknowledged without running again.
+            self.consumer.logger.warning('%s: could not settle message %s: %s',
+                                         self.consumer.name, self.message_id, error)
+
+    def _requeue_and_pause(self, why: str) -> None:
+        self.requeue(why)
+        gevent.sleep(REQUEUE_PAUSE_SECONDS)
+
+    # -- what cannot run -----------------------------------------------------------------
+
+    def refuse(self, error: CarrotError) -> None:
+        """Dead-letter a message that cannot run, with a FAILED row where it has an id.
+
+        The row is written first, so no message sits in the dead-letter queue without the
+        row that says why; a redelivery (the dead-lettering failed) writes FAILED again.
+        """
+        reason = str(error)
+        task = message.text((self.properties.get('headers') or {}).get(message.TYPE_HEADER))
+        try:
+            log = self._record_refused(task or '(unknown)', reason)
+        except _Stopping:
+            self.requeue(f'it cannot run ({reason}), and the service is stopping before its '
+                         f'FAILED row could be written')
+            return
+        try:
+            self.dead_letter(reason)
+        except Exception as publish_error:
+            if self.settlement is not None:
+                raise  # dead-lettered; its ack failed with the channel, which RabbitMQ redelivers
+            self._requeue_and_pause(f'it cannot run ({reason}) and the dead-letter queue '
+                                    f'could not take it ({publish_error})')
+            return
+        if log is not None:
+            self.consumer.call_failure_callbacks(log.uuid, error)
+
+    def _record_refused(self, task: str, reason: str) -> MessageLog | None:
+        """The FAILED row of a refused message, retried while the database is unreachable.
+
+        None when there is no row to write, or the database refuses this one (the message is
+        dead-lettered anyway, its reason in a header). Raises _Stopping when the service
+        stops before the database is back.
+        """
+        stopping = self._runtime().stopping
+        logger, name, message_id = self.consumer.logger, self.consumer.name, self.message_id
+        for attempt in itertools.count():
+            try:
+                return lifecycle.record_refused(message_id=message_id, task=task,
+                                                reason=reason, queue=self.consumer.queue)
+            except (DataError, IntegrityError, TypeError, ValueError) as db_error:
+                logger.error('%s: the FAILED row of message %s could not be written: %s',
+                             name, message_id, db_error)
+                return None
+            except DatabaseFault as db_error:
+                close_connection(lifecycle.database())
+                delay = retry_delay(attempt)
+                logger.warning('%s: the FAILED row of message %s could not be written (%s); '
+                               'retrying in %.1f s', name, message_id, db_error, delay)
+                if stopping.wait(delay):
+                    raise _Stopping from db_error
+            finally:
+                close_old_connections()
+        raise AssertionError('unreachable')
+
+    def recover(self, error: Exception) -> None:
+        """A fault in carrot itself while processing: log it, never lose the message."""
+        self.consumer.logger.exception('%s: handling message %s failed', self.consumer.name,
+                                       self.message_id)
+        if self.settlement is not None or self.recorded is not None:
+            return  # settled, or to be settled by the recorder
+        if self.started is not None and not self._runtime().recorder.discard_start(self.started):
+            # Its row is about to say FAILED; a start written later must not undo that, so
+            # one that is being written now is let finish first.
+            try:
+                self.started.get(timeout=START_WAIT_SECONDS)
+            except RecordingFailed:
+                pass
+            except gevent.Timeout:
+                self._requeue_and_pause('carrot failed handling it, and its start is still '
+                                        'being written')
+                return
+        self.refuse(CarrotError(
+            f'carrot could not handle this message: {type(error).__name__}: {error}'))
+
+    def _runtime(self) -> Runtime:
+        return self.consumer.runtime_or_fail()
+
+
+class _Stopping(Exception):
+    """The service stopped while a consumer waited for the database."""
+
+
+def _dead_letter_properties(delivered: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The delivery's properties for the dead-letter queue, with the reason in a header.
+
+    Kept as they came, but persistent, not expiring, not claiming another user id (RabbitMQ
+    closes the channel of a publish whose user_id is not its own), and without the
+    deprecated cluster_id, which amqpstorm refuses to send.
+    """
+    properties = dict(delivered)
+    for dropped in ('expiration', 'user_id', 'cluster_id'):
+        properties.pop(dropped, None)
+    properties['delivery_mode'] = message.PERSISTENT
+    headers = dict(properties.get('headers') or {})
+    headers[message.DEAD_REASON_HEADER] = reason[:1000]
+    properties['headers'] = headers
+    return properties
+
+
+def _minimal_properties(delivered: dict[str, Any], reason: str,
+                        error: Exception) -> dict[str, Any]:
+    """What identifies a message, as text, for one whose own properties cannot be sent."""
+    headers = delivered.get('headers') or {}
+    properties: dict[str, Any] = {
+        'delivery_mode': message.PERSISTENT,
+        'headers': {
+            message.TYPE_HEADER: message.text(headers.get(message.TYPE_HEADER)),
+            message.DEAD_REASON_HEADER: (
+                f'{reason} (its properties could not be sent again, only these: '
+                f'{type(error).__name__}: {error})')[:1000],
+        },
+    }
+    message_id = message.message_id_of(delivered)
+    if message_id is not None and len(message_id.encode()) <= frames.MAX_SHORT_STRING:
+        properties['message_id'] = message_id
+    return properties
