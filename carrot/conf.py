@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from carrot import DEFAULT_BROKER
+from carrot._values import is_whole_number
 from carrot.consumer import DEFAULT_CONSUMER_CLASS
 from carrot.exceptions import CarrotConfigException
 
@@ -104,19 +105,14 @@ def parse_broker(value: Any, key: str) -> Broker:
     if isinstance(value, str):
         return _broker_from_url(value, key)
     if isinstance(value, Mapping):
-        unknown = set(value) - BROKER_DICT_KEYS
-        if unknown:
-            raise CarrotConfigException(
-                f'{key}: unknown key(s) {", ".join(sorted(map(str, unknown)))}; '
-                f'a broker dict takes {", ".join(sorted(BROKER_DICT_KEYS))}.'
-            )
+        _refuse_unknown_keys(value, BROKER_DICT_KEYS, f'{key}: unknown', 'a broker dict takes')
         if 'url' in value:
             return _broker_from_url(value['url'], key)
         secure = value.get('secure', False)
         if not isinstance(secure, bool):
             raise CarrotConfigException(f'{key}["secure"] must be True or False, not {secure!r}.')
         port = value.get('port', 5671 if secure else 5672)
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        if not is_whole_number(port, 1, 65535):
             raise CarrotConfigException(f'{key}["port"] must be a port number, not {port!r}.')
         vhost = str(value.get('name', '/'))
         return Broker(
@@ -167,8 +163,19 @@ def _broker_from_url(url: Any, key: str) -> Broker:
     )
 
 
+def _refuse_unknown_keys(given: Mapping[Any, Any], known: frozenset[str] | set[str],
+                         where: str, takes: str) -> None:
+    """CarrotConfigException naming the keys of ``given`` not in ``known``, and those."""
+    unknown = set(given) - known
+    if unknown:
+        raise CarrotConfigException(
+            f'{where} key(s) {", ".join(sorted(map(str, unknown)))}; '
+            f'{takes} {", ".join(sorted(known))}.'
+        )
+
+
 def _positive_int(value: Any, key: str, maximum: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_whole_number(value, 1):
         raise CarrotConfigException(f'{key} must be a whole number of 1 or more, not {value!r}.')
     if maximum is not None and value > maximum:
         raise CarrotConfigException(f'{key} must be at most {maximum}, not {value!r}.')
@@ -193,12 +200,7 @@ def _parse_queue(raw: Any, index: int, default_broker: Broker) -> Queue:
     key = f"CARROT['queues'][{index}]"
     if not isinstance(raw, Mapping):
         raise CarrotConfigException(f'{key} must be a dict with at least a name.')
-    unknown = set(raw) - QUEUE_KEYS
-    if unknown:
-        raise CarrotConfigException(
-            f'{key}: unknown key(s) {", ".join(sorted(map(str, unknown)))}; '
-            f'a queue takes {", ".join(sorted(QUEUE_KEYS))}.'
-        )
+    _refuse_unknown_keys(raw, QUEUE_KEYS, f'{key}: unknown', 'a queue takes')
     name = raw.get('name')
     if not isinstance(name, str) or not name.strip():
         raise CarrotConfigException(f"{key}['name'] must be a non-empty string.")
@@ -239,12 +241,7 @@ def parse(raw: Any) -> CarrotSettings:
         raw = {}
     if not isinstance(raw, Mapping):
         raise CarrotConfigException(f'settings.CARROT must be a dict, not {type(raw).__name__}.')
-    unknown = set(raw) - TOP_LEVEL_KEYS
-    if unknown:
-        raise CarrotConfigException(
-            f'settings.CARROT has unknown key(s) {", ".join(sorted(map(str, unknown)))}; '
-            f'it takes {", ".join(sorted(TOP_LEVEL_KEYS))}.'
-        )
+    _refuse_unknown_keys(raw, TOP_LEVEL_KEYS, 'settings.CARROT has unknown', 'it takes')
     default_broker = parse_broker(
         raw.get('default_broker') or DEFAULT_BROKER, "CARROT['default_broker']"
     )

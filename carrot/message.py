@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from carrot._values import is_whole_number
 from carrot.exceptions import ArgumentsNotSerializable, BadMessage
 
 TYPE_HEADER = 'type'
@@ -22,7 +23,7 @@ CONTENT_TYPE = 'application/json'
 MESSAGE_TYPE = 'django-carrot message'
 PERSISTENT = 2
 MAX_PRIORITY = 255
-MAX_MESSAGE_ID = 200  # the length of MessageLog.uuid
+MAX_MESSAGE_ID = 200  # the longest message id carrot takes; MessageLog.uuid is this long
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,7 @@ class TaskMessage:
 
 def check_priority(priority: object) -> None:
     """ValueError unless ``priority`` is a whole number RabbitMQ accepts."""
-    if not isinstance(priority, int) or isinstance(priority, bool) or \
-            not 0 <= priority <= MAX_PRIORITY:
+    if not is_whole_number(priority, 0, MAX_PRIORITY):
         raise ValueError(
             f'priority must be a whole number from 0 to {MAX_PRIORITY}, not {priority!r}.'
         )

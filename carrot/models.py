@@ -33,6 +33,15 @@ class TaskArguments:
         return value if isinstance(value, dict) else {}
 
 
+class Status(models.TextChoices):
+    """Where a task is in its life; ``carrot.lifecycle`` names each move between them."""
+
+    PUBLISHED = 'PUBLISHED', 'Published'
+    IN_PROGRESS = 'IN_PROGRESS', 'In progress'
+    FAILED = 'FAILED', 'Failed'
+    COMPLETED = 'COMPLETED', 'Completed'
+
+
 class MessageLog(TaskArguments, models.Model):
     """One task message, from publication to its end.
 
@@ -40,23 +49,20 @@ class MessageLog(TaskArguments, models.Model):
     ``carrot.lifecycle`` moves it.
     """
 
-    PUBLISHED = 'PUBLISHED'
-    IN_PROGRESS = 'IN_PROGRESS'
-    FAILED = 'FAILED'
-    COMPLETED = 'COMPLETED'
-    STATUS_CHOICES = (
-        (PUBLISHED, 'Published'),
-        (IN_PROGRESS, 'In progress'),
-        (FAILED, 'Failed'),
-        (COMPLETED, 'Completed'),
-    )
+    Status = Status
+    # Upstream django-carrot's names for the statuses.
+    PUBLISHED = Status.PUBLISHED
+    IN_PROGRESS = Status.IN_PROGRESS
+    FAILED = Status.FAILED
+    COMPLETED = Status.COMPLETED
+    STATUS_CHOICES = Status.choices
 
-    status = models.CharField(max_length=11, choices=STATUS_CHOICES, default=PUBLISHED)
+    status = models.CharField(max_length=11, choices=Status.choices, default=Status.PUBLISHED)
     exchange = models.CharField(max_length=200, blank=True, null=True)
     queue = models.CharField(max_length=200, blank=True, null=True)
     routing_key = models.CharField(max_length=200, blank=True, null=True)
     #: The AMQP ``message_id``: how a delivered message finds its row.
-    uuid = models.CharField(max_length=200, unique=True)
+    uuid = models.CharField(max_length=message.MAX_MESSAGE_ID, unique=True)
     priority = models.PositiveIntegerField(default=0)
 
     #: The dotted path of the task function.
@@ -98,7 +104,7 @@ class MessageLog(TaskArguments, models.Model):
 
         Unlike upstream, the old row is kept: it is the record of what happened.
         """
-        from carrot.utilities import publish_message
+        from carrot.publishing import publish_message
 
         return publish_message(
             self.task, *self.positionals, priority=self.priority, queue=self.queue,

@@ -31,7 +31,7 @@ logger = logging.getLogger('carrot.publish')
 
 
 class Sendable(Protocol):
-    """A message that can be sent (``carrot.utilities.Message``)."""
+    """A message that can be sent (``carrot.publishing.Message``)."""
 
     @property
     def task(self) -> str: ...

@@ -14,6 +14,8 @@ from cronsim import CronSim, CronSimError
 from django.conf import settings
 from django.utils import timezone
 
+from carrot._values import is_whole_number
+
 UNITS = ('seconds', 'minutes', 'hours', 'days')
 
 
@@ -79,7 +81,7 @@ def parse_interval(interval: Any) -> Interval:
 def make_interval(unit: Any, count: Any) -> Interval:
     if unit not in UNITS:
         raise ValueError(f'interval unit {unit!r} is not one of {", ".join(UNITS)}.')
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+    if not is_whole_number(count, 1):
         raise ValueError(f'interval count must be a whole number of {unit} of at least 1, '
                          f'not {count!r}.')
     return Interval(unit, count)

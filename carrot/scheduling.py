@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.db import IntegrityError, connections, router, transaction
 from django.db.models import Min, Q, Value
@@ -22,9 +22,7 @@ from django.db.models.functions import Concat
 from carrot import message, oncommit, registry, schedules
 from carrot.conf import get_settings
 from carrot.models import MessageLog, ScheduledTask
-
-if TYPE_CHECKING:
-    from carrot.utilities import Message
+from carrot.publishing import Message, create_message
 
 logger = logging.getLogger('carrot.scheduler')
 
@@ -98,8 +96,6 @@ def publish(row: ScheduledTask, priority: int | None = None) -> MessageLog:
 
 def _message(row: ScheduledTask, priority: int | None = None) -> Message:
     """The validated message of ``row``'s task, not yet written or sent."""
-    from carrot.utilities import create_message  # carrot.utilities re-exports this module
-
     args, kwargs = row.call_arguments()
     return create_message(
         row.task, priority=row.priority if priority is None else priority, task_args=args,

@@ -11,7 +11,7 @@ import gevent.event
 import pytest
 from django.db import OperationalError, connection, connections
 
-from carrot import lifecycle
+from carrot import _sql, _text, lifecycle
 from carrot.models import MessageLog, ScheduledTask
 from carrot.utilities import publish_message
 from carrot.worker import recorder as recording
@@ -135,8 +135,8 @@ def test_a_large_group_of_published_rows_is_written_in_one_statement_in_order() 
 
     rows = [[MessageLog.PUBLISHED, f'group-{index}', 'tests.project.tasks.add', f'[{index}]',
              '{}', 'q', '', 'q', index % 10, timezone.now(), 0]
-            for index in range(lifecycle.UNNEST_FROM_ROWS + 5)]
-    pks = lifecycle._insert_rows(lifecycle.database(), rows)
+            for index in range(_sql.UNNEST_FROM_ROWS + 5)]
+    pks = _sql.insert_rows(lifecycle.database(), rows)
     written = {log.pk: log for log in MessageLog.objects.all()}
     assert len(written) == len(rows)
     for pk, row in zip(pks, rows, strict=True):
@@ -235,7 +235,7 @@ def test_an_end_the_database_refuses_is_written_without_its_texts(
     """The last resort: the row gets its status and the message its ack, not a requeue loop."""
     # carrot's own cleaning now escapes every text a driver refuses; without it, a lone
     # surrogate reaches the driver as an end nothing else could make it refuse.
-    monkeypatch.setattr(lifecycle, 'clean', lambda text: text)
+    monkeypatch.setattr(_text, 'clean', lambda text: text)
     recorder = recording.Recorder()
     recorder.start()
     try:

@@ -13,7 +13,8 @@ import pytest
 from django.db import connections, transaction
 from django.test.utils import override_settings
 
-from carrot import lifecycle
+from carrot import _sql, lifecycle
+from carrot._group_insert import group_insert
 from carrot.amqp import SignallingRpc
 from carrot.broker import get_publisher
 from carrot.exceptions import (
@@ -249,7 +250,7 @@ def test_a_row_written_with_autocommit_off_is_not_grouped_with_other_threads_row
             other_done.set()
 
     # The interleaving: the other thread publishes while this one is writing its row.
-    insert_rows = lifecycle._insert_rows
+    insert_rows = _sql.insert_rows
     started: list[threading.Thread] = []
 
     def insert_while_the_other_publishes(alias: str, rows: list[list[Any]]) -> list[int]:
@@ -257,12 +258,12 @@ def test_a_row_written_with_autocommit_off_is_not_grouped_with_other_threads_row
             started.append(threading.Thread(target=other_thread))
             started[0].start()
             deadline = time.monotonic() + 10
-            while not (other_done.is_set() or lifecycle._group_insert._pending):
+            while not (other_done.is_set() or group_insert._pending):
                 assert time.monotonic() < deadline, 'the other thread did not publish'
                 time.sleep(0.001)
         return insert_rows(alias, rows)
 
-    monkeypatch.setattr(lifecycle, '_insert_rows', insert_while_the_other_publishes)
+    monkeypatch.setattr(_sql, 'insert_rows', insert_while_the_other_publishes)
     transaction.set_autocommit(False)
     try:
         lifecycle.record_published(**row('mine'))

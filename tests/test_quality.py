@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -59,3 +60,45 @@ def test_a_web_process_checking_and_publishing_imports_no_gevent() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == '[]', f'imported: {result.stdout}'
+
+
+def _module_imports(path: Path) -> set[str]:
+    """The carrot modules ``path`` imports when it is imported (not inside functions, nor
+    under ``if TYPE_CHECKING``)."""
+    found: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f'{node.module}.{alias.name}' for alias in node.names)
+        elif isinstance(node, ast.Try):  # an optional driver
+            found.update(alias.name for n in node.body if isinstance(n, ast.Import)
+                         for alias in n.names)
+    return {name for name in found if name.split('.')[0] == 'carrot'}
+
+
+def test_carrot_modules_import_one_another_without_a_cycle() -> None:
+    """models → publishing → lifecycle → models was a cycle; none may come back."""
+    modules = {'.'.join(p.relative_to(ROOT).with_suffix('').parts).removesuffix('.__init__'): p
+               for p in (ROOT / 'carrot').rglob('*.py') if 'migrations' not in p.parts}
+    graph = {name: {m for m in _module_imports(path) if m in modules and m != name}
+             for name, path in modules.items()}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            name, trail = stack.pop()
+            for imported in graph[name]:
+                if imported == start:
+                    return [*trail, start]
+                if imported not in trail and len(trail) < len(graph):
+                    stack.append((imported, [*trail, imported]))
+        return None
+
+    # A package's __init__ imported by its own submodules is how Python works, not a cycle.
+    cycles = [c for name in graph if '.' in name and (c := cycle_from(name))
+              and not any(step in ('carrot', 'carrot.worker', 'carrot.monitor',
+                                   'carrot.management', 'carrot.management.commands')
+                          for step in c)]
+    assert not cycles, ' ; '.join(' → '.join(c) for c in cycles)

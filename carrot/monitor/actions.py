@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from carrot import lifecycle, oncommit
 from carrot.models import MessageLog, MonitorAction, ScheduledTask, _parse_arguments
+from carrot.publishing import create_message
 
 #: The most rows one action changes; the rest wait for the next one.
 MAX_ROWS = 1000
@@ -133,8 +134,6 @@ def message_of(row: MessageLog) -> oncommit.Sendable:
     Validated as any publish is (the task registered, the queue known, the arguments JSON);
     raises otherwise.
     """
-    from carrot.utilities import create_message
-
     args = _parse_arguments(row.task_args, [])
     kwargs = _parse_arguments(row.content, {})
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):

@@ -208,11 +208,9 @@ class Delivery:
         """Hand the end to the recorder, which acks the delivery once it is committed."""
         started = cast(AsyncResult, self.started)
         try:
-            self.recorded = self._runtime().recorder.record_finish(started, lifecycle.Finish(
-                message_id=start.message_id, status=outcome.status, output=outcome.output,
-                log=outcome.log, exception=outcome.exception_text,
-                traceback=outcome.traceback, at=outcome.ended_at,
-            ), settle=self._settle_recorded, start=start)
+            self.recorded = self._runtime().recorder.record_finish(
+                started, _end_of(start.message_id, outcome), settle=self._settle_recorded,
+                start=start)
         except RecordingFailed as error:
             self._requeue_and_pause(f'its end could not be recorded ({error})')
             return
@@ -318,6 +316,14 @@ class Delivery:
 
     def _runtime(self) -> Runtime:
         return self.consumer.runtime_or_fail()
+
+
+def _end_of(message_id: str, outcome: Outcome) -> lifecycle.Finish:
+    if outcome.exception is None:
+        return lifecycle.completed(message_id, output=outcome.output, log=outcome.log,
+                                   at=outcome.ended_at)
+    return lifecycle.failed(message_id, exception=outcome.exception_text or '',
+                            traceback=outcome.traceback, log=outcome.log, at=outcome.ended_at)
 
 
 class _Stopping(Exception):

@@ -13,7 +13,6 @@ from gevent import GreenletExit
 
 from carrot import lifecycle, registry
 from carrot.message import TaskMessage
-from carrot.models import MessageLog
 from carrot.worker import logcapture
 
 logger = logging.getLogger('carrot.task')
@@ -21,7 +20,8 @@ logger = logging.getLogger('carrot.task')
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str
+    """How a task ended: returned (``exception`` None) or raised."""
+
     output: str | None
     log: str
     exception: BaseException | None = None
@@ -51,12 +51,9 @@ def execute(function: registry.Task, task_message: TaskMessage) -> Outcome:
             # SystemExit or a stray gevent.Timeout from a task must not take the worker down.
             logger.error('Task %s failed: %s: %s', task_message.task,
                          type(error).__name__, error)
-            return Outcome(
-                status=MessageLog.FAILED, output=None, log='\n'.join(lines), exception=error,
-                traceback=traceback.format_exc(),
-            )
+            return Outcome(output=None, log='\n'.join(lines), exception=error,
+                           traceback=traceback.format_exc())
         finally:
             close_old_connections()
         logger.info('Task %s completed', task_message.task)
-        return Outcome(status=MessageLog.COMPLETED, output=lifecycle.output_text(result),
-                       log='\n'.join(lines))
+        return Outcome(output=lifecycle.output_text(result), log='\n'.join(lines))

@@ -1,0 +1,275 @@
+"""How MessageLog rows are written fast: prepared SQL, per database.
+
+The status API (``carrot.lifecycle``) decides what a row becomes; this module holds the
+statements that write it: a multi-row INSERT (from arrays on PostgreSQL), and the batch
+UPDATEs of starts and ends (one statement from arrays on PostgreSQL, one prepared statement
+a row elsewhere), sent through server-bound cursors where psycopg 3 offers them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Field
+from django.utils import timezone
+
+from carrot import _text
+from carrot.models import MessageLog
+
+if TYPE_CHECKING:
+    from carrot import lifecycle
+
+try:
+    import psycopg
+except ImportError:  # another database driver
+    psycopg = None  # type: ignore[assignment]
+
+PUBLISHED_COLUMNS = ('status', 'uuid', 'task', 'task_args', 'content', 'queue', 'exchange',
+                     'routing_key', 'priority', 'publish_time', 'attempts')
+
+
+def loaded_row(alias: str, pk: int, values: list[Any]) -> MessageLog:
+    """The MessageLog instance of a row just inserted with ``values``, as if loaded.
+
+    Built from every column in order (``from_db``), which is several times cheaper than
+    ``MessageLog(**kwargs)`` on the publishing hot path.
+    """
+    fields, names = concrete_fields()
+    given = dict(zip(PUBLISHED_COLUMNS, values, strict=True))
+    given[MessageLog._meta.pk.attname] = pk
+    # Defaults are taken per row, as Model.__init__ takes them.
+    row = [given[f.attname] if f.attname in given else f.get_default() for f in fields]
+    return MessageLog.from_db(alias, names, row)
+
+
+@functools.cache
+def concrete_fields() -> tuple[tuple[Field[Any, Any], ...], list[str]]:
+    """MessageLog's columns in order, and their attribute names (looked up once, on first use,
+    when the app registry is ready)."""
+    fields = tuple(MessageLog._meta.concrete_fields)
+    return fields, [f.attname for f in fields]
+
+
+# Measured here: arrays cost more than a VALUES list for a few rows and less for many
+# (0.44 against 0.23 ms of CPU for one row, 2.6 against 2.9 ms for fifty).
+UNNEST_FROM_ROWS = 20
+# PUBLISHED_COLUMNS' types, in order.
+_UNNEST = ('SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], '
+           '%s::text[], %s::text[], %s::text[], %s::integer[], %s::timestamptz[], '
+           '%s::integer[])')
+
+
+def insert_rows(alias: str, rows: list[list[Any]]) -> list[int]:
+    """INSERT ``rows`` (in PUBLISHED_COLUMNS order) in one statement; their primary keys."""
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    time_field = MessageLog._meta.get_field('publish_time')
+    prepared = [[*row[:9], time_field.get_db_prep_value(row[9], connection), row[10]]
+                for row in rows]
+    columns = ', '.join(quote(c) for c in PUBLISHED_COLUMNS)
+    sql = f'INSERT INTO {quote(MessageLog._meta.db_table)} ({columns}) '
+    returning = f' RETURNING {quote("id")}, {quote("uuid")}'
+    if len(rows) >= UNNEST_FROM_ROWS and psycopg_of(connection) is not None:
+        # One array a column: the same short statement for any number of rows, which
+        # psycopg converts once and PostgreSQL prepares once.
+        by_column = [list(column) for column in zip(*prepared, strict=True)]
+        with bound_cursor(connection) as cursor:
+            cursor.execute(sql + _UNNEST + returning, by_column)
+            by_uuid = {uuid: pk for pk, uuid in cursor.fetchall()}
+        return [by_uuid[row[1]] for row in rows]
+    placeholders = '(' + ', '.join(['%s'] * len(PUBLISHED_COLUMNS)) + ')'
+    with bound_cursor(connection) as cursor:
+        if connection.features.can_return_rows_from_bulk_insert:
+            cursor.execute(sql + 'VALUES ' + ', '.join([placeholders] * len(rows)) + returning,
+                           [value for row in prepared for value in row])
+            by_uuid = {uuid: pk for pk, uuid in cursor.fetchall()}
+            return [by_uuid[row[1]] for row in rows]
+        pks = []
+        for row in prepared:  # no multi-row RETURNING here (MySQL): one row at a time
+            cursor.execute(sql + 'VALUES ' + placeholders, row)
+            pks.append(cursor.lastrowid)
+        return pks
+
+
+def psycopg_of(connection: BaseDatabaseWrapper) -> Any:
+    """The connection's psycopg 3 connection; None for another driver or database."""
+    if psycopg is None or connection.vendor != 'postgresql':
+        return None
+    connection.ensure_connection()
+    raw = connection.connection
+    return raw if isinstance(raw, psycopg.Connection) else None
+
+
+@contextmanager
+def bound_cursor(connection: BaseDatabaseWrapper) -> Iterator[Any]:
+    """A cursor that sends parameters apart from the SQL, where the driver can.
+
+    Django's psycopg 3 cursors interpolate every parameter into the SQL text by default
+    (``server_side_binding`` off); for a batch of rows that costs more CPU than the round
+    trip, and PostgreSQL must parse each text anew. A server-bound psycopg cursor on the
+    same connection (same transaction) sends the parameters separately and lets psycopg
+    prepare statements it sees repeatedly. Errors are still Django's.
+    """
+    raw = psycopg_of(connection)
+    if raw is None:  # psycopg2, SQLite, …
+        with connection.cursor() as cursor:
+            yield cursor
+        return
+    with connection.wrap_database_errors, psycopg.Cursor(raw) as cursor:
+        yield cursor
+
+
+def start_by_message_id(connection: BaseDatabaseWrapper,
+                         starts: Sequence[lifecycle.Start]) -> dict[str, tuple[int, str]]:
+    """PostgreSQL: one UPDATE from an array for the whole batch, rows found by message id.
+
+    ``{message id: (pk, status before)}`` of the rows it started; a COMPLETED row is not
+    started, nor is a row that does not exist.
+    """
+    quote = connection.ops.quote_name
+    table = quote(MessageLog._meta.db_table)
+    status, attempts, key = quote('status'), quote('attempts'), quote('id')
+    # Joining the row to itself as ``old`` gives its status before the update.
+    sql = (
+        f'UPDATE {table} AS t SET {status} = %s, {attempts} = t.{attempts} + 1 '
+        f'FROM unnest(%s::text[]) AS v(uuid), {table} AS old '
+        f'WHERE t.{quote("uuid")} = v.uuid AND old.{key} = t.{key} AND t.{status} <> %s '
+        f'RETURNING t.{key}, t.{quote("uuid")}, old.{status}'
+    )
+    message_ids = list(dict.fromkeys(s.message_id for s in starts))
+    with bound_cursor(connection) as cursor:
+        cursor.execute(sql, [MessageLog.IN_PROGRESS, message_ids, MessageLog.COMPLETED])
+        return {uuid: (pk, status) for pk, uuid, status in cursor.fetchall()}
+
+
+def rows_of(alias: str, starts: Sequence[lifecycle.Start]) -> dict[str, tuple[int, str]]:
+    """``{message id: (pk, status)}`` of the starts' rows, creating the missing ones.
+
+    Where the database can, the rows are locked: a status read from an older snapshot
+    (MySQL's repeatable read) could miss another worker's COMPLETED, and the task would run
+    again. They are locked by primary key, in its order, after a plain read finds them: a
+    locking read by message id would also lock the gaps where missing rows go, and two
+    workers inserting there would deadlock.
+    """
+    ids = [s.message_id for s in starts]
+    objects = MessageLog.objects.using(alias)
+    found = list(objects.filter(uuid__in=ids).values_list('pk', 'uuid', 'status'))
+    if found and connections[alias].features.has_select_for_update:
+        found = list(objects.select_for_update().filter(pk__in=[pk for pk, _, _ in found])
+                     .order_by('pk').values_list('pk', 'uuid', 'status'))
+    rows = {uuid: (pk, status) for pk, uuid, status in found}
+    missing = [s for s in starts if s.message_id not in rows]
+    if missing:
+        now = timezone.now()
+        created = MessageLog.objects.using(alias).bulk_create([
+            MessageLog(
+                status=MessageLog.PUBLISHED, uuid=s.message_id, task=_text.fit(s.task, 'task'),
+                task_args=json.dumps(s.args), content=json.dumps(s.kwargs),
+                queue=_text.fit(s.queue, 'queue'), exchange=_text.fit(s.exchange, 'exchange'),
+                routing_key=_text.fit(s.routing_key, 'routing_key'),
+                priority=s.priority, publish_time=now,
+            ) for s in _unique(missing)
+        ])
+        if any(row.pk is None for row in created):
+            created = list(MessageLog.objects.using(alias).filter(
+                uuid__in=[s.message_id for s in missing]))
+        rows.update({row.uuid: (row.pk, row.status) for row in created})
+    return rows
+
+
+def _unique(starts: Sequence[lifecycle.Start]) -> list[lifecycle.Start]:
+    seen: dict[str, lifecycle.Start] = {}
+    for start in starts:
+        seen.setdefault(start.message_id, start)
+    return list(seen.values())
+
+
+END_COLUMNS = ('status', 'output', 'log', 'exception', 'traceback', 'completion_time',
+                'failure_time')
+
+
+def end_values(finish: lifecycle.Finish, connection: BaseDatabaseWrapper,
+                now: datetime.datetime) -> tuple[Any, ...]:
+    """The END_COLUMNS of ``finish``, then 1 when it also records the start, else 0."""
+    at = completion_time_field().get_db_prep_value(finish.at or now, connection)
+    completed = finish.status == MessageLog.COMPLETED
+    return (finish.status, _text.clean_optional(finish.output), _text.clean(finish.log),
+            _text.clean_optional(finish.exception), _text.clean_optional(finish.traceback),
+            at if completed else None, None if completed else at,
+            0 if finish.start is None else 1)
+
+
+@functools.cache
+def completion_time_field() -> Field[Any, Any]:
+    """The field whose database form both end times take (looked up once)."""
+    return MessageLog._meta.get_field('completion_time')
+
+
+def finish_by_message_id(
+    connection: BaseDatabaseWrapper, finishes: Sequence[lifecycle.Finish],
+) -> tuple[dict[str, tuple[int, str]], list[lifecycle.Finish]]:
+    """PostgreSQL: one UPDATE from arrays for the whole batch, rows found by message id.
+
+    Returns ``{message id: (pk, status before)}`` of the rows written, and the finishes
+    left for ``finish_by_pk``: those with no row yet (a foreign producer's message) and a
+    message id's second Finish in the batch (written after the first, as it came).
+    """
+    first: dict[str, lifecycle.Finish] = {}
+    for finish in finishes:
+        first.setdefault(finish.message_id, finish)
+    now = timezone.now()
+    columns = [list(column) for column in zip(
+        *[(f.message_id, *end_values(f, connection, now)) for f in first.values()],
+        strict=True)]
+    quote = connection.ops.quote_name
+    table = quote(MessageLog._meta.db_table)
+    assignments = ', '.join(f'{quote(c)} = v.{c}' for c in END_COLUMNS)
+    attempts = quote('attempts')
+    # Joining the row to itself as ``old`` gives its status before the update.
+    sql = (
+        f'UPDATE {table} AS t SET {assignments}, {attempts} = t.{attempts} + v.started '
+        'FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], '
+        '%s::text[], %s::timestamptz[], %s::timestamptz[], %s::integer[]) '
+        'AS v(uuid, status, output, log, exception, traceback, completion_time, '
+        f'failure_time, started), {table} AS old '
+        f'WHERE t.{quote("uuid")} = v.uuid AND old.{quote("id")} = t.{quote("id")} '
+        f'RETURNING t.{quote("id")}, t.{quote("uuid")}, old.{quote("status")}'
+    )
+    with bound_cursor(connection) as cursor:
+        cursor.execute(sql, columns)
+        rows = {uuid: (pk, status) for pk, uuid, status in cursor.fetchall()}
+    left = [f for f in finishes if f.message_id not in rows or first[f.message_id] is not f]
+    return rows, left
+
+
+def finish_by_pk(connection: BaseDatabaseWrapper,
+                  finishes: Sequence[lifecycle.Finish]) -> dict[str, tuple[int, str]]:
+    """One UPDATE a row, by primary key, creating the rows of starts that have none.
+
+    ``{message id: (pk, status before)}`` of the finishes that record their start.
+    """
+    quote = connection.ops.quote_name
+    placeholders = ', '.join(f'{quote(c)} = %s' for c in END_COLUMNS)
+    attempts = quote('attempts')
+    sql = (f'UPDATE {quote(MessageLog._meta.db_table)} SET {placeholders}, '
+           f'{attempts} = {attempts} + %s WHERE {quote("id")} = %s')
+    starting = [f.start for f in finishes if f.start is not None]
+    rows = rows_of(connection.alias, starting) if starting else {}
+    now = timezone.now()
+    parameters = [
+        (*end_values(f, connection, now),
+         f.pk if f.start is None else rows[f.start.message_id][0])
+        for f in finishes
+    ]
+    # One prepared statement for the whole batch: the ORM's bulk_update would build a
+    # CASE expression per row and field.
+    with bound_cursor(connection) as cursor:
+        cursor.executemany(sql, parameters)
+    return rows

@@ -1,0 +1,199 @@
+"""Publishing a task: validate it, write its PUBLISHED row, send its message.
+
+``publish_message`` validates everything before it writes or sends anything, writes the
+PUBLISHED row, and sends the message: at once, or when the surrounding transaction commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import transaction
+
+from carrot import conf, frames, lifecycle, message, oncommit, registry
+from carrot._text import column_length
+from carrot.broker import Outgoing, get_publisher
+from carrot.exceptions import CarrotConfigException
+from carrot.models import MessageLog
+
+__all__ = ['Message', 'create_message', 'get_host_from_name', 'publish_message',
+           'validate_task']
+
+TaskRef = Callable[..., Any] | str
+
+
+
+def get_host_from_name(name: str | None) -> conf.Broker:
+    """The broker of queue ``name``; the default broker when ``name`` is empty."""
+    settings = conf.get_settings()
+    if not name:
+        return settings.default_broker
+    return settings.queue(name).broker
+
+
+def validate_task(task: TaskRef) -> str:
+    """The dotted path of ``task`` (a function or a path), checked to be a runnable task."""
+    path = registry.task_path(task)
+    registry.resolve(path)
+    return path
+
+
+@dataclass(frozen=True)
+class Message:
+    """A task message ready to publish (upstream's ``create_message`` result)."""
+
+    queue: conf.Queue
+    task_message: message.TaskMessage
+    exchange: str
+    routing_key: str
+    args_json: str
+    kwargs_json: str
+
+    @property
+    def task(self) -> str:
+        return self.task_message.task
+
+    @property
+    def uuid(self) -> str:
+        return self.task_message.message_id
+
+    def publish(self) -> MessageLog:
+        """Write the PUBLISHED row and send the message (on commit, inside a transaction).
+
+        Raises TransactionManagementError, writing nothing, when autocommit is off outside
+        ``atomic()``: carrot cannot know when such a transaction commits, and a message sent
+        before its row is committed could run a task whose row is then rolled back.
+        """
+        alias = lifecycle.database()
+        connection = transaction.get_connection(alias)
+        in_transaction = connection.in_atomic_block
+        if not in_transaction and not connection.get_autocommit():
+            raise transaction.TransactionManagementError(
+                f'publish_message cannot be used with autocommit turned off outside '
+                f'transaction.atomic() (database {alias!r}): carrot sends a message once '
+                f'its row is committed, and cannot see when such a transaction commits. '
+                f'Publish inside transaction.atomic(), or with autocommit on.'
+            )
+        log = self.record()
+        if in_transaction:
+            oncommit.send_on_commit(self, log, alias)
+        else:
+            try:
+                self.send()
+            except BaseException:
+                lifecycle.discard_unpublished(log)
+                raise
+        return log
+
+    def record(self) -> MessageLog:
+        """Write the PUBLISHED row of this message, without sending it."""
+        return lifecycle.record_published(
+            message_id=self.uuid, task=self.task, args_json=self.args_json,
+            kwargs_json=self.kwargs_json, queue=self.queue.name, exchange=self.exchange,
+            routing_key=self.routing_key, priority=self.task_message.priority,
+        )
+
+    def send(self) -> None:
+        """Send the message to RabbitMQ and wait for the broker's confirm."""
+        item = self.outgoing()
+        get_publisher().send(self.queue.broker, item.body, item.properties, item.routing_key,
+                             item.exchange, item.declare_queue)
+
+    def outgoing(self) -> Outgoing:
+        """The message as the publisher sends it (to ``queue.broker``)."""
+        body, properties = message.encode(self.task_message, (self.args_json, self.kwargs_json))
+        return Outgoing(body, properties, self.routing_key, self.exchange, self.queue)
+
+
+def check_destination(exchange: object, routing_key: object) -> None:
+    """CarrotConfigException unless RabbitMQ can be sent, and MessageLog can keep, both names."""
+    if not isinstance(exchange, str) or not frames.EXCHANGE_NAME.fullmatch(exchange):
+        problem = (f'is {len(exchange)} characters long' if isinstance(exchange, str)
+                   and len(exchange) > frames.MAX_EXCHANGE_NAME else 'is not a valid name')
+        raise CarrotConfigException(
+            f'The exchange {_shown(exchange)} {problem}: AMQP allows at most '
+            f'{frames.MAX_EXCHANGE_NAME} letters, digits, spaces and "-_.:@#,/+". Pass the '
+            f'name of an existing exchange, or leave exchange empty for the default one.'
+        )
+    if not isinstance(routing_key, str):
+        raise CarrotConfigException(
+            f'The routing_key must be a string, not {type(routing_key).__name__}.')
+    try:
+        size = len(routing_key.encode())
+    except UnicodeEncodeError:
+        raise CarrotConfigException(
+            f'The routing_key {_shown(routing_key)} is not valid Unicode text (it holds a lone '
+            f'surrogate). Pass a routing_key that can be encoded as UTF-8.'
+        ) from None
+    longest = column_length('routing_key')
+    if size > frames.MAX_SHORT_STRING or len(routing_key) > longest:
+        raise CarrotConfigException(
+            f'The routing_key {_shown(routing_key)} is {len(routing_key)} characters '
+            f'({size} bytes of UTF-8) long: AMQP carries at most {frames.MAX_SHORT_STRING} '
+            f'bytes, and MessageLog keeps at most {longest} characters. Pass a '
+            f'shorter routing_key.'
+        )
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message, cut short when it is long."""
+    text = repr(value)
+    return text if len(text) <= 60 else f'{text[:57]}...'
+
+
+def create_message(
+    task: TaskRef,
+    priority: int = 0,
+    task_args: tuple[Any, ...] | list[Any] = (),
+    queue: str | None = None,
+    exchange: str = '',
+    routing_key: str | None = None,
+    task_kwargs: dict[str, Any] | None = None,
+) -> Message:
+    """A validated Message, not yet published.
+
+    Raises TaskNotRegistered, TaskImportError, CarrotConfigException (unknown queue, or an
+    exchange or routing key AMQP cannot carry), ArgumentsNotSerializable or ValueError (bad
+    priority) before anything is written or sent.
+    """
+    path = validate_task(task)
+    target = conf.get_settings().queue(queue)
+    message.check_priority(priority)
+    exchange = exchange or ''
+    routing_key = routing_key or target.name
+    check_destination(exchange, routing_key)
+    args = list(task_args)
+    kwargs = dict(task_kwargs or {})
+    args_json, kwargs_json = message.encode_arguments(args, kwargs)
+    return Message(
+        queue=target,
+        task_message=message.TaskMessage(task=path, args=args, kwargs=kwargs, priority=priority),
+        exchange=exchange,
+        routing_key=routing_key,
+        args_json=args_json,
+        kwargs_json=kwargs_json,
+    )
+
+
+def publish_message(
+    task: TaskRef,
+    *task_args: Any,
+    priority: int = 0,
+    queue: str | None = None,
+    exchange: str = '',
+    routing_key: str | None = None,
+    **task_kwargs: Any,
+) -> MessageLog:
+    """Publish a task; its MessageLog row (status PUBLISHED) is returned.
+
+    ``task`` is a function or its dotted path, in a module listed in
+    ``CARROT['task_modules']``. Inside ``transaction.atomic()`` the message is sent when the
+    transaction commits. Raises BrokerUnavailable, leaving no PUBLISHED row, when RabbitMQ
+    cannot be reached.
+    """
+    return create_message(
+        task, priority=priority, task_args=task_args, queue=queue, exchange=exchange,
+        routing_key=routing_key, task_kwargs=task_kwargs,
+    ).publish()
