@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None, on_ready: Callable[[str], None] | None =
     if IMPORTED_BEFORE_PATCHING:
         log.error('Monkey-patching came after %s was imported; greenlets may block each other',
                   ', '.join(IMPORTED_BEFORE_PATCHING))
-    for notice in preflight.notices():
-        log.error(notice)
+    for level, notice in preflight.notices():
+        log.log(level, notice)
     problems = preflight.problems()
     if problems:
         for problem in problems:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from amqpstorm.exception import AMQPError
 from django.db import DatabaseError, connections
 
@@ -10,12 +12,15 @@ from carrot.exceptions import CarrotError
 from carrot.models import MessageLog
 
 
-def notices() -> list[str]:
-    """What the service starts despite: carrot's system check warnings, and task modules
-    that do not import (their messages will be dead-lettered with the reason)."""
+def notices() -> list[tuple[int, str]]:
+    """What the service starts despite, with its logging level: carrot's system check
+    warnings, and task modules that do not import (an error: their messages will be
+    dead-lettered with the reason)."""
     from django.core import checks
 
-    return [f'{message.msg} ({message.id})' for message in checks.run_checks(tags=['carrot'])
+    return [(logging.ERROR if message.level >= checks.ERROR else logging.WARNING,
+             f'{message.msg} ({message.id})')
+            for message in checks.run_checks(tags=['carrot'])
             if message.level < checks.ERROR or message.id == 'carrot.E002']
 
 
