@@ -20,7 +20,7 @@ from carrot.exceptions import CarrotConfigException
 DEFAULT_QUEUE = 'default'
 QUEUE_KEYS = frozenset({
     'name', 'host', 'concurrency', 'consumable', 'consumer_class', 'durable',
-    'queue_arguments', 'exchange_arguments', 'prefetch',
+    'queue_arguments', 'exchange_arguments', 'prefetch', 'tracked',
 })
 TOP_LEVEL_KEYS = frozenset({
     'default_broker', 'queues', 'task_modules', 'monitor_authentication', 'shutdown_timeout',
@@ -65,6 +65,8 @@ class Queue:
     queue_arguments: Mapping[str, Any] = field(default_factory=dict)
     exchange_arguments: Mapping[str, Any] = field(default_factory=dict)
     prefetch: int = 1
+    #: False: a task that succeeds leaves no MessageLog row (a failure is still recorded).
+    tracked: bool = True
 
     @property
     def dead_letter_queue(self) -> str:
@@ -221,6 +223,7 @@ def _parse_queue(raw: Any, index: int, default_broker: Broker) -> Queue:
         queue_arguments=_mapping(raw.get('queue_arguments'), f"{key}['queue_arguments']"),
         exchange_arguments=_mapping(raw.get('exchange_arguments'), f"{key}['exchange_arguments']"),
         prefetch=_positive_int(raw.get('prefetch', 1), f"{key}['prefetch']", MAX_PREFETCH),
+        tracked=_bool(raw.get('tracked', True), f"{key}['tracked']"),
     )
 
 

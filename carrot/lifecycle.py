@@ -2,12 +2,14 @@
 
 ==============  ==========================================================================
 PUBLISHED       ``record_published``: the row of a message about to be sent
-                (``discard_unpublished`` removes it when the message never left)
+                (``discard_unpublished`` removes it when the message never left;
+                ``unsaved_published`` is the row an untracked message does not write)
 IN_PROGRESS     ``start_many``: a worker starts the tasks
 COMPLETED       ``finish_many`` with the end ``completed()`` builds: the task returned
 FAILED          ``finish_many`` with the end ``failed()`` builds: the task raised;
-                ``record_refused``: the message cannot run; ``mark_publish_failed``: its
-                message could not be sent after its transaction committed
+                ``record_refused``: the message cannot run; ``mark_publish_failed`` and
+                ``mark_not_sent``: its message could not be sent after its transaction
+                committed (an untracked message's row is written then, FAILED)
 ==============  ==========================================================================
 
 The worker calls the batch functions from one recorder greenlet, so a hundred tasks
@@ -63,6 +65,17 @@ def record_published(
     return _sql.loaded_row(alias, pk, values)
 
 
+def unsaved_published(
+    *, message_id: str, task: str, args_json: str, kwargs_json: str, queue: str,
+    exchange: str, routing_key: str, priority: int,
+) -> MessageLog:
+    """The PUBLISHED row of an untracked message, not written: it gets one only if its
+    task fails, or its message cannot be sent."""
+    return MessageLog(status=Status.PUBLISHED, uuid=message_id, task=task, task_args=args_json,
+                      content=kwargs_json, queue=queue, exchange=exchange,
+                      routing_key=routing_key, priority=priority, publish_time=timezone.now())
+
+
 def discard_unpublished(log: MessageLog) -> None:
     """Remove the row of a message that never reached the broker."""
     MessageLog.objects.filter(pk=log.pk, status=Status.PUBLISHED).delete()
@@ -79,9 +92,27 @@ def mark_publish_failed(log: MessageLog, error: BaseException) -> None:
         detail = f' ({error})' if str(error) else ''
         reason = (f'Not published, or not confirmed: the publish was interrupted by '
                   f'{type(error).__name__}{detail}, so RabbitMQ may or may not have it.')
-    MessageLog.objects.filter(pk=log.pk, status=Status.PUBLISHED).update(
-        status=Status.FAILED, failure_time=timezone.now(), exception=reason,
-    )
+    mark_not_sent([log], reason)
+
+
+def mark_not_sent(logs: Sequence[MessageLog], reason: str) -> None:
+    """FAILED with ``reason`` for the rows of messages that were not (surely) sent.
+
+    A row that moved on from PUBLISHED is left as it is; an untracked message's unsaved row
+    is written, FAILED, so the task that never ran is seen.
+    """
+    now = timezone.now()
+    saved = [log for log in logs if log.pk is not None]
+    if saved:
+        MessageLog.objects.using(saved[0]._state.db or database()).filter(
+            pk__in=[log.pk for log in saved], uuid__in=[log.uuid for log in saved],
+            status=Status.PUBLISHED,
+        ).update(status=Status.FAILED, failure_time=now, exception=reason)
+    unsaved = [log for log in logs if log.pk is None]
+    for log in unsaved:
+        log.status, log.failure_time, log.exception = Status.FAILED, now, reason
+    if unsaved:
+        MessageLog.objects.using(database()).bulk_create(unsaved)
 
 
 @dataclass(frozen=True)

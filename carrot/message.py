@@ -1,8 +1,10 @@
-"""The wire format, both directions, and nowhere else.
+"""The wire format, both directions, and nowhere else (dead letters' too).
 
 Compatible with upstream django-carrot: the ``type`` header carries the dotted task path,
 ``message_id`` is the MessageLog uuid, and the JSON body is ``{"args": [...], "kwargs": {...}}``.
-carrot adds an ``x-carrot-attempt`` header, which other producers may leave out.
+carrot adds an ``x-carrot-attempt`` header, which other producers may leave out, and
+``x-carrot-tracked`` (true or false) when the call or the queue chose whether the task gets a
+MessageLog row when it succeeds.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from typing import Any
 
 from carrot._values import is_whole_number
 from carrot.exceptions import ArgumentsNotSerializable, BadMessage
+from carrot.frames import MAX_SHORT_STRING
 
 TYPE_HEADER = 'type'
 ATTEMPT_HEADER = 'x-carrot-attempt'
 DEAD_REASON_HEADER = 'x-carrot-dead-reason'
+TRACKED_HEADER = 'x-carrot-tracked'
 CONTENT_TYPE = 'application/json'
 MESSAGE_TYPE = 'django-carrot message'
 PERSISTENT = 2
@@ -36,6 +40,8 @@ class TaskMessage:
     message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     priority: int = 0
     attempt: int = 1
+    #: False: no MessageLog row unless the task fails; None: as its queue says.
+    tracked: bool | None = None
 
 
 def check_priority(priority: object) -> None:
@@ -80,8 +86,11 @@ def encode(message: TaskMessage, arguments_json: tuple[str, str] | None = None,
     args_json, kwargs_json = arguments_json or (json.dumps(message.args),
                                                 json.dumps(message.kwargs))
     body = f'{{"args": {args_json}, "kwargs": {kwargs_json}}}'.encode()
+    headers: dict[str, Any] = {TYPE_HEADER: message.task, ATTEMPT_HEADER: message.attempt}
+    if message.tracked is not None:
+        headers[TRACKED_HEADER] = message.tracked
     properties = {
-        'headers': {TYPE_HEADER: message.task, ATTEMPT_HEADER: message.attempt},
+        'headers': headers,
         'content_type': CONTENT_TYPE,
         'content_encoding': 'utf-8',
         'priority': message.priority,
@@ -117,6 +126,10 @@ def decode(body: bytes, properties: Mapping[str, Any]) -> TaskMessage:
     if not isinstance(kwargs, dict):
         raise BadMessage('The message body\'s "kwargs" is not an object.')
     attempt = headers.get(ATTEMPT_HEADER, 1)
+    tracked = headers.get(TRACKED_HEADER)
+    if tracked is not None and not isinstance(tracked, bool):
+        raise BadMessage(f'The {TRACKED_HEADER!r} header is {tracked!r}; it must be true or '
+                         f'false, or be left out for the queue\'s setting.')
     message_id = text(properties.get('message_id'))
     if len(message_id) > MAX_MESSAGE_ID:
         raise BadMessage(f'The message_id is {len(message_id)} characters long; carrot keeps '
@@ -131,6 +144,7 @@ def decode(body: bytes, properties: Mapping[str, Any]) -> TaskMessage:
         message_id=message_id or str(uuid.uuid4()),
         priority=properties.get('priority') or 0,
         attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
+        tracked=tracked,
     )
 
 
@@ -152,3 +166,39 @@ def text(value: Any) -> str:
 
 def _text_keys(headers: Mapping[Any, Any]) -> dict[str, Any]:
     return {text(key) if isinstance(key, bytes) else key: value for key, value in headers.items()}
+
+
+def dead_letter_properties(delivered: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The delivery's properties for the dead-letter queue, with the reason in a header.
+
+    Kept as they came, but persistent, not expiring, not claiming another user id (RabbitMQ
+    closes the channel of a publish whose user_id is not its own), and without the
+    deprecated cluster_id, which amqpstorm refuses to send.
+    """
+    properties = dict(delivered)
+    for dropped in ('expiration', 'user_id', 'cluster_id'):
+        properties.pop(dropped, None)
+    properties['delivery_mode'] = PERSISTENT
+    headers = dict(properties.get('headers') or {})
+    headers[DEAD_REASON_HEADER] = reason[:1000]
+    properties['headers'] = headers
+    return properties
+
+
+def minimal_dead_letter_properties(delivered: dict[str, Any], reason: str,
+                        error: Exception) -> dict[str, Any]:
+    """What identifies a message, as text, for one whose own properties cannot be sent."""
+    headers = delivered.get('headers') or {}
+    properties: dict[str, Any] = {
+        'delivery_mode': PERSISTENT,
+        'headers': {
+            TYPE_HEADER: text(headers.get(TYPE_HEADER)),
+            DEAD_REASON_HEADER: (
+                f'{reason} (its properties could not be sent again, only these: '
+                f'{type(error).__name__}: {error})')[:1000],
+        },
+    }
+    message_id = message_id_of(delivered)
+    if message_id is not None and len(message_id.encode()) <= MAX_SHORT_STRING:
+        properties['message_id'] = message_id
+    return properties

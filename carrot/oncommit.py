@@ -21,7 +21,6 @@ from typing import Protocol
 
 from django.db import transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.utils import timezone
 
 from carrot import conf, lifecycle
 from carrot.broker import Outgoing, SendProgress, get_publisher
@@ -104,7 +103,7 @@ def _run_hook(connection: BaseDatabaseWrapper, send: Send) -> None:
         send_all(batch)
     except BaseException as interruption:
         left, waiting[:] = list(waiting), []
-        mark_not_sent(left, interruption)
+        mark_not_sent(left, interruption, committed=False)
         raise
 
 
@@ -170,10 +169,13 @@ def _interrupted(send: Send, interruption: BaseException) -> None:
                  send.message.uuid, type(interruption).__name__)
 
 
-def mark_not_sent(sends: Sequence[Send], interruption: BaseException) -> None:
+def mark_not_sent(sends: Sequence[Send], interruption: BaseException,
+                  committed: bool = True) -> None:
     """FAILED, saying why, for the rows of ``sends`` never sent because of ``interruption``.
 
-    A send whose savepoint was rolled back has no row, and is left alone.
+    A send whose savepoint was rolled back has no row, and is left alone. ``committed``
+    False: some may be such sends, so an untracked message, whose row would be written now,
+    is only logged.
     """
     if not sends:
         return
@@ -183,17 +185,16 @@ def mark_not_sent(sends: Sequence[Send], interruption: BaseException) -> None:
               f'interrupted by {type(interruption).__name__} before this one, so RabbitMQ '
               f'does not have it. Publish it again if it should still run.')
     try:
-        MessageLog.objects.using(sends[0].log._state.db or lifecycle.database()).filter(
-            pk__in=[s.log.pk for s in sends], uuid__in=[s.log.uuid for s in sends],
-            status=MessageLog.PUBLISHED,
-        ).update(status=MessageLog.FAILED, failure_time=timezone.now(), exception=reason)
+        lifecycle.mark_not_sent([s.log for s in sends if committed or s.log.pk is not None],
+                                reason)
     except Exception as error:  # the interruption must go on all the same
         logger.error('%d committed task(s) were not published (interrupted by %s), and their '
                      'rows could not be marked FAILED: %s; message ids: %s', len(sends),
                      type(interruption).__name__, error, ', '.join(s.log.uuid for s in sends))
     else:
         logger.error('%d committed task(s) were not published: interrupted by %s; their rows '
-                     'say FAILED', len(sends), type(interruption).__name__)
+                     'say FAILED; message ids: %s', len(sends), type(interruption).__name__,
+                     ', '.join(s.log.uuid for s in sends))
 
 
 def _quietly_mark_failed(send: Send, error: BaseException) -> None:

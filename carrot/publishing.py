@@ -59,8 +59,16 @@ class Message:
     def uuid(self) -> str:
         return self.task_message.message_id
 
+    @property
+    def tracked(self) -> bool:
+        """Whether the task gets its row before it runs (False: only if it fails)."""
+        chosen = self.task_message.tracked
+        return self.queue.tracked if chosen is None else chosen
+
     def publish(self) -> MessageLog:
         """Write the PUBLISHED row and send the message (on commit, inside a transaction).
+
+        An untracked message writes no row: the MessageLog returned is not saved.
 
         Raises TransactionManagementError, writing nothing, when autocommit is off outside
         ``atomic()``: carrot cannot know when such a transaction commits, and a message sent
@@ -83,13 +91,18 @@ class Message:
             try:
                 self.send()
             except BaseException:
-                lifecycle.discard_unpublished(log)
+                if log.pk is not None:
+                    lifecycle.discard_unpublished(log)
                 raise
         return log
 
     def record(self) -> MessageLog:
-        """Write the PUBLISHED row of this message, without sending it."""
-        return lifecycle.record_published(
+        """Write the PUBLISHED row of this message, without sending it.
+
+        An untracked message's row is not written: the instance is returned unsaved.
+        """
+        record = lifecycle.record_published if self.tracked else lifecycle.unsaved_published
+        return record(
             message_id=self.uuid, task=self.task, args_json=self.args_json,
             kwargs_json=self.kwargs_json, queue=self.queue.name, exchange=self.exchange,
             routing_key=self.routing_key, priority=self.task_message.priority,
@@ -151,13 +164,19 @@ def create_message(
     exchange: str = '',
     routing_key: str | None = None,
     task_kwargs: dict[str, Any] | None = None,
+    tracked: bool | None = None,
 ) -> Message:
     """A validated Message, not yet published.
 
     Raises TaskNotRegistered, TaskImportError, CarrotConfigException (unknown queue, or an
     exchange or routing key AMQP cannot carry), ArgumentsNotSerializable or ValueError (bad
     priority) before anything is written or sent.
+
+    ``tracked=False`` writes no MessageLog row for the task unless it fails; None takes the
+    queue's ``tracked`` setting (True unless set).
     """
+    if tracked is not None and not isinstance(tracked, bool):
+        raise CarrotConfigException(f'tracked must be True, False or None, not {tracked!r}.')
     path = validate_task(task)
     target = conf.get_settings().queue(queue)
     message.check_priority(priority)
@@ -169,7 +188,8 @@ def create_message(
     args_json, kwargs_json = message.encode_arguments(args, kwargs)
     return Message(
         queue=target,
-        task_message=message.TaskMessage(task=path, args=args, kwargs=kwargs, priority=priority),
+        task_message=message.TaskMessage(task=path, args=args, kwargs=kwargs, priority=priority,
+                                         tracked=_tracked_header(tracked, target)),
         exchange=exchange,
         routing_key=routing_key,
         args_json=args_json,
@@ -184,6 +204,7 @@ def publish_message(
     queue: str | None = None,
     exchange: str = '',
     routing_key: str | None = None,
+    tracked: bool | None = None,
     **task_kwargs: Any,
 ) -> MessageLog:
     """Publish a task; its MessageLog row (status PUBLISHED) is returned.
@@ -191,9 +212,17 @@ def publish_message(
     ``task`` is a function or its dotted path, in a module listed in
     ``CARROT['task_modules']``. Inside ``transaction.atomic()`` the message is sent when the
     transaction commits. Raises BrokerUnavailable, leaving no PUBLISHED row, when RabbitMQ
-    cannot be reached.
+    cannot be reached. ``tracked=False``: no row unless the task fails (the MessageLog
+    returned is then not saved); None: as the queue's ``tracked`` setting says.
     """
     return create_message(
         task, priority=priority, task_args=task_args, queue=queue, exchange=exchange,
-        routing_key=routing_key, task_kwargs=task_kwargs,
+        routing_key=routing_key, task_kwargs=task_kwargs, tracked=tracked,
     ).publish()
+
+
+def _tracked_header(tracked: bool | None, queue: conf.Queue) -> bool | None:
+    """What the message says about tracking: nothing when it is tracked as its queue is,
+    so a worker of upstream's format sees the message it always saw."""
+    resolved = queue.tracked if tracked is None else tracked
+    return None if resolved and queue.tracked else resolved

@@ -21,7 +21,7 @@ from django.db import DataError, IntegrityError, close_old_connections
 from django.db import Error as DatabaseFault
 from gevent.event import AsyncResult
 
-from carrot import frames, lifecycle, message, registry
+from carrot import lifecycle, message, registry
 from carrot.amqp import SignallingChannel
 from carrot.broker import get_publisher
 from carrot.exceptions import (
@@ -109,11 +109,12 @@ class Delivery:
         self._check_unsettled(Settlement.DEAD_LETTERED)
         queue = self._runtime().queue
         try:
-            self._publish_dead_letter(_dead_letter_properties(self.properties, reason))
+            self._publish_dead_letter(message.dead_letter_properties(self.properties, reason))
         except MessageNotEncodable as unencodable:
             # Another client's properties that cannot be sent again (a header that is not
             # UTF-8, say): dead-letter it with the few that say what it was.
-            self._publish_dead_letter(_minimal_properties(self.properties, reason, unencodable))
+            self._publish_dead_letter(
+                message.minimal_dead_letter_properties(self.properties, reason, unencodable))
         self.consumer.logger.error('%s: message %s dead-lettered to %s: %s', self.consumer.name,
                                    self.message_id or '(no message_id)',
                                    queue.dead_letter_queue, reason)
@@ -156,6 +157,9 @@ class Delivery:
             return
         self.task_message = task_message
         start = self._start_of(task_message)
+        if not self._tracked(task_message):
+            self._run_untracked(function, task_message, start)
+            return
         # Wait for the start to be recorded: a redelivered message may have completed
         # before its ack was lost, and while the database is failing a task must not run
         # without its IN_PROGRESS row.
@@ -168,6 +172,22 @@ class Delivery:
         if wait and not self._may_run_after_start():
             return
         outcome = self.consumer.run_task(function, task_message)
+        self._finish(start, outcome)
+
+    def _tracked(self, task_message: message.TaskMessage) -> bool:
+        chosen = task_message.tracked
+        return self._runtime().queue.tracked if chosen is None else chosen
+
+    def _run_untracked(self, function: registry.Task, task_message: message.TaskMessage,
+                       start: lifecycle.Start) -> None:
+        """No row before it runs, nor after it succeeds; a failure gets its row, start and
+        end written together, and is acked once that is committed."""
+        outcome = self.consumer.run_task(function, task_message)
+        if outcome.exception is None:
+            self.ack()
+            return
+        self.started = AsyncResult()
+        self.started.set_exception(RecordingFailed('an untracked task has no start row'))
         self._finish(start, outcome)
 
     def _start_of(self, task_message: message.TaskMessage) -> lifecycle.Start:
@@ -328,39 +348,3 @@ def _end_of(message_id: str, outcome: Outcome) -> lifecycle.Finish:
 
 class _Stopping(Exception):
     """The service stopped while a consumer waited for the database."""
-
-
-def _dead_letter_properties(delivered: dict[str, Any], reason: str) -> dict[str, Any]:
-    """The delivery's properties for the dead-letter queue, with the reason in a header.
-
-    Kept as they came, but persistent, not expiring, not claiming another user id (RabbitMQ
-    closes the channel of a publish whose user_id is not its own), and without the
-    deprecated cluster_id, which amqpstorm refuses to send.
-    """
-    properties = dict(delivered)
-    for dropped in ('expiration', 'user_id', 'cluster_id'):
-        properties.pop(dropped, None)
-    properties['delivery_mode'] = message.PERSISTENT
-    headers = dict(properties.get('headers') or {})
-    headers[message.DEAD_REASON_HEADER] = reason[:1000]
-    properties['headers'] = headers
-    return properties
-
-
-def _minimal_properties(delivered: dict[str, Any], reason: str,
-                        error: Exception) -> dict[str, Any]:
-    """What identifies a message, as text, for one whose own properties cannot be sent."""
-    headers = delivered.get('headers') or {}
-    properties: dict[str, Any] = {
-        'delivery_mode': message.PERSISTENT,
-        'headers': {
-            message.TYPE_HEADER: message.text(headers.get(message.TYPE_HEADER)),
-            message.DEAD_REASON_HEADER: (
-                f'{reason} (its properties could not be sent again, only these: '
-                f'{type(error).__name__}: {error})')[:1000],
-        },
-    }
-    message_id = message.message_id_of(delivered)
-    if message_id is not None and len(message_id.encode()) <= frames.MAX_SHORT_STRING:
-        properties['message_id'] = message_id
-    return properties
