@@ -28,7 +28,8 @@ from typing import Any  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument('system', choices=['carrot', 'celery', 'dramatiq', 'pika'])
+    parser.add_argument('system',
+                        choices=['carrot', 'carrot_untracked', 'celery', 'dramatiq', 'pika'])
     parser.add_argument('mode', choices=['bulk', 'latency', 'atomic'])
     parser.add_argument('task', choices=['noop', 'sleep50'])
     parser.add_argument('count', type=int)

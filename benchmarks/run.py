@@ -49,7 +49,7 @@ from common import BENCH_DIR, LOG_DIR, Adapter, kill_all_started  # noqa: E402
 from report import Results, environment_lines, write_report  # noqa: E402
 from workloads import Config, clean, log, steps_for  # noqa: E402
 
-SYSTEMS = ('carrot', 'celery', 'dramatiq')
+SYSTEMS = ('carrot', 'carrot_untracked', 'celery', 'dramatiq')
 # The machine is shared: another session may restart RabbitMQ under us. One retry per
 # workload keeps such a blip from costing a whole data point.
 ATTEMPTS = 2

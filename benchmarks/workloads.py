@@ -60,9 +60,9 @@ def clean(adapter: Adapter) -> None:
     delete_queues(adapter.queues, adapter.exchanges)
 
 
-def publisher_args(adapter: Adapter, mode: str, task: str, count: int, callers: int,
-                   *extra: str) -> list[str]:
-    args = [adapter.name, mode, task, str(count), *extra]
+def publisher_args(adapter: Adapter, mode: str, task: str, count: int, callers: int
+                   ) -> list[str]:
+    args = [adapter.name, mode, task, str(count)]
     if callers > 1:
         args += ['--concurrency', str(callers), '--gevent']
     return args
@@ -262,7 +262,7 @@ def steps_for(adapter: Adapter, config: Config, tag: str) -> list[Callable[[], F
                   lambda: drain_noop(adapter, config, tag),
                   lambda: drain_sleeping(adapter, tag)]
     steps.append(lambda: confirmed_calls(adapter, config, tag))
-    if hasattr(adapter, 'create_schedules'):
+    if getattr(adapter, 'create_schedules', None) is not None:
         steps += [lambda: one_transaction(adapter, tag),
                   lambda: idle_scheduler(adapter, config, tag)]
     return steps

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 try:
     import redis
@@ -21,6 +25,28 @@ def noop() -> None:
 def sleep50() -> None:
     _stamp_first_start()
     time.sleep(0.05)  # the worker is gevent-patched: this yields
+
+
+def counted_noop() -> None:
+    """The untracked run's no-op: it leaves no row, so it reports through the peers' own
+    completion counter, at the same cost to the worker as theirs."""
+    _peers_probe().done('carrot_untracked')
+
+
+def counted_sleep50() -> None:
+    probe = _peers_probe()
+    probe.first_start('carrot_untracked')
+    time.sleep(0.05)
+    probe.done('carrot_untracked')
+
+
+@functools.cache
+def _peers_probe() -> Any:
+    """peers/probe.py, imported on first use (the tracked run needs no Redis counter)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'peers'))
+    import probe
+
+    return probe
 
 
 def _stamp_first_start() -> None:
