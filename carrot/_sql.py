@@ -231,20 +231,24 @@ def finish_by_message_id(
     quote = connection.ops.quote_name
     table = quote(MessageLog._meta.db_table)
     assignments = ', '.join(f'{quote(c)} = v.{c}' for c in END_COLUMNS)
-    attempts = quote('attempts')
-    # Joining the row to itself as ``old`` gives its status before the update.
+    attempts, status = quote('attempts'), quote('status')
+    # Joining the row to itself as ``old`` gives its status before the update. A start
+    # written with its end counts an attempt unless the row has ended already: written
+    # again, the same end must not count one more.
     sql = (
-        f'UPDATE {table} AS t SET {assignments}, {attempts} = t.{attempts} + v.started '
+        f'UPDATE {table} AS t SET {assignments}, {attempts} = t.{attempts} + CASE WHEN '
+        f"old.{status} IN ('{MessageLog.COMPLETED.value}', '{MessageLog.FAILED.value}') "
+        'THEN 0 ELSE v.started END '
         'FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], '
         '%s::text[], %s::timestamptz[], %s::timestamptz[], %s::integer[]) '
         'AS v(uuid, status, output, log, exception, traceback, completion_time, '
         f'failure_time, started), {table} AS old '
         f'WHERE t.{quote("uuid")} = v.uuid AND old.{quote("id")} = t.{quote("id")} '
-        f'RETURNING t.{quote("id")}, t.{quote("uuid")}, old.{quote("status")}'
+        f'RETURNING t.{quote("id")}, t.{quote("uuid")}, old.{status}'
     )
     with bound_cursor(connection) as cursor:
         cursor.execute(sql, columns)
-        rows = {uuid: (pk, status) for pk, uuid, status in cursor.fetchall()}
+        rows = {uuid: (pk, before) for pk, uuid, before in cursor.fetchall()}
     left = [f for f in finishes if f.message_id not in rows or first[f.message_id] is not f]
     return rows, left
 

@@ -411,3 +411,55 @@ def test_the_recorder_stops_within_its_timeout_while_the_database_is_away(
         raise AssertionError('the recorder did not stop')
     assert settled == [] and not ended.ready() and not waited_for.ready()
     assert _status('stopped') == (MessageLog.IN_PROGRESS, 1)
+
+
+def test_an_end_written_again_counts_its_attempt_once() -> None:
+    """The recorder writes a whole batch again when part of it failed; on PostgreSQL the ends
+    found by message id were committed already, and writing them again changes nothing."""
+    start = _start('twice')
+    end = lifecycle.Finish(message_id='twice', status=MessageLog.COMPLETED, output='2',
+                           start=start)
+    first = lifecycle.finish_many([end])
+    assert _status('twice') == (MessageLog.COMPLETED, 1)
+    assert first['twice'].already_completed is False
+    if connection.vendor != 'postgresql':
+        return  # elsewhere a batch is one transaction, never partly committed
+    again = lifecycle.finish_many([end])
+    assert _status('twice') == (MessageLog.COMPLETED, 1)
+    assert again['twice'].already_completed is True
+
+
+def test_ends_that_come_close_together_are_written_in_one_round(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a low rate of tasks, a round waits END_GATHER_SECONDS for more ends to write; a
+    start a consumer waits for is not held up by that wait."""
+    rounds: list[int] = []
+    write_ends = lifecycle.finish_many
+
+    def counted(finishes: Any) -> Any:
+        rounds.append(len(finishes))
+        return write_ends(finishes)
+
+    monkeypatch.setattr(lifecycle, 'finish_many', counted)
+    monkeypatch.setattr(recording, 'END_GATHER_SECONDS', 2.0)
+    names = ('one', 'two', 'three')
+    recorder = recording.Recorder()
+    recorder.start()
+    try:
+        starts = [recorder.record_start(_start(name), urgent=True) for name in names]
+        gevent.wait(starts, timeout=10)
+        results = []
+        for name, started in zip(names, starts, strict=True):
+            results.append(recorder.record_finish(
+                started, lifecycle.Finish(message_id=name, status=MessageLog.COMPLETED),
+                settle=lambda recorded: None, start=_start(name, again=True)))
+            gevent.sleep(0.01)  # the recorder wakes between them
+        waited_for = time.monotonic()
+        urgent = recorder.record_start(_start('urgent'), urgent=True)
+        urgent.get(timeout=10)
+        assert time.monotonic() - waited_for < 1.0, 'the urgent start waited for the gathering'
+        gevent.wait(results, timeout=10)
+    finally:
+        recorder.stop()
+    assert rounds == [3]
+    assert [_status(name) for name in names] == [(MessageLog.COMPLETED, 1)] * 3
