@@ -139,3 +139,23 @@ def test_a_foreign_message_with_a_bad_tracked_header_is_dead_lettered_with_its_r
                    what='the FAILED row')
     assert f"The '{message.TRACKED_HEADER}' header is 'yes'" in (row.exception or '')
     wait_for(lambda: broker.message_count(f'{queue}.dead') == 1, what='the dead letter')
+
+
+def test_a_failed_untracked_task_requeued_from_the_monitor_ends_in_its_row(
+        broker: Broker, start_worker: StartWorker) -> None:
+    """The row exists, so the requeued run is tracked: it must not stay PUBLISHED."""
+    from carrot.monitor import actions
+
+    queue = broker.queue_name('untracked')
+    settings = carrot_settings(queue, tracked=False)
+    with override_settings(CARROT=settings):
+        start_worker(settings)
+        failed = publish_message(tasks.add, 'a', 1)  # str + int: TypeError
+        row = wait_for(lambda: MessageLog.objects.filter(uuid=failed.uuid,
+                                                         status='FAILED').first(),
+                       what='the FAILED row')
+        MessageLog.objects.filter(pk=row.pk).update(task_args='[2, 3]')  # now it succeeds
+        assert actions.requeue([row.pk]).count == 1
+        row = wait_for(lambda: MessageLog.objects.filter(pk=row.pk, status='COMPLETED').first(),
+                       what='the requeued run recorded in its row')
+    assert (row.output, row.attempts) == ('5', 2)

@@ -132,7 +132,8 @@ def message_of(row: MessageLog) -> oncommit.Sendable:
     """The message of ``row`` as carrot publishes it, with the row's own message id.
 
     Validated as any publish is (the task registered, the queue known, the arguments JSON);
-    raises otherwise.
+    raises otherwise. Tracked even on an untracked queue: the row exists, and the worker must
+    write how this run ends into it.
     """
     args = _parse_arguments(row.task_args, [])
     kwargs = _parse_arguments(row.content, {})
@@ -141,6 +142,7 @@ def message_of(row: MessageLog) -> oncommit.Sendable:
     created = create_message(
         row.task, priority=row.priority, task_args=list(args), queue=row.queue or None,
         exchange=row.exchange or '', routing_key=row.routing_key or None, task_kwargs=kwargs,
+        tracked=True,
     )
     return dataclasses.replace(
         created, task_message=dataclasses.replace(created.task_message, message_id=row.uuid))
