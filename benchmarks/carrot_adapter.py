@@ -162,13 +162,16 @@ def make_publisher(task: str, confirm: bool) -> Callable[[], None]:
 
     carrot always confirms, so ``confirm`` changes nothing here.
     """
+    return publisher_to(QUEUE, f'tasks.{task}')
+
+
+def publisher_to(queue: str, task: str) -> Callable[[], None]:
+    """One ``publish_message`` of ``task`` to ``queue`` per call."""
     _setup_django()
     from carrot.utilities import publish_message
 
-    name = f'tasks.{task}'
-
     def publish() -> None:
-        publish_message(name, queue=QUEUE)
+        publish_message(task, queue=queue)
 
     return publish
 

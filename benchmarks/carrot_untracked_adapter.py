@@ -51,15 +51,7 @@ ADAPTER = CarrotUntrackedAdapter()
 def make_publisher(task: str, confirm: bool) -> Callable[[], None]:
     """Runs in the publisher subprocess (gevent-patched already)."""
     os.environ.update(ENV)
-    carrot_adapter._setup_django()
-    from carrot.utilities import publish_message
-
-    name = f'tasks.counted_{task}'
-
-    def publish() -> None:
-        publish_message(name, queue=QUEUE)
-
-    return publish
+    return carrot_adapter.publisher_to(QUEUE, f'tasks.counted_{task}')
 
 
 def one_transaction() -> Any:
