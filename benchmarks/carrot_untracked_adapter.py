@@ -56,3 +56,6 @@ def make_publisher(task: str, confirm: bool) -> Callable[[], None]:
 
 def one_transaction() -> Any:
     return carrot_adapter.one_transaction()
+
+
+finish_publishing = carrot_adapter.finish_publishing

@@ -32,7 +32,7 @@ except ImportError:  # another database driver
     psycopg = None  # type: ignore[assignment]
 
 PUBLISHED_COLUMNS = ('status', 'uuid', 'task', 'task_args', 'content', 'queue', 'exchange',
-                     'routing_key', 'priority', 'publish_time', 'attempts')
+                     'routing_key', 'priority', 'publish_time', 'attempts', 'awaiting_confirm')
 
 
 def loaded_row(alias: str, pk: int, values: list[Any]) -> MessageLog:
@@ -63,7 +63,7 @@ UNNEST_FROM_ROWS = 20
 # PUBLISHED_COLUMNS' types, in order.
 _UNNEST = ('SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], '
            '%s::text[], %s::text[], %s::text[], %s::integer[], %s::timestamptz[], '
-           '%s::integer[])')
+           '%s::integer[], %s::boolean[])')
 
 
 def insert_rows(alias: str, rows: list[list[Any]]) -> list[int]:
@@ -71,7 +71,7 @@ def insert_rows(alias: str, rows: list[list[Any]]) -> list[int]:
     connection = connections[alias]
     quote = connection.ops.quote_name
     time_field = MessageLog._meta.get_field('publish_time')
-    prepared = [[*row[:9], time_field.get_db_prep_value(row[9], connection), row[10]]
+    prepared = [[*row[:9], time_field.get_db_prep_value(row[9], connection), *row[10:]]
                 for row in rows]
     columns = ', '.join(quote(c) for c in PUBLISHED_COLUMNS)
     sql = f'INSERT INTO {quote(MessageLog._meta.db_table)} ({columns}) '

@@ -15,7 +15,7 @@ import itertools
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from amqpstorm.channel import CONTENT_FRAME, Channel
 from amqpstorm.connection import Connection as AmqpstormConnection
@@ -96,6 +96,40 @@ def _check_for_failure(adapter: Any) -> None:
         raise closed[0] if closed else AMQPChannelError('channel closed')
 
 
+class Returns:
+    """The message ids of returned messages (mandatory, and no queue was bound), taken from
+    the Basic.Return frames a channel receives, which come before the message's confirm."""
+
+    def __init__(self) -> None:
+        self.message_ids: set[str] = set()
+        self._header_due = False
+        self._body_left = 0
+
+    def on_frame(self, frame_in: Any) -> bool:
+        """Take a frame of a returned message; False for a frame that is not one."""
+        if frame_in.name == 'Basic.Return':
+            self._header_due = True
+        elif frame_in.name == 'ContentHeader' and self._header_due:
+            self._header_due = False
+            self._body_left = frame_in.body_size
+            message_id = frame_in.properties.message_id
+            self.message_ids.add(message_id.decode() if isinstance(message_id, bytes)
+                                 else str(message_id))
+        elif frame_in.name == 'ContentBody' and self._body_left > 0:
+            self._body_left -= len(frame_in.value)
+        else:
+            return False
+        return True
+
+
+class ConfirmListener(Protocol):
+    """What takes a confirm-mode channel's answers instead of its RPC waiter."""
+
+    def on_confirm(self, nacked: bool, delivery_tag: int, multiple: bool) -> None: ...
+
+    def on_return_frame(self, frame_in: Any) -> bool: ...
+
+
 class Confirms:
     """The broker's answers to a run of publishes sent without waiting, by delivery tag.
 
@@ -113,9 +147,7 @@ class Confirms:
         self.unanswered = len(message_ids)
         self.written = 0  # how many of the publishes went to the socket
         self._lowest = 0  # every outcome below this index is known
-        self._returned: set[str] = set()
-        self._return_header_due = False
-        self._return_body_left = 0
+        self._returns = Returns()
         self.answered = threading.Event()
         if not message_ids:
             self.answered.set()
@@ -124,7 +156,7 @@ class Confirms:
         last = delivery_tag - self.first_tag
         for index in range(self._lowest if multiple else last, last + 1):
             if 0 <= index < len(self.outcomes) and self.outcomes[index] is None:
-                returned = self.message_ids[index] in self._returned
+                returned = self.message_ids[index] in self._returns.message_ids
                 self.outcomes[index] = (self.NACK if nacked else
                                         self.RETURNED if returned else self.ACK)
                 self.unanswered -= 1
@@ -134,20 +166,7 @@ class Confirms:
             self.answered.set()
 
     def on_return_frame(self, frame_in: Any) -> bool:
-        """Take the frames of a returned message; False for a frame that is not one."""
-        if frame_in.name == 'Basic.Return':
-            self._return_header_due = True
-        elif frame_in.name == 'ContentHeader' and self._return_header_due:
-            self._return_header_due = False
-            self._return_body_left = frame_in.body_size
-            message_id = frame_in.properties.message_id
-            self._returned.add(message_id.decode() if isinstance(message_id, bytes)
-                               else str(message_id))
-        elif frame_in.name == 'ContentBody' and self._return_body_left > 0:
-            self._return_body_left -= len(frame_in.value)
-        else:
-            return False
-        return True
+        return self._returns.on_frame(frame_in)
 
 
 class SignallingChannel(Channel):
@@ -159,7 +178,8 @@ class SignallingChannel(Channel):
         self.delivery_arrived = threading.Event()
         self._carrot_connection: Connection = connection  # amqpstorm types it as its own
         self._published = 0  # publishes since confirm mode began: the last delivery tag
-        self._confirms: Confirms | None = None
+        #: Takes the answers to publishes instead of the RPC waiter, while set.
+        self.confirm_listener: ConfirmListener | None = None
 
     def confirm_deliveries(self) -> Any:
         answer = super().confirm_deliveries()
@@ -182,7 +202,7 @@ class SignallingChannel(Channel):
         """
         self.check_for_errors()
         with self.rpc.lock:
-            self._confirms = confirms
+            self.confirm_listener = confirms
             try:
                 for start in range(0, len(publications), PIPELINE_WRITE):
                     chunk = publications[start:start + PIPELINE_WRITE]
@@ -200,7 +220,19 @@ class SignallingChannel(Channel):
                             f'within {timeout:.0f} s')
                     confirms.answered.wait(min(remaining, ERROR_CHECK_INTERVAL))
             finally:
-                self._confirms = None
+                self.confirm_listener = None
+
+    @property
+    def next_delivery_tag(self) -> int:
+        """The delivery tag the broker will confirm the next publish on this channel by."""
+        return self._published + 1
+
+    def write_unconfirmed(self, publication: bytes) -> None:
+        """Write one encoded publish and return without waiting for its confirm, which goes
+        to ``confirm_listener`` by the tag ``next_delivery_tag`` said. One writer at a time."""
+        self.check_for_errors()
+        self._published += 1
+        self._carrot_connection.write_bytes(publication)
 
     def publish_confirmed(self, body: bytes, routing_key: str, exchange: str,
                           properties: Mapping[str, Any], mandatory: bool) -> bool:
@@ -241,7 +273,7 @@ class SignallingChannel(Channel):
         self._carrot_connection.write_bytes(ack_frame(self.channel_id, delivery_tag))
 
     def on_frame(self, frame_in: Any) -> None:
-        confirms = self._confirms
+        confirms = self.confirm_listener
         if confirms is not None:
             if frame_in.name in ('Basic.Ack', 'Basic.Nack'):
                 confirms.on_confirm(frame_in.name == 'Basic.Nack', frame_in.delivery_tag,
@@ -300,6 +332,16 @@ class SignallingChannel(Channel):
 
 class Connection(AmqpstormConnection):
     """An amqpstorm Connection whose channels wait by wake-up, not by polling."""
+
+    def open(self) -> None:
+        super().open()
+        # amqpstorm's open() gives the connection a new list of errors after its reader
+        # thread and poller were handed the old one: a socket the network or the broker
+        # closed without a Connection.Close would go unseen until heartbeats fail.
+        io = self._io
+        io._exceptions = self._exceptions
+        if io.poller is not None:
+            io.poller._exceptions = self._exceptions
 
     def write_bytes(self, data: bytes) -> None:
         """Write frames that are encoded already."""

@@ -14,7 +14,7 @@ import struct
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from amqpstorm.channel import Channel
 from amqpstorm.exception import AMQPChannelError, AMQPConnectionError, AMQPError, AMQPMessageError
@@ -171,6 +171,36 @@ class Publisher:
                 self._links[broker] = fresh
             return fresh
 
+    def confirm_channel(self, broker: conf.Broker, declare_queue: conf.Queue) -> SignallingChannel:
+        """A confirm-mode channel of the caller's own on this process's connection to
+        ``broker``, once ``declare_queue`` is declared on that connection.
+
+        Raises BrokerUnavailable when the broker cannot be reached, CarrotConfigException
+        when the queue exists with other options, and amqpstorm's error when the
+        connection fails meanwhile. The caller closes the channel.
+        """
+        link = self._link(broker)
+        self.declare_once(broker, declare_queue)
+        channel = link.connection.channel()
+        channel.confirm_deliveries()
+        return channel
+
+    def declare_once(self, broker: conf.Broker, queue: conf.Queue) -> None:
+        """Declare ``queue`` unless this process's connection to ``broker`` has."""
+        link = self._link(broker)
+        if queue.name in link.declared:
+            return
+        channel: SignallingChannel | None = link.checkout()
+        try:
+            declare(cast(SignallingChannel, channel), queue)
+            link.declared.add(queue.name)
+        except BaseException:
+            close_quietly(channel)
+            channel = None
+            raise
+        finally:
+            link.checkin(channel)
+
     def _drop(self, link: _BrokerLink) -> None:
         with self._lock:
             if self._links.get(link.broker) is link:
@@ -209,7 +239,7 @@ class Publisher:
                         body, routing_key, exchange=exchange, properties=properties,
                         mandatory=True,
                     )
-                except _ENCODING_ERRORS as error:  # pamqp's, before anything was written
+                except ENCODING_ERRORS as error:  # pamqp's, before anything was written
                     raise _not_encodable(error, exchange, routing_key, properties) from error
             except AMQPMessageError as error:
                 # Raised only once the confirm has arrived: the channel is clean and is pooled.
@@ -315,8 +345,8 @@ class Publisher:
                     progress.errors[index] = missing[item.exchange]
                     continue
                 try:
-                    encoded.append(_encoded(channel, item))
-                except _ENCODING_ERRORS as error:  # pamqp's, for what carrot.frames leaves it
+                    encoded.append(publication(channel, item))
+                except ENCODING_ERRORS as error:  # pamqp's, for what carrot.frames leaves it
                     progress.errors[index] = _not_encodable(
                         error, item.exchange, item.routing_key, item.properties)
                 else:
@@ -387,7 +417,7 @@ class Publisher:
 
 
 # What pamqp raises for a value it cannot encode.
-_ENCODING_ERRORS = (TypeError, ValueError, OverflowError, struct.error)
+ENCODING_ERRORS = (TypeError, ValueError, OverflowError, struct.error)
 
 
 @dataclass(frozen=True)
@@ -413,7 +443,7 @@ class SendProgress:
         self.errors: list[CarrotError | None] = [None] * count
 
 
-def _encoded(channel: SignallingChannel, item: Outgoing) -> bytes:
+def publication(channel: SignallingChannel, item: Outgoing) -> bytes:
     """The frames of ``item``'s publish on ``channel``: carrot.frames', else pamqp's."""
     properties = dict(item.properties)
     properties.setdefault('content_encoding', 'utf-8')  # as amqpstorm's publish does
@@ -479,7 +509,7 @@ def _encodes(kind: type[commands.Basic.Publish] | type[commands.Basic.Properties
         built = kind(**fields)
         pamqp_frame.marshal(ContentHeader(0, 0, built)
                             if isinstance(built, commands.Basic.Properties) else built, 1)
-    except _ENCODING_ERRORS:
+    except ENCODING_ERRORS:
         return False
     return True
 

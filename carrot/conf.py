@@ -24,7 +24,7 @@ QUEUE_KEYS = frozenset({
 })
 TOP_LEVEL_KEYS = frozenset({
     'default_broker', 'queues', 'task_modules', 'monitor_authentication', 'shutdown_timeout',
-    'monitor_read_only',
+    'monitor_read_only', 'resend_unconfirmed_after',
 })
 BROKER_DICT_KEYS = frozenset({'host', 'port', 'name', 'username', 'password', 'secure', 'url'})
 MAX_PREFETCH = 65535
@@ -83,6 +83,9 @@ class CarrotSettings:
     shutdown_timeout: float = 60.0
     #: The monitor shows everything and offers no action, to everyone.
     monitor_read_only: bool = False
+    #: Seconds after which the service sends again a task whose row still awaits the
+    #: confirm of its message (its publishing process died before RabbitMQ answered).
+    resend_unconfirmed_after: float = 60.0
 
     def queue(self, name: str | None) -> Queue:
         """The queue called ``name``.
@@ -271,6 +274,13 @@ def parse(raw: Any) -> CarrotSettings:
         raise CarrotConfigException(
             f"CARROT['shutdown_timeout'] must be a number of seconds, not {timeout!r}."
         )
+    resend_after = raw.get('resend_unconfirmed_after', 60.0)
+    if not isinstance(resend_after, (int, float)) or isinstance(resend_after, bool) \
+            or not 0 < resend_after < float('inf'):
+        raise CarrotConfigException(
+            f"CARROT['resend_unconfirmed_after'] must be a positive number of seconds, not "
+            f'{resend_after!r}.'
+        )
     return CarrotSettings(
         default_broker=default_broker,
         queues=queues,
@@ -281,6 +291,7 @@ def parse(raw: Any) -> CarrotSettings:
         shutdown_timeout=float(timeout),
         monitor_read_only=_bool(raw.get('monitor_read_only', False),
                                 "CARROT['monitor_read_only']"),
+        resend_unconfirmed_after=float(resend_after),
     )
 
 

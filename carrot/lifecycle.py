@@ -1,8 +1,9 @@
 """Every change of a task's status, each by a function of its own name.
 
 ==============  ==========================================================================
-PUBLISHED       ``record_published``: the row of a message about to be sent
-                (``discard_unpublished`` removes it when the message never left;
+PUBLISHED       ``record_published``: the row of a message about to be sent, awaiting its
+                confirm until ``mark_confirmed`` (``discard_unpublished`` removes it
+                when the message never left;
                 ``unsaved_published`` is the row an untracked message does not write)
 IN_PROGRESS     ``start_many``: a worker starts the tasks
 COMPLETED       ``finish_many`` with the end ``completed()`` builds: the task returned
@@ -44,7 +45,7 @@ def record_published(
     *, message_id: str, task: str, args_json: str, kwargs_json: str, queue: str,
     exchange: str, routing_key: str, priority: int,
 ) -> MessageLog:
-    """The new PUBLISHED row of a message about to be sent.
+    """The new PUBLISHED row of a message about to be sent, awaiting its confirm.
 
     Written with prepared SQL rather than ``objects.create()`` (on the publishing hot path
     the ORM's query compilation cost more than the round trip, and no ``pre_save`` or
@@ -54,7 +55,7 @@ def record_published(
     """
     alias = database()
     values: list[Any] = [Status.PUBLISHED, message_id, task, args_json, kwargs_json, queue,
-                         exchange, routing_key, priority, timezone.now(), 0]
+                         exchange, routing_key, priority, timezone.now(), 0, True]
     connection = transaction.get_connection(alias)
     if connection.in_atomic_block or not connection.get_autocommit():
         # Part of the caller's transaction (atomic, or autocommit turned off): grouped, its
@@ -79,6 +80,12 @@ def unsaved_published(
 def discard_unpublished(log: MessageLog) -> None:
     """Remove the row of a message that never reached the broker."""
     MessageLog.objects.filter(pk=log.pk, status=Status.PUBLISHED).delete()
+
+
+def mark_confirmed(alias: str, message_ids: Sequence[str]) -> None:
+    """RabbitMQ has stored these rows' messages: they no longer await their confirm."""
+    MessageLog.objects.using(alias).filter(uuid__in=message_ids, awaiting_confirm=True).update(
+        awaiting_confirm=False)
 
 
 def mark_publish_failed(log: MessageLog, error: BaseException) -> None:
@@ -107,7 +114,7 @@ def mark_not_sent(logs: Sequence[MessageLog], reason: str) -> None:
         MessageLog.objects.using(saved[0]._state.db or database()).filter(
             pk__in=[log.pk for log in saved], uuid__in=[log.uuid for log in saved],
             status=Status.PUBLISHED,
-        ).update(status=Status.FAILED, failure_time=now, exception=reason)
+        ).update(status=Status.FAILED, failure_time=now, exception=reason, awaiting_confirm=False)
     unsaved = [log for log in logs if log.pk is None]
     for log in unsaved:
         log.status, log.failure_time, log.exception = Status.FAILED, now, reason
@@ -127,14 +134,20 @@ class Start:
     exchange: str
     routing_key: str
     priority: int
+    #: A copy sent again because its first send was not confirmed: it runs only if no other
+    #: copy has started the task.
+    resent: bool = False
 
 
 @dataclass(frozen=True)
 class Started:
-    """The row a started message runs under; ``already_completed`` means: do not run again."""
+    """The row a started message runs under, and whether the message must not run."""
 
     pk: int
+    #: The row says COMPLETED: the task ran before (a redelivery whose ack was lost).
     already_completed: bool
+    #: A re-sent copy of a task another copy started: the row is left to that one.
+    started_elsewhere: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,29 +183,48 @@ def start_many(starts: Sequence[Start]) -> list[Started]:
     """Mark the rows IN_PROGRESS, creating those a foreign producer never wrote.
 
     A redelivered message whose row already says COMPLETED finished before its ack was
-    lost; it is reported as ``already_completed`` and left as it is.
+    lost; it is reported as ``already_completed`` and left as it is. A re-sent copy starts
+    only a row still PUBLISHED; one whose task another copy started (in this batch too) is
+    reported as ``started_elsewhere`` and leaves the row as it is.
     """
     alias = database()
     connection = connections[alias]
+    plain = [s for s in starts if not s.resent]
+    resent = [s for s in starts if s.resent]
     with transaction.atomic(using=alias):
         rows: dict[str, tuple[int, str]] = {}
-        if _sql.psycopg_of(connection) is not None:
-            rows = _sql.start_by_message_id(connection, starts)
+        if plain and _sql.psycopg_of(connection) is not None:
+            rows = _sql.start_by_message_id(connection, plain)
         # Rows not started above: none yet (a foreign producer's), or COMPLETED already.
-        left = [s for s in starts if s.message_id not in rows]
+        left = [s for s in plain if s.message_id not in rows]
         if left:
             found = _sql.rows_of(alias, left)
-            to_start = [pk for pk, status in found.values() if status != Status.COMPLETED]
-            if to_start:
-                MessageLog.objects.using(alias).filter(pk__in=to_start).update(
-                    status=Status.IN_PROGRESS, attempts=F('attempts') + 1,
-                )
+            _mark_started(alias, [pk for pk, status in found.values()
+                                  if status != Status.COMPLETED])
             rows.update(found)
-    return [
-        Started(pk=rows[s.message_id][0],
-                already_completed=rows[s.message_id][1] == Status.COMPLETED)
-        for s in starts
-    ]
+        if resent:
+            found = _sql.rows_of(alias, resent)
+            _mark_started(alias, [pk for message_id, (pk, status) in found.items()
+                                  if status == Status.PUBLISHED and message_id not in rows])
+            for message_id, row in found.items():
+                rows.setdefault(message_id, row)
+    taken = {s.message_id for s in plain}
+    started = []
+    for s in starts:
+        pk, status = rows[s.message_id]
+        elsewhere = False
+        if s.resent:
+            elsewhere = status not in (Status.PUBLISHED, Status.COMPLETED) or s.message_id in taken
+            taken.add(s.message_id)
+        started.append(Started(pk=pk, already_completed=status == Status.COMPLETED,
+                               started_elsewhere=elsewhere))
+    return started
+
+
+def _mark_started(alias: str, pks: list[int]) -> None:
+    if pks:
+        MessageLog.objects.using(alias).filter(pk__in=pks).update(
+            status=Status.IN_PROGRESS, attempts=F('attempts') + 1)
 
 
 def finish_many(finishes: Sequence[Finish]) -> dict[str, Started]:

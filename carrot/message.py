@@ -4,7 +4,8 @@ Compatible with upstream django-carrot: the ``type`` header carries the dotted t
 ``message_id`` is the MessageLog uuid, and the JSON body is ``{"args": [...], "kwargs": {...}}``.
 carrot adds an ``x-carrot-attempt`` header, which other producers may leave out, and
 ``x-carrot-tracked`` (true or false) when the call or the queue chose whether the task gets a
-MessageLog row when it succeeds.
+MessageLog row when it succeeds, and ``x-carrot-resent`` (true) on a copy sent again because
+its first send was never confirmed: that copy runs only if no other has started the task.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ TYPE_HEADER = 'type'
 ATTEMPT_HEADER = 'x-carrot-attempt'
 DEAD_REASON_HEADER = 'x-carrot-dead-reason'
 TRACKED_HEADER = 'x-carrot-tracked'
+RESENT_HEADER = 'x-carrot-resent'
 CONTENT_TYPE = 'application/json'
 MESSAGE_TYPE = 'django-carrot message'
 PERSISTENT = 2
@@ -42,6 +44,8 @@ class TaskMessage:
     attempt: int = 1
     #: False: no MessageLog row unless the task fails; None: as its queue says.
     tracked: bool | None = None
+    #: A copy sent again because the first send was not confirmed (``resent_properties``).
+    resent: bool = False
 
 
 def check_priority(priority: object) -> None:
@@ -89,6 +93,8 @@ def encode(message: TaskMessage, arguments_json: tuple[str, str] | None = None,
     headers: dict[str, Any] = {TYPE_HEADER: message.task, ATTEMPT_HEADER: message.attempt}
     if message.tracked is not None:
         headers[TRACKED_HEADER] = message.tracked
+    if message.resent:
+        headers[RESENT_HEADER] = True
     properties = {
         'headers': headers,
         'content_type': CONTENT_TYPE,
@@ -145,7 +151,13 @@ def decode(body: bytes, properties: Mapping[str, Any]) -> TaskMessage:
         priority=properties.get('priority') or 0,
         attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
         tracked=tracked,
+        resent=headers.get(RESENT_HEADER) is True,
     )
+
+
+def resent_properties(properties: Mapping[str, Any]) -> dict[str, Any]:
+    """``properties`` of a message for the copy sent again when its confirm did not come."""
+    return {**properties, 'headers': {**(properties.get('headers') or {}), RESENT_HEADER: True}}
 
 
 def message_id_of(properties: Mapping[str, Any]) -> str | None:

@@ -84,6 +84,9 @@ class MessageLog(TaskArguments, models.Model):
     log = models.TextField(blank=True, null=True)
     #: How many times a worker has started this task (more than one after a redelivery).
     attempts = models.PositiveIntegerField(default=0)
+    #: True from the moment the row is written until RabbitMQ has confirmed its message;
+    #: a row still PUBLISHED and awaiting its confirm long after is re-sent by the service.
+    awaiting_confirm = models.BooleanField(default=False)
 
     class Meta:
         ordering = ('-failure_time', '-completion_time', 'status', '-priority', '-publish_time')
@@ -94,6 +97,9 @@ class MessageLog(TaskArguments, models.Model):
             models.Index(fields=['status', 'id'], name='carrot_log_status_id'),
             models.Index(fields=['queue', 'status', 'id'], name='carrot_log_queue_status_id'),
             models.Index(fields=['task', 'status', 'id'], name='carrot_log_task_status_id'),
+            # The outbox: the few rows whose confirm has not come, oldest first.
+            models.Index(fields=['publish_time'], name='carrot_log_awaiting_confirm',
+                         condition=models.Q(awaiting_confirm=True)),
         ]
 
     def __str__(self) -> str:

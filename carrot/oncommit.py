@@ -25,6 +25,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from carrot import conf, lifecycle
 from carrot.broker import Outgoing, SendProgress, get_publisher
 from carrot.models import MessageLog
+from carrot.outbox import get_outbox
 
 logger = logging.getLogger('carrot.publish')
 
@@ -129,7 +130,7 @@ def send_all(sends: Sequence[Send]) -> None:
         except BaseException as interruption:
             for index, send in enumerate(group):
                 if progress.confirmed[index]:
-                    send.outcome = Outcome.SENT
+                    _sent(send)
                 elif progress.written[index]:
                     _interrupted(send, interruption)
             mark_not_sent([s for s in sends if s.outcome is Outcome.WAITING], interruption)
@@ -137,7 +138,7 @@ def send_all(sends: Sequence[Send]) -> None:
         for index, send in enumerate(group):
             error = progress.errors[index]
             if error is None:
-                send.outcome = Outcome.SENT
+                _sent(send)
             else:
                 _failed(send, error)
 
@@ -151,7 +152,14 @@ def _send_one(send: Send) -> None:
         _interrupted(send, interruption)
         raise
     else:
-        send.outcome = Outcome.SENT
+        _sent(send)
+
+
+def _sent(send: Send) -> None:
+    """RabbitMQ confirmed it: its row no longer awaits the confirm."""
+    send.outcome = Outcome.SENT
+    if send.log.pk is not None:
+        get_outbox().confirmed(send.log._state.db or lifecycle.database(), send.log.uuid)
 
 
 def _failed(send: Send, error: Exception) -> None:

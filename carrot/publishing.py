@@ -12,7 +12,7 @@ from typing import Any
 
 from django.db import transaction
 
-from carrot import conf, frames, lifecycle, message, oncommit, registry
+from carrot import conf, frames, lifecycle, message, oncommit, outbox, registry
 from carrot._text import column_length
 from carrot.broker import Outgoing, get_publisher
 from carrot.exceptions import CarrotConfigException
@@ -68,7 +68,11 @@ class Message:
     def publish(self) -> MessageLog:
         """Write the PUBLISHED row and send the message (on commit, inside a transaction).
 
-        An untracked message writes no row: the MessageLog returned is not saved.
+        Outside a transaction, a tracked message to its queue returns once its row is
+        committed and its frames are written: ``carrot.outbox`` sees to the confirm. An
+        untracked message writes no row (the MessageLog returned is not saved) and waits
+        for its confirm, as does one to another exchange or routing key, whose errors
+        (unroutable, no such exchange) the caller must see.
 
         Raises TransactionManagementError, writing nothing, when autocommit is off outside
         ``atomic()``: carrot cannot know when such a transaction commits, and a message sent
@@ -87,6 +91,9 @@ class Message:
         log = self.record()
         if in_transaction:
             oncommit.send_on_commit(self, log, alias)
+        elif self.tracked and not self.exchange and self.routing_key == self.queue.name:
+            # Its committed row keeps the promise: no waiting for the broker's confirm.
+            outbox.get_outbox().send(alias, log, self.outgoing())
         else:
             try:
                 self.send()
@@ -94,6 +101,8 @@ class Message:
                 if log.pk is not None:
                     lifecycle.discard_unpublished(log)
                 raise
+            if log.pk is not None:
+                outbox.get_outbox().confirmed(alias, log.uuid)
         return log
 
     def record(self) -> MessageLog:

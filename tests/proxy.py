@@ -2,7 +2,8 @@
 
 Put between a worker and PostgreSQL, it simulates the database going away without touching
 the machine's server, which other tests and people use: ``cut()`` drops every connection
-and refuses new ones, as an unreachable server does, until ``restore()``.
+and refuses new ones, as an unreachable server does, until ``restore()``. ``hold()`` keeps
+the connections open but lets nothing through any more, as a network that loses packets.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Proxy:
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._accepting = threading.Event()
+        self._holding = threading.Event()
         self._acceptor: threading.Thread | None = None
         self._listen()
 
@@ -41,8 +43,13 @@ class Proxy:
         for sock in open_sockets:
             _shut(sock)  # wakes its pump threads, which close it
 
+    def hold(self) -> None:
+        """Let nothing through from now on (what arrives is dropped), until ``cut()``."""
+        self._holding.set()
+
     def restore(self) -> None:
-        """Accept connections again, on the same port."""
+        """Accept connections again, on the same port, and let everything through."""
+        self._holding.clear()
         self._listen()
 
     def close(self) -> None:
@@ -88,7 +95,8 @@ class Proxy:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self._holding.is_set():
+                    sink.sendall(data)
         except OSError:
             pass
         finally:

@@ -86,6 +86,9 @@ def test_default_broker_serves_queues_without_host() -> None:
     ({'default_broker': {'host': 'h', 'port': 'x'}}, 'port'),
     ({'task_modules': 'myapp.tasks'}, "CARROT['task_modules']"),
     ({'shutdown_timeout': -1}, 'shutdown_timeout'),
+    ({'resend_unconfirmed_after': 0}, 'resend_unconfirmed_after'),
+    ({'resend_unconfirmed_after': True}, 'resend_unconfirmed_after'),
+    ({'resend_unconfirmed_after': float('inf')}, 'resend_unconfirmed_after'),
     ({'brokers': []}, 'brokers'),
 ])
 def test_bad_settings_raise_an_error_naming_the_key(raw: dict[str, object], named: str) -> None:

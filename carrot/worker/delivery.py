@@ -161,9 +161,10 @@ class Delivery:
             self._run_untracked(function, task_message, start)
             return
         # Wait for the start to be recorded: a redelivered message may have completed
-        # before its ack was lost, and while the database is failing a task must not run
-        # without its IN_PROGRESS row.
-        wait = bool((self.received.method or {}).get('redelivered')) or not runtime.recorder.healthy
+        # before its ack was lost, a re-sent copy may have another copy started, and while
+        # the database is failing a task must not run without its IN_PROGRESS row.
+        wait = (bool((self.received.method or {}).get('redelivered')) or task_message.resent
+                or not runtime.recorder.healthy)
         try:
             self.started = runtime.recorder.record_start(start, urgent=wait)
         except RecordingFailed as error:
@@ -197,7 +198,7 @@ class Delivery:
             args=task_message.args, kwargs=task_message.kwargs, queue=self.consumer.queue,
             exchange=message.text(method.get('exchange')),
             routing_key=message.text(method.get('routing_key')),
-            priority=task_message.priority,
+            priority=task_message.priority, resent=task_message.resent,
         )
 
     def _may_run_after_start(self) -> bool:
@@ -211,11 +212,18 @@ class Delivery:
             self.requeue('the service is stopping and its start is not recorded yet')
             return False
         try:
-            already_completed = started.get().already_completed
+            row = started.get()
         except RecordingFailed as error:
             self._requeue_and_pause(f'its start could not be recorded ({error})')
             return False
-        if already_completed:
+        if row.started_elsewhere:
+            self.consumer.logger.info(
+                '%s: task %s (%s) was sent again, but another copy of it started; '
+                'acknowledging this copy without running it', self.consumer.name,
+                self.task_message and self.task_message.task, self.message_id)
+            self.ack()
+            return False
+        if row.already_completed:
             self.consumer.logger.info(
                 '%s: task %s (%s) was completed before; acknowledging the redelivery without '
                 'running it again', self.consumer.name, self.task_message and

@@ -1,5 +1,5 @@
-"""The carrot service: a gevent pool of consumer greenlets and the scheduler greenlet, their
-lifecycle and signals.
+"""The carrot service: a gevent pool of consumer greenlets, the scheduler greenlet and the
+resender greenlet, their lifecycle and signals.
 
 TERM or INT: stop taking messages, let running tasks finish within the shutdown timeout,
 hand back the rest, exit 0. A second signal stops at once; RabbitMQ redelivers whatever was
@@ -19,12 +19,13 @@ from gevent import events
 from gevent.event import Event
 from gevent.pool import Pool
 
-from carrot import conf
+from carrot import conf, outbox
 from carrot.broker import get_publisher
 from carrot.consumer import load_consumer_class
 from carrot.worker.consumer import Consumer, Runtime
 from carrot.worker.link import QueueLink
 from carrot.worker.recorder import Recorder
+from carrot.worker.resender import Resender
 from carrot.worker.scheduler import Scheduler
 
 logger = logging.getLogger('carrot.worker')
@@ -46,6 +47,7 @@ class Service:
         self.shutdown_timeout = shutdown_timeout
         self.with_scheduler = scheduler
         self.scheduler: gevent.Greenlet | None = None
+        self.resender: gevent.Greenlet | None = None
         self.on_ready = on_ready  # told the ready line (carrot_daemon start waits for it)
         self.stopping = Event()
         self.stop_now = Event()
@@ -78,6 +80,7 @@ class Service:
                 self.workers.append(_Worker(consumer, self.pool.spawn(consumer.run)))
         if self.with_scheduler:
             self.scheduler = gevent.spawn(Scheduler(self.stopping).run)
+        self.resender = gevent.spawn(Resender(self.stopping).run)
         gevent.spawn(self._announce_ready, consuming)
         self.stopping.wait()
         self._shut_down()
@@ -120,6 +123,8 @@ class Service:
                 return task, f'consumer {worker.consumer.name}'
         if greenlet is self.scheduler:
             return None, 'the scheduler'
+        if greenlet is self.resender:
+            return None, 'the resender'
         if greenlet is self.recorder.greenlet:
             return None, 'the recorder, writing task rows to the database'
         return None, 'a greenlet'
@@ -155,6 +160,13 @@ class Service:
         self.recorder.stop(timeout=2.0 if self.stop_now.is_set() else 30.0)
         for link in self.links:
             link.close()  # what is still unacknowledged goes back to its queue
+        if self.resender is not None:
+            self.resender.kill(block=True, timeout=5)
+        # Tasks the tasks published: their confirms recorded before the connection closes.
+        if not outbox.drain(1.0 if self.stop_now.is_set() else 10.0):
+            logger.warning('Some tasks published by this service are not confirmed yet; '
+                           'a carrot service sends them again once they are %.0f s old',
+                           self.settings.resend_unconfirmed_after)
         get_publisher().close()
         connections.close_all()
         logger.info('carrot service stopped')

@@ -1,0 +1,215 @@
+"""The row as the outbox record: a publish returns before its confirm, and its task still runs.
+
+Against the real RabbitMQ (restarted in one test) and the test database; the worker and the
+killed publisher are subprocesses; a proxy drops what the publisher sends when told to.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from django.test.utils import override_settings
+
+from carrot import lifecycle, message, outbox
+from carrot.broker import get_publisher
+from carrot.models import MessageLog
+from carrot.utilities import publish_message
+from tests.conftest import ROOT, Broker, Worker, carrot_settings, statuses, wait_for
+from tests.project import tasks
+from tests.proxy import Proxy
+
+StartWorker = Callable[..., Worker]
+
+PUBLISHER = '''
+import os, signal, sys
+import django
+django.setup()
+from carrot.utilities import publish_message
+queue, path, first, total = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+for index in range(total):
+    if index == first:
+        print('sent the first ones', flush=True)
+        sys.stdin.readline()
+    publish_message('tests.project.tasks.record_run', path, f'task-{index}', queue=queue)
+print(f'returned {total}', flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+@pytest.fixture
+def rabbitmq_proxy() -> Iterator[Proxy]:
+    proxy = Proxy(('127.0.0.1', 5672))
+    yield proxy
+    proxy.close()
+
+
+def _runs(path: Path) -> list[str]:
+    return sorted(path.read_text().split()) if path.exists() else []
+
+
+def _restart_rabbitmq() -> None:
+    subprocess.run(['rabbitmqctl', '-q', 'stop_app'], check=True, timeout=120)
+    subprocess.run(['rabbitmqctl', '-q', 'start_app'], check=True, timeout=120)
+    subprocess.run(['rabbitmqctl', '-q', 'await_startup'], check=True, timeout=120)
+
+
+def test_every_returned_publish_runs_once_though_the_publisher_is_killed_and_rabbitmq_restarts(
+        queue: str, broker: Broker, rabbitmq_proxy: Proxy, start_worker: StartWorker,
+        tmp_path: Path) -> None:
+    """20 tasks reach RabbitMQ; the next 20 calls return while the network drops their
+    frames; the publisher is SIGKILLed right after the last call returns, and RabbitMQ
+    restarts before a worker starts. All 40 run, each once."""
+    runs = tmp_path / 'runs'
+    through_proxy = carrot_settings(queue)
+    through_proxy['default_broker'] = f'amqp://guest:guest@127.0.0.1:{rabbitmq_proxy.port}/'
+    publisher = subprocess.Popen(
+        [sys.executable, '-c', PUBLISHER, queue, str(runs), '20', '40'], cwd=ROOT,
+        env={**os.environ, 'CARROT_TEST_CARROT': json.dumps(through_proxy)},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert publisher.stdout is not None and publisher.stdin is not None
+    assert publisher.stdout.readline().strip() == 'sent the first ones'
+    wait_for(lambda: broker.exists(queue) and broker.counts(queue)[0] == 20,
+             what='the first 20 messages in the queue')
+    rabbitmq_proxy.hold()
+    publisher.stdin.write('go\n')
+    publisher.stdin.flush()
+    output, _ = publisher.communicate(timeout=60)
+    assert publisher.returncode == -9, output
+    assert 'returned 40' in output
+    rabbitmq_proxy.cut()
+    assert broker.counts(queue)[0] == 20  # the last 20 never reached RabbitMQ
+    assert MessageLog.objects.filter(status=MessageLog.PUBLISHED).count() == 40
+    assert MessageLog.objects.filter(awaiting_confirm=True).count() >= 20
+
+    _restart_rabbitmq()
+    worker = start_worker({**carrot_settings(queue, concurrency=5),
+                           'resend_unconfirmed_after': 1})
+    wait_for(lambda: statuses() == {'COMPLETED': 40}, timeout=120, what='all 40 tasks')
+    wait_for(lambda: broker.counts(queue) == (0, 0), what='every copy settled')
+    assert _runs(runs) == sorted(f'task-{index}' for index in range(40))
+    assert set(MessageLog.objects.values_list('attempts', 'awaiting_confirm')) == {(1, False)}
+    assert 'Sent ' in worker.output and 'again whose publishing process' in worker.output
+
+
+def _resent_copy(broker: Broker, queue: str, log: MessageLog) -> None:
+    """Publish the copy of ``log``'s message the outbox would send again."""
+    task_message = message.TaskMessage(task=log.task, args=log.positionals,
+                                       kwargs=log.keywords, message_id=log.uuid, resent=True)
+    body, properties = message.encode(task_message)
+    broker.publish_raw(queue, body, properties)
+
+
+def test_a_resent_copy_of_a_completed_task_is_acknowledged_without_running(
+        queue: str, broker: Broker, start_worker: StartWorker, tmp_path: Path) -> None:
+    runs = tmp_path / 'runs'
+    worker = start_worker(carrot_settings(queue))
+    log = publish_message(tasks.record_run, str(runs), 'once', queue=queue)
+    wait_for(lambda: statuses() == {'COMPLETED': 1}, what='the task')
+    _resent_copy(broker, queue, log)
+    wait_for(lambda: 'was completed before' in worker.output, what='the copy to be seen')
+    wait_for(lambda: broker.counts(queue) == (0, 0), what='the copy acknowledged')
+    assert _runs(runs) == ['once']
+    assert MessageLog.objects.get(pk=log.pk).attempts == 1
+
+
+def test_a_resent_copy_of_a_running_task_is_acknowledged_without_running(
+        queue: str, broker: Broker, start_worker: StartWorker, tmp_path: Path) -> None:
+    runs = tmp_path / 'runs'
+    worker = start_worker(carrot_settings(queue, concurrency=2))
+    log = publish_message(tasks.record_run, str(runs), 'once', 2.0, queue=queue)
+    wait_for(lambda: statuses() == {'IN_PROGRESS': 1}, what='the task to start')
+    _resent_copy(broker, queue, log)
+    wait_for(lambda: 'another copy of it started' in worker.output, what='the copy to be seen')
+    wait_for(lambda: statuses() == {'COMPLETED': 1}, what='the task to end')
+    wait_for(lambda: broker.counts(queue) == (0, 0), what='both acknowledged')
+    assert _runs(runs) == ['once']
+    assert MessageLog.objects.get(pk=log.pk).attempts == 1
+
+
+def test_a_resent_copy_whose_first_send_was_lost_runs_once(
+        queue: str, broker: Broker, start_worker: StartWorker, tmp_path: Path) -> None:
+    runs = tmp_path / 'runs'
+    log = _row_awaiting_confirm(queue, 'lost-first-send', [str(runs), 'resent'])
+    start_worker(carrot_settings(queue))  # declares the queue
+    _resent_copy(broker, queue, log)
+    _resent_copy(broker, queue, log)  # sent again by its process and by the service
+    wait_for(lambda: statuses() == {'COMPLETED': 1}, what='the task')
+    wait_for(lambda: broker.counts(queue) == (0, 0), what='both copies settled')
+    assert _runs(runs) == ['resent']
+    assert MessageLog.objects.get(pk=log.pk).attempts == 1
+
+
+def _row_awaiting_confirm(queue: str, message_id: str, args: list[object]) -> MessageLog:
+    return lifecycle.record_published(
+        message_id=message_id, task='tests.project.tasks.record_run', args_json=json.dumps(args),
+        kwargs_json='{}', queue=queue, exchange='', routing_key=queue, priority=0)
+
+
+def _in_queue(broker: Broker, queue: str) -> dict[str, message.TaskMessage]:
+    """Every message now in ``queue``, taken, by message id."""
+    return {decoded.message_id: decoded for decoded in
+            (message.decode(m.body, m.properties) for m in broker.get_all(queue))}
+
+
+def test_publishes_a_lost_connection_left_unconfirmed_are_sent_again_by_their_process(
+        queue: str, broker: Broker, rabbitmq_proxy: Proxy) -> None:
+    settings = carrot_settings(queue)
+    settings['default_broker'] = f'amqp://guest:guest@127.0.0.1:{rabbitmq_proxy.port}/'
+    with override_settings(CARROT=settings):
+        try:
+            first = publish_message(tasks.add, 1, 2, queue=queue)
+            assert outbox.drain(10)
+            rabbitmq_proxy.hold()
+            held = [publish_message(tasks.add, n, n, queue=queue) for n in range(5)]
+            assert MessageLog.objects.filter(awaiting_confirm=True).count() == 5
+            rabbitmq_proxy.cut()
+            rabbitmq_proxy.restore()
+            assert outbox.drain(30)
+        finally:
+            get_publisher().close()
+    sent = _in_queue(broker, queue)
+    assert set(sent) == {first.uuid, *(log.uuid for log in held)}
+    assert {message_id for message_id, m in sent.items() if m.resent} == {log.uuid for log in held}
+    assert not MessageLog.objects.filter(awaiting_confirm=True).exists()
+
+
+def test_a_publish_the_broker_refuses_is_sent_again_until_it_is_taken(broker: Broker) -> None:
+    queue = broker.queue_name('full')  # declared by the first publish, with its arguments
+    full_at_one = {'x-max-length': 1, 'x-overflow': 'reject-publish'}
+    with override_settings(CARROT=carrot_settings(queue, queue_arguments=full_at_one)):
+        first = publish_message(tasks.add, 1, 1, queue=queue)
+        second = publish_message(tasks.add, 2, 2, queue=queue)  # refused, but later
+        assert not outbox.drain(1.0)
+        assert list(MessageLog.objects.filter(awaiting_confirm=True)) == [second]
+        assert set(_in_queue(broker, queue)) == {first.uuid}  # makes room
+        assert outbox.drain(30)
+    [(message_id, again)] = _in_queue(broker, queue).items()
+    assert (message_id, again.resent, again.args) == (second.uuid, True, [2, 2])
+    assert not MessageLog.objects.filter(awaiting_confirm=True).exists()
+
+
+def test_the_service_sends_again_only_the_old_rows_still_awaiting_their_confirm(
+        queue: str, broker: Broker) -> None:
+    from django.utils import timezone
+
+    with override_settings(CARROT={**carrot_settings(queue), 'resend_unconfirmed_after': 30}):
+        old = _row_awaiting_confirm(queue, 'old', ['x', 'old'])
+        young = _row_awaiting_confirm(queue, 'young', ['x', 'young'])
+        done = _row_awaiting_confirm(queue, 'done', ['x', 'done'])
+        long_ago = timezone.now() - datetime.timedelta(seconds=60)
+        MessageLog.objects.filter(pk__in=[old.pk, done.pk]).update(publish_time=long_ago)
+        MessageLog.objects.filter(pk=done.pk).update(status=MessageLog.COMPLETED)
+        assert outbox.resend_unconfirmed() == 1
+        assert outbox.resend_unconfirmed() == 0
+    [(message_id, again)] = _in_queue(broker, queue).items()
+    assert (message_id, again.resent, again.args) == ('old', True, ['x', 'old'])
+    assert dict(MessageLog.objects.values_list('uuid', 'awaiting_confirm')) == {
+        'old': False, 'young': True, 'done': True}
+    assert young.pk
