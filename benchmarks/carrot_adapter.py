@@ -62,8 +62,8 @@ class CarrotAdapter(Adapter):
     exchanges = (QUEUE,)
     publish_description = (
         '`publish_message()`, outside any transaction (every call writes and commits its '
-        'MessageLog row and writes its message; the outbox thread records the confirm, and '
-        'the clock stops once every confirm is recorded)'
+        'MessageLog row and writes its message, and returns; the outbox thread records the '
+        'confirm)'
     )
     confirm_description = (
         '`publish_message()` (returns once its MessageLog row is committed and its message '

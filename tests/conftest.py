@@ -90,6 +90,14 @@ def empty_tables() -> Iterator[None]:
     connection.close()
 
 
+def _confirmed() -> None:
+    """Before looking at a queue: wait until RabbitMQ has confirmed what this process
+    published (``publish_message`` returns before the confirm; see carrot.outbox)."""
+    from carrot import outbox
+
+    outbox.drain(10)
+
+
 class Broker:
     """Direct access to the test RabbitMQ, for setting up and inspecting queues."""
 
@@ -106,6 +114,7 @@ class Broker:
 
     def counts(self, queue: str) -> tuple[int, int]:
         """(ready, unacknowledged) messages of ``queue``, from rabbitmqctl."""
+        _confirmed()
         out = subprocess.run(
             ['rabbitmqctl', '-q', 'list_queues', 'name', 'messages_ready',
              'messages_unacknowledged'], capture_output=True, text=True, check=True,
@@ -117,6 +126,7 @@ class Broker:
         raise AssertionError(f'queue {queue} does not exist')
 
     def message_count(self, queue: str) -> int:
+        _confirmed()
         with self.connection() as conn, conn.channel() as channel:
             return int(channel.queue.declare(queue, passive=True)['message_count'])
 
@@ -127,8 +137,11 @@ class Broker:
             return False
         return True
 
-    def get_all(self, queue: str) -> list[Any]:
-        """Take every message now in ``queue`` (acknowledged)."""
+    def get_all(self, queue: str, confirmed: bool = True) -> list[Any]:
+        """Take every message now in ``queue`` (acknowledged); ``confirmed`` first waits
+        for the confirms of what this process published."""
+        if confirmed:
+            _confirmed()
         messages = []
         with self.connection() as conn, conn.channel() as channel:
             while (message := channel.basic.get(queue, no_ack=True, auto_decode=False)):
