@@ -318,10 +318,13 @@ def workload_notes(config: Config) -> str:
 CARROT_DOES_MORE = (
     'What carrot does on every task that the peers, as they ship, do not: it writes a '
     'MessageLog row when the task is published (in the publisher, before the call returns), '
-    'records its start and its end in that row, and waits for RabbitMQ to confirm every '
-    'publish. Celery and Dramatiq publish without confirms by default (they are switched on '
-    'for both in (d) only) and keep no record of a task. carrot_untracked is carrot with '
-    "'tracked': False on its queue: no row unless a task fails, confirms still on.")
+    'records its start and its end in that row, and has RabbitMQ confirm every publish (the '
+    'call returns once the row is committed and the message written; the confirm is '
+    'recorded on the row after, and a message not confirmed is sent again from it). Celery '
+    'and Dramatiq publish without confirms by default (they are switched on for both in (d) '
+    'only) and keep no record of a task. carrot_untracked is carrot with '
+    "'tracked': False on its queue: no row unless a task fails, and each call waits for its "
+    'confirm.')
 
 
 def write_report(path: Path, results: Results, config: Config, env_lines: list[str],

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from amqpstorm.exception import AMQPError
-from django.db import DatabaseError, connections, transaction
+from amqpstorm.exception import AMQPChannelError, AMQPError
+from django.db import Error as DatabaseFault
+from django.db import connections, transaction
 from django.utils import timezone
 
 from carrot import conf, lifecycle, message
@@ -41,8 +42,10 @@ FLUSH_INTERVAL = 0.05
 CONFIRM_TIMEOUT = 30.0
 #: How long a process that exits normally waits for the confirms still due.
 EXIT_WAIT = 10.0
-#: Rows cleared by one UPDATE; rows sent again by one round of the service.
-BATCH = 500
+#: Rows whose confirms one UPDATE records.
+CONFIRM_BATCH = 500
+#: Rows the service sends again in one round.
+RESEND_BATCH = 500
 #: The longest pause between two tries while the broker or the database fails.
 MAX_BACKOFF = 5.0
 
@@ -76,12 +79,16 @@ class _Stream:
         self.lock = threading.Lock()  # the pending messages, shared with the reader thread
         self.pending: collections.OrderedDict[int, Unconfirmed] = collections.OrderedDict()
         self.returns = Returns()
+        self.retired = False
         channel.confirm_listener = self
 
     def write(self, unconfirmed: Unconfirmed, frames: bytes) -> None:
+        """Write one publish; AMQPChannelError, with nothing written, once retired."""
         with self.write_lock:
             tag = self.channel.next_delivery_tag
             with self.lock:
+                if self.retired:
+                    raise AMQPChannelError('the channel was retired')
                 self.pending[tag] = unconfirmed
             try:
                 self.channel.write_unconfirmed(frames)
@@ -121,8 +128,10 @@ class _Stream:
             oldest = next(iter(self.pending.values()), None)
         return oldest is None or time.monotonic() - oldest.since < CONFIRM_TIMEOUT
 
-    def take_pending(self) -> list[Unconfirmed]:
+    def retire(self) -> list[Unconfirmed]:
+        """Take no more publishes; the pending ones, to be sent again."""
         with self.lock:
+            self.retired = True
             taken = list(self.pending.values())
             self.pending.clear()
         return taken
@@ -165,11 +174,12 @@ class Outbox:
         self._count(1)
         try:
             stream.write(unconfirmed, frames)
-        except AMQPError:  # the channel failed before the frames were written
+        except AMQPError:  # the channel failed, or was retired, before the frames went
             self._count(-1)
             self._retire(stream)
             self._send_now_or_discard(unconfirmed)
-        except BaseException:  # interrupted while writing: perhaps sent
+        except BaseException:  # interrupted while writing: perhaps sent, perhaps half sent
+            self._retire(stream)  # its delivery tags may no longer match the broker's
             self.resend_later([unconfirmed])
             raise
         # A write the socket failed is not raised (amqpstorm records the error): the outbox
@@ -201,7 +211,7 @@ class Outbox:
         deadline = time.monotonic() + timeout
         self.hurry.set()
         try:
-            while self.outstanding:
+            while self.outstanding > 0:
                 if time.monotonic() >= deadline:
                     return False
                 self.wake.set()
@@ -231,7 +241,7 @@ class Outbox:
             for broker, kept in list(self.streams.items()):
                 if kept is stream:
                     del self.streams[broker]
-        self.resend_later(stream.take_pending())
+        self.resend_later(stream.retire())
         threading.Thread(target=close_quietly, args=(stream.channel,), daemon=True).start()
 
     def _send_now_or_discard(self, unconfirmed: Unconfirmed) -> None:
@@ -255,9 +265,9 @@ class Outbox:
         self._start()
 
     def _start(self) -> None:
-        if self.thread is None:
+        if self.thread is None or not self.thread.is_alive():
             with self.lock:
-                if self.thread is None:
+                if self.thread is None or not self.thread.is_alive():
                     self.thread = threading.Thread(target=self._run, name='carrot-outbox',
                                                    daemon=True)
                     self.thread.start()
@@ -284,7 +294,7 @@ class Outbox:
                 logger.warning('%d published task(s) await their confirm: %s; trying again '
                                'until it works', self.outstanding, problem)
             failures = min(failures + 1, 10)
-            self.hurry.wait(min(MAX_BACKOFF, 0.1 * 2 ** failures))
+            time.sleep(min(MAX_BACKOFF, 0.1 * 2 ** failures))  # also while draining
 
     def _round(self) -> str | None:
         """Retire failed streams, send again what needs it, record confirms; what failed
@@ -292,15 +302,16 @@ class Outbox:
         for stream in list(self.streams.values()):
             if not stream.usable:
                 self._retire(stream)
-        with self.lock:
-            to_resend, self.to_resend = self.to_resend, []
-        problem = self._resend(to_resend)
+        # Confirms first: rows already stored must not wait behind slow sends.
         with self.lock:
             to_confirm, self.to_confirm = self.to_confirm, []
-        problem = self._record_confirms(to_confirm) or problem
+        problem = self._record_confirms(to_confirm)
+        with self.lock:
+            to_resend, self.to_resend = self.to_resend, []
+        problem = self._resend(to_resend) or problem
         if not to_resend and not to_confirm:
             for alias in connections:
-                _close_quietly(alias)  # idle: hold no database connection
+                _close_database(alias)  # idle: hold no database connection
         return problem
 
     def _resend(self, to_resend: list[Unconfirmed]) -> str | None:
@@ -308,10 +319,14 @@ class Outbox:
             try:
                 self._send_now(unconfirmed, resent=True)
             except BrokerUnavailable as error:
-                self.resend_later(to_resend[index:])
+                # This one goes last: one the broker keeps refusing must not hold up the rest.
+                self.resend_later([*to_resend[index + 1:], unconfirmed])
                 return f'RabbitMQ cannot take them again now ({error})'
             except CarrotError as error:
                 self._give_up(unconfirmed, error)
+            except Exception as error:  # a fault in carrot: keep the message, and say so
+                self.resend_later(to_resend[index:])
+                return f'sending them again failed ({type(error).__name__}: {error})'
             else:
                 self._count(-1)  # counted again by ``confirmed``
         return None
@@ -321,7 +336,7 @@ class Outbox:
                      unconfirmed.log.task, unconfirmed.log.uuid, error)
         try:
             lifecycle.mark_not_sent([unconfirmed.log], f'Not published: {error}')
-        except DatabaseError as db_error:
+        except DatabaseFault as db_error:
             logger.error('Its row could not be marked FAILED: %s', db_error)
         self._count(-1)
 
@@ -332,14 +347,14 @@ class Outbox:
         left: list[tuple[str, str]] = []
         problem = None
         for alias, message_ids in by_alias.items():
-            for start in range(0, len(message_ids), BATCH):
-                chunk = message_ids[start:start + BATCH]
+            for start in range(0, len(message_ids), CONFIRM_BATCH):
+                chunk = message_ids[start:start + CONFIRM_BATCH]
                 try:
                     lifecycle.mark_confirmed(alias, chunk)
-                except DatabaseError as error:
+                except Exception as error:  # the database, or carrot: kept for the next round
                     problem = f'their rows cannot be written now ({error})'
                     left.extend((alias, message_id) for message_id in chunk)
-                    _close_quietly(alias)
+                    _close_database(alias)
                 else:
                     self._count(-len(chunk))
         if left:
@@ -348,10 +363,10 @@ class Outbox:
         return problem
 
 
-def _close_quietly(alias: str) -> None:
+def _close_database(alias: str) -> None:
     try:
         connections[alias].close()
-    except DatabaseError:
+    except DatabaseFault:
         pass
 
 
@@ -401,10 +416,15 @@ def resend_unconfirmed(now: datetime | None = None) -> int:
     cutoff = (now or timezone.now()) - timedelta(seconds=settings.resend_unconfirmed_after)
     queues = {queue.name: queue for queue in settings.queues}
     alias = lifecycle.database()
+    skip_locked = connections[alias].features.has_select_for_update_skip_locked
+    old = MessageLog.objects.using(alias).filter(awaiting_confirm=True, publish_time__lt=cutoff)
+    # Rows whose task started after all (a first copy stored, its confirm never recorded):
+    # nothing to send, and the index of rows awaiting their confirm stays small.
+    old.exclude(status=Status.PUBLISHED).update(awaiting_confirm=False)
     with transaction.atomic(using=alias):
-        rows = list(MessageLog.objects.using(alias).select_for_update(skip_locked=True).filter(
-            awaiting_confirm=True, status=Status.PUBLISHED, publish_time__lt=cutoff,
-            queue__in=list(queues)).order_by('publish_time')[:BATCH])
+        rows = list(old.select_for_update(skip_locked=skip_locked).filter(
+            status=Status.PUBLISHED, queue__in=list(queues),
+        ).order_by('publish_time')[:RESEND_BATCH])
         by_broker: dict[conf.Broker, list[MessageLog]] = {}
         for row in rows:
             by_broker.setdefault(queues[str(row.queue)].broker, []).append(row)

@@ -106,27 +106,19 @@ def _resent_copy(broker: Broker, queue: str, log: MessageLog) -> None:
     broker.publish_raw(queue, body, properties)
 
 
-def test_a_resent_copy_of_a_completed_task_is_acknowledged_without_running(
-        queue: str, broker: Broker, start_worker: StartWorker, tmp_path: Path) -> None:
-    runs = tmp_path / 'runs'
-    worker = start_worker(carrot_settings(queue))
-    log = publish_message(tasks.record_run, str(runs), 'once', queue=queue)
-    wait_for(lambda: statuses() == {'COMPLETED': 1}, what='the task')
-    _resent_copy(broker, queue, log)
-    wait_for(lambda: 'was completed before' in worker.output, what='the copy to be seen')
-    wait_for(lambda: broker.counts(queue) == (0, 0), what='the copy acknowledged')
-    assert _runs(runs) == ['once']
-    assert MessageLog.objects.get(pk=log.pk).attempts == 1
-
-
-def test_a_resent_copy_of_a_running_task_is_acknowledged_without_running(
-        queue: str, broker: Broker, start_worker: StartWorker, tmp_path: Path) -> None:
+@pytest.mark.parametrize(('seconds', 'seen_as', 'said'), [
+    (0.0, 'COMPLETED', 'was completed before'),
+    (2.0, 'IN_PROGRESS', 'another copy of it started'),
+])
+def test_a_resent_copy_of_a_task_another_copy_started_is_acknowledged_without_running(
+        queue: str, broker: Broker, start_worker: StartWorker, tmp_path: Path, seconds: float,
+        seen_as: str, said: str) -> None:
     runs = tmp_path / 'runs'
     worker = start_worker(carrot_settings(queue, concurrency=2))
-    log = publish_message(tasks.record_run, str(runs), 'once', 2.0, queue=queue)
-    wait_for(lambda: statuses() == {'IN_PROGRESS': 1}, what='the task to start')
+    log = publish_message(tasks.record_run, str(runs), 'once', seconds, queue=queue)
+    wait_for(lambda: statuses() == {seen_as: 1}, what=f'the task {seen_as}')
     _resent_copy(broker, queue, log)
-    wait_for(lambda: 'another copy of it started' in worker.output, what='the copy to be seen')
+    wait_for(lambda: said in worker.output, what='the copy to be seen')
     wait_for(lambda: statuses() == {'COMPLETED': 1}, what='the task to end')
     wait_for(lambda: broker.counts(queue) == (0, 0), what='both acknowledged')
     assert _runs(runs) == ['once']
@@ -212,5 +204,21 @@ def test_the_service_sends_again_only_the_old_rows_still_awaiting_their_confirm(
     [(message_id, again)] = _in_queue(broker, queue).items()
     assert (message_id, again.resent, again.args) == ('old', True, ['x', 'old'])
     assert dict(MessageLog.objects.values_list('uuid', 'awaiting_confirm')) == {
-        'old': False, 'young': True, 'done': True}
+        'old': False, 'young': True, 'done': False}
     assert young.pk
+
+
+def test_a_resent_copy_redelivered_after_its_worker_died_runs_again(
+        queue: str, broker: Broker, start_worker: StartWorker, tmp_path: Path) -> None:
+    """The only copy left (its first send was lost) started the row itself: when its worker
+    is killed, RabbitMQ's redelivery of it must run, not take the row for another copy's."""
+    runs = tmp_path / 'runs'
+    log = _row_awaiting_confirm(queue, 'only-copy', [str(runs), 'resent', 3.0])
+    first = start_worker(carrot_settings(queue))
+    _resent_copy(broker, queue, log)
+    wait_for(lambda: statuses() == {'IN_PROGRESS': 1}, what='the copy to start')
+    first.kill()
+    start_worker(carrot_settings(queue))
+    wait_for(lambda: statuses() == {'COMPLETED': 1}, timeout=60, what='the redelivery to run')
+    assert _runs(runs) == ['resent']  # the killed run never got to write its line
+    assert MessageLog.objects.get(pk=log.pk).attempts == 2

@@ -43,6 +43,9 @@ REQUEUE_PAUSE_SECONDS = 1.0
 # How long a fault in carrot waits for a start being written before writing FAILED over it;
 # past this the message is handed back instead, as its row's last word is unknown.
 START_WAIT_SECONDS = 60.0
+# How long a re-sent copy waits before its start: longer than a first copy's start is held
+# back (the recorder's START_HOLD_SECONDS) and written.
+RESENT_WAIT_SECONDS = 1.0
 
 
 class Settlement(enum.Enum):
@@ -157,6 +160,10 @@ class Delivery:
             return
         self.task_message = task_message
         start = self._start_of(task_message)
+        if start.resent:
+            # Its first copy may be running somewhere with its start held back: give that
+            # start time to be written, so that this copy sees it and does not run too.
+            runtime.stopping.wait(RESENT_WAIT_SECONDS)
         if not self._tracked(task_message):
             self._run_untracked(function, task_message, start)
             return
@@ -198,7 +205,9 @@ class Delivery:
             args=task_message.args, kwargs=task_message.kwargs, queue=self.consumer.queue,
             exchange=message.text(method.get('exchange')),
             routing_key=message.text(method.get('routing_key')),
-            priority=task_message.priority, resent=task_message.resent,
+            priority=task_message.priority,
+            # A redelivered re-sent copy started the row itself before its worker was lost.
+            resent=task_message.resent and not method.get('redelivered'),
         )
 
     def _may_run_after_start(self) -> bool:

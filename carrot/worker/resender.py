@@ -34,8 +34,9 @@ class Resender:
         while not self.stopping.wait(pause if not self.failures else
                                      min(MAX_BACKOFF_SECONDS, 2.0 ** (self.failures - 1))):
             try:
-                while outbox.resend_unconfirmed() == outbox.BATCH and not self.stopping.is_set():
-                    pass  # more are waiting
+                sent = outbox.resend_unconfirmed()
+                while sent == outbox.RESEND_BATCH and not self.stopping.is_set():
+                    sent = outbox.resend_unconfirmed()  # more are waiting
                 self.failures = 0
             except Exception:
                 self.failures += 1
