@@ -293,6 +293,11 @@ class Publisher:
             f'{_safe(last_error or Exception(), broker)}.'
         )
 
+    def send_outgoing(self, broker: conf.Broker, item: Outgoing) -> None:
+        """``send`` of an Outgoing message."""
+        self.send(broker, item.body, item.properties, item.routing_key, item.exchange,
+                  item.declare_queue)
+
     def send_many(self, broker: conf.Broker, outgoing: Sequence[Outgoing],
                   progress: SendProgress) -> None:
         """Publish every message on one channel, then wait once for all the confirms.
@@ -318,8 +323,7 @@ class Publisher:
                 continue
             progress.written[index] = True  # perhaps stored from here on
             try:
-                self.send(broker, item.body, item.properties, item.routing_key,
-                          item.exchange, item.declare_queue)
+                self.send_outgoing(broker, item)
             except BrokerUnavailable as error:
                 progress.errors[index] = unavailable = error
             except CarrotError as error:

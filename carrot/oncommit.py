@@ -128,18 +128,16 @@ def send_all(sends: Sequence[Send]) -> None:
             get_publisher().send_many(broker, [s.message.outgoing() for s in group],
                                       progress)
         except BaseException as interruption:
+            _sent([s for s, confirmed in zip(group, progress.confirmed, strict=True)
+                   if confirmed])
             for index, send in enumerate(group):
-                if progress.confirmed[index]:
-                    _sent(send)
-                elif progress.written[index]:
+                if not progress.confirmed[index] and progress.written[index]:
                     _interrupted(send, interruption)
             mark_not_sent([s for s in sends if s.outcome is Outcome.WAITING], interruption)
             raise
-        for index, send in enumerate(group):
-            error = progress.errors[index]
-            if error is None:
-                _sent(send)
-            else:
+        _sent([s for s, error in zip(group, progress.errors, strict=True) if error is None])
+        for send, error in zip(group, progress.errors, strict=True):
+            if error is not None:
                 _failed(send, error)
 
 
@@ -152,14 +150,17 @@ def _send_one(send: Send) -> None:
         _interrupted(send, interruption)
         raise
     else:
-        _sent(send)
+        _sent([send])
 
 
-def _sent(send: Send) -> None:
-    """RabbitMQ confirmed it: its row no longer awaits the confirm."""
-    send.outcome = Outcome.SENT
-    if send.log.pk is not None:
-        get_outbox().confirmed(send.log._state.db or lifecycle.database(), send.log.uuid)
+def _sent(sends: Sequence[Send]) -> None:
+    """RabbitMQ confirmed them: their rows no longer await the confirm."""
+    for send in sends:
+        send.outcome = Outcome.SENT
+    rows = [(s.log._state.db or lifecycle.database(), s.log.uuid) for s in sends
+            if s.log.pk is not None]
+    if rows:
+        get_outbox().confirmed(rows)
 
 
 def _failed(send: Send, error: Exception) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import logging
 import os
 import threading
@@ -106,13 +107,19 @@ class _Stream:
                     answered.append(self.pending.popitem(last=False)[1])
             elif delivery_tag in self.pending:
                 answered.append(self.pending.pop(delivery_tag))
+        refused: list[Unconfirmed] = []
+        stored: list[tuple[str, str]] = []
         for unconfirmed in answered:
-            returned = unconfirmed.log.uuid in self.returns.message_ids
-            self.returns.message_ids.discard(unconfirmed.log.uuid)
-            if nacked or returned:
-                self.outbox.resend_later([unconfirmed])
+            message_id = unconfirmed.log.uuid
+            if nacked or message_id in self.returns.message_ids:
+                refused.append(unconfirmed)
             else:
-                self.outbox.confirmed(unconfirmed.alias, unconfirmed.log.uuid, counted=True)
+                stored.append((unconfirmed.alias, message_id))
+            self.returns.message_ids.discard(message_id)
+        if refused:
+            self.outbox.resend_later(refused)
+        if stored:
+            self.outbox.confirmed(stored, counted=True)
 
     def on_return_frame(self, frame_in: Any) -> bool:
         return self.returns.on_frame(frame_in)
@@ -185,15 +192,16 @@ class Outbox:
         # A write the socket failed is not raised (amqpstorm records the error): the outbox
         # thread finds the stream broken and sends its pending messages again.
 
-    def confirmed(self, alias: str, message_id: str, counted: bool = False) -> None:
-        """RabbitMQ has stored the message of this row: clear its ``awaiting_confirm``.
+    def confirmed(self, rows: list[tuple[str, str]], counted: bool = False) -> None:
+        """RabbitMQ has stored the messages of these rows (database alias, message id):
+        clear their ``awaiting_confirm``.
 
-        ``counted``: it is one of the outstanding messages of ``send`` already.
+        ``counted``: they are outstanding messages of ``send`` already.
         """
         with self.lock:
-            self.to_confirm.append((alias, message_id))
+            self.to_confirm.extend(rows)
             if not counted:
-                self.outstanding += 1
+                self.outstanding += len(rows)
         self._start()
         self.wake.set()
 
@@ -254,10 +262,10 @@ class Outbox:
     def _send_now(self, unconfirmed: Unconfirmed, resent: bool) -> None:
         """Send and wait for the confirm; raises what ``Publisher.send`` raises."""
         item = unconfirmed.item
-        properties = message.resent_properties(item.properties) if resent else item.properties
-        get_publisher().send(unconfirmed.broker, item.body, properties, item.routing_key,
-                             item.exchange, item.declare_queue)
-        self.confirmed(unconfirmed.alias, unconfirmed.log.uuid)
+        if resent:
+            item = dataclasses.replace(item, properties=message.resent_properties(item.properties))
+        get_publisher().send_outgoing(unconfirmed.broker, item)
+        self.confirmed([(unconfirmed.alias, unconfirmed.log.uuid)])
 
     def _count(self, change: int) -> None:
         with self.lock:

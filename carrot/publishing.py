@@ -102,7 +102,7 @@ class Message:
                     lifecycle.discard_unpublished(log)
                 raise
             if log.pk is not None:
-                outbox.get_outbox().confirmed(alias, log.uuid)
+                outbox.get_outbox().confirmed([(alias, log.uuid)])
         return log
 
     def record(self) -> MessageLog:
@@ -119,9 +119,7 @@ class Message:
 
     def send(self) -> None:
         """Send the message to RabbitMQ and wait for the broker's confirm."""
-        item = self.outgoing()
-        get_publisher().send(self.queue.broker, item.body, item.properties, item.routing_key,
-                             item.exchange, item.declare_queue)
+        get_publisher().send_outgoing(self.queue.broker, self.outgoing())
 
     def outgoing(self) -> Outgoing:
         """The message as the publisher sends it (to ``queue.broker``)."""

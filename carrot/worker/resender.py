@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 
-from django.db import connections, router
 from gevent.event import Event
 
-from carrot import conf, outbox
-from carrot.models import MessageLog
+from carrot import conf, lifecycle, outbox
+from carrot.worker.recorder import close_connection
 
 logger = logging.getLogger('carrot.worker')
 
@@ -41,11 +40,4 @@ class Resender:
             except Exception:
                 self.failures += 1
                 logger.exception('Sending unconfirmed tasks again failed; retrying')
-            _close_connection()
-
-
-def _close_connection() -> None:
-    try:
-        connections[router.db_for_write(MessageLog)].close()
-    except Exception as error:
-        logger.warning("Closing the resender's database connection failed: %s", error)
+            close_connection(lifecycle.database())
