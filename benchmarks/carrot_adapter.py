@@ -70,8 +70,9 @@ class CarrotAdapter(Adapter):
         'written; the clock stops once every confirm is recorded on its row)'
     )
     worker_description = (
-        '`manage.py carrot --no-scheduler`, queue bench_carrot concurrency 100, default '
-        'prefetch (1), '
+        '`manage.py carrot --no-scheduler`, queue bench_carrot concurrency 100, '
+        + (f'prefetch {os.environ["BENCH_CARROT_PREFETCH"]} (BENCH_CARROT_PREFETCH), '
+           if 'BENCH_CARROT_PREFETCH' in os.environ else 'default prefetch (1), ') +
         f'{"SQLite (WAL)" if _using_sqlite() else "PostgreSQL"} MessageLog'
     )
     # A COUNT(*) in the database costs more than a Redis GET; poll less often.

@@ -50,9 +50,11 @@ CARROT = {
     'default_broker': 'amqp://guest:guest@127.0.0.1:5672/',
     # carrot's defaults but for the concurrency, which the peers also get: prefetch 1.
     # BENCH_CARROT_UNTRACKED=1 (carrot_untracked_adapter.py): the queue of untracked tasks.
-    'queues': ([{'name': 'bench_carrot_untracked', 'concurrency': 100, 'tracked': False}]
-               if os.environ.get('BENCH_CARROT_UNTRACKED') == '1'
-               else [{'name': 'bench_carrot', 'concurrency': 100}]),
+    # BENCH_CARROT_PREFETCH=N: another prefetch, to measure what it changes (not the default).
+    'queues': [{**({'name': 'bench_carrot_untracked', 'concurrency': 100, 'tracked': False}
+                   if os.environ.get('BENCH_CARROT_UNTRACKED') == '1'
+                   else {'name': 'bench_carrot', 'concurrency': 100}),
+                'prefetch': int(os.environ.get('BENCH_CARROT_PREFETCH', '1'))}],
     'task_modules': ['tasks'],
 }
 
