@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from carrot import DEFAULT_BROKER
+from carrot import DEFAULT_BROKER, options
 from carrot._values import is_whole_number
 from carrot.consumer import DEFAULT_CONSUMER_CLASS
 from carrot.exceptions import CarrotConfigException
@@ -21,10 +21,10 @@ DEFAULT_QUEUE = 'default'
 QUEUE_KEYS = frozenset({
     'name', 'host', 'concurrency', 'consumable', 'consumer_class', 'durable',
     'queue_arguments', 'exchange_arguments', 'prefetch', 'tracked',
-})
+}) | options.OPTION_NAMES
 TOP_LEVEL_KEYS = frozenset({
     'default_broker', 'queues', 'task_modules', 'monitor_authentication', 'shutdown_timeout',
-    'monitor_read_only', 'resend_unconfirmed_after',
+    'monitor_read_only', 'resend_unconfirmed_after', 'task_defaults', 'consumer_timeout',
 })
 BROKER_DICT_KEYS = frozenset({'host', 'port', 'name', 'username', 'password', 'secure', 'url'})
 MAX_PREFETCH = 65535
@@ -67,6 +67,8 @@ class Queue:
     prefetch: int = 1
     #: False: a task that succeeds leaves no MessageLog row (a failure is still recorded).
     tracked: bool = True
+    #: The task options set for this queue's tasks (``carrot.options``), as given.
+    task_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def dead_letter_queue(self) -> str:
@@ -86,6 +88,10 @@ class CarrotSettings:
     #: Seconds after which the service sends again a task whose row still awaits the
     #: confirm of its message (its publishing process died before RabbitMQ answered).
     resend_unconfirmed_after: float = 60.0
+    #: The task options set for every task (``carrot.options``), as given.
+    task_defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: RabbitMQ's ``consumer_timeout``, in seconds: time limits must stay below it.
+    consumer_timeout: float = options.CONSUMER_TIMEOUT
 
     def queue(self, name: str | None) -> Queue:
         """The queue called ``name``.
@@ -201,7 +207,8 @@ def _bool(value: Any, key: str) -> bool:
     return value
 
 
-def _parse_queue(raw: Any, index: int, default_broker: Broker) -> Queue:
+def _parse_queue(raw: Any, index: int, default_broker: Broker,
+                 consumer_timeout: float) -> Queue:
     key = f"CARROT['queues'][{index}]"
     if not isinstance(raw, Mapping):
         raise CarrotConfigException(f'{key} must be a dict with at least a name.')
@@ -227,6 +234,9 @@ def _parse_queue(raw: Any, index: int, default_broker: Broker) -> Queue:
         exchange_arguments=_mapping(raw.get('exchange_arguments'), f"{key}['exchange_arguments']"),
         prefetch=_positive_int(raw.get('prefetch', 1), f"{key}['prefetch']", MAX_PREFETCH),
         tracked=_bool(raw.get('tracked', True), f"{key}['tracked']"),
+        task_options=options.validate(
+            {name: value for name, value in raw.items() if name in options.OPTION_NAMES},
+            key, code_as='paths', consumer_timeout=consumer_timeout),
     )
 
 
@@ -261,7 +271,14 @@ def parse(raw: Any) -> CarrotSettings:
             "CARROT['queues'] is empty: list at least one queue, or leave the key out for "
             "one queue called 'default'."
         )
-    queues = tuple(_parse_queue(q, i, default_broker) for i, q in enumerate(raw_queues))
+    consumer_timeout = raw.get('consumer_timeout', options.CONSUMER_TIMEOUT)
+    if not _positive_seconds(consumer_timeout):
+        raise CarrotConfigException(
+            f"CARROT['consumer_timeout'] must be a positive number of seconds (RabbitMQ's "
+            f"consumer_timeout, 1800 unless the broker sets another), not {consumer_timeout!r}."
+        )
+    queues = tuple(_parse_queue(q, i, default_broker, consumer_timeout)
+                   for i, q in enumerate(raw_queues))
     names = [q.name for q in queues]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -275,8 +292,7 @@ def parse(raw: Any) -> CarrotSettings:
             f"CARROT['shutdown_timeout'] must be a number of seconds, not {timeout!r}."
         )
     resend_after = raw.get('resend_unconfirmed_after', 60.0)
-    if not isinstance(resend_after, (int, float)) or isinstance(resend_after, bool) \
-            or not 0 < resend_after < float('inf'):
+    if not _positive_seconds(resend_after):
         raise CarrotConfigException(
             f"CARROT['resend_unconfirmed_after'] must be a positive number of seconds, not "
             f'{resend_after!r}.'
@@ -292,7 +308,16 @@ def parse(raw: Any) -> CarrotSettings:
         monitor_read_only=_bool(raw.get('monitor_read_only', False),
                                 "CARROT['monitor_read_only']"),
         resend_unconfirmed_after=float(resend_after),
+        task_defaults=options.validate(
+            _mapping(raw.get('task_defaults'), "CARROT['task_defaults']"),
+            "CARROT['task_defaults']", code_as='paths', consumer_timeout=consumer_timeout),
+        consumer_timeout=float(consumer_timeout),
     )
+
+
+def _positive_seconds(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 0 < value < float('inf'))
 
 
 @functools.cache

@@ -33,3 +33,31 @@ class MessageNotEncodable(CarrotError):
 
 class BadMessage(CarrotError):
     """A delivered message cannot be decoded into a task call."""
+
+
+class TimeLimitExceeded(BaseException):
+    """Raised inside a task that ran past its ``time_limit``.
+
+    A BaseException, as ``gevent.Timeout`` is, so that a task's own ``except Exception``
+    does not swallow its stop.
+    """
+
+
+class Retry(Exception):
+    """Raised by a task to be run again: ``raise Retry(delay=30)``, or without a delay for
+    its retry backoff. It counts against ``max_retries``; once they are spent the task is
+    FAILED with this error."""
+
+    def __init__(self, reason: str = 'the task asked to be retried', *,
+                 delay: float | None = None) -> None:
+        super().__init__(reason)
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
+                                  or not 0 <= delay < float('inf')):
+            raise ValueError(f'Retry(delay=...) must be a number of seconds of 0 or more, '
+                             f'not {delay!r}.')
+        #: Seconds before the retry; None: the task's retry backoff.
+        self.delay = delay
+
+
+class TaskExpired(CarrotError):
+    """A task reached a worker after its ``expires`` time; it was not run."""

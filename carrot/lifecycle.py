@@ -4,10 +4,15 @@
 PUBLISHED       ``record_published``: the row of a message about to be sent, awaiting its
                 confirm until ``mark_confirmed`` (``discard_unpublished`` removes it
                 when the message never left;
-                ``unsaved_published`` is the row an untracked message does not write)
+                ``unsaved_published`` is the row an untracked message does not write);
+                ``release_due``: a DELAYED row whose time has come, about to be sent
+DELAYED         ``record_delayed``: a task published with a countdown or an eta;
+                ``finish_many`` with the end ``retrying()`` builds: a failed attempt
+                that runs again at ``run_after``
 IN_PROGRESS     ``start_many``: a worker starts the tasks
 COMPLETED       ``finish_many`` with the end ``completed()`` builds: the task returned
-FAILED          ``finish_many`` with the end ``failed()`` builds: the task raised;
+FAILED          ``finish_many`` with the end ``failed()`` builds: the task raised, or
+                expired before it ran;
                 ``record_refused``: the message cannot run; ``mark_publish_failed`` and
                 ``mark_not_sent``: its message could not be sent after its transaction
                 committed (an untracked message's row is written then, FAILED)
@@ -44,6 +49,7 @@ def database() -> str:
 def record_published(
     *, message_id: str, task: str, args_json: str, kwargs_json: str, queue: str,
     exchange: str, routing_key: str, priority: int,
+    options: dict[str, Any] | None = None, expires_at: datetime.datetime | None = None,
 ) -> MessageLog:
     """The new PUBLISHED row of a message about to be sent, awaiting its confirm.
 
@@ -51,9 +57,15 @@ def record_published(
     the ORM's query compilation cost more than the round trip, and no ``pre_save`` or
     ``post_save`` signals are sent for these rows). In autocommit mode outside a
     transaction, rows that concurrent publishers write at the same moment share one INSERT
-    and one commit.
+    and one commit. A row with the call's own ``options`` or an expiry goes by the ORM.
     """
     alias = database()
+    if options or expires_at is not None:
+        return MessageLog.objects.using(alias).create(
+            status=Status.PUBLISHED, uuid=message_id, task=task, task_args=args_json,
+            content=kwargs_json, queue=queue, exchange=exchange, routing_key=routing_key,
+            priority=priority, publish_time=timezone.now(), awaiting_confirm=True,
+            options=options or None, expires_at=expires_at)
     values: list[Any] = [Status.PUBLISHED, message_id, task, args_json, kwargs_json, queue,
                          exchange, routing_key, priority, timezone.now(), 0, True]
     connection = transaction.get_connection(alias)
@@ -75,6 +87,42 @@ def unsaved_published(
     return MessageLog(status=Status.PUBLISHED, uuid=message_id, task=task, task_args=args_json,
                       content=kwargs_json, queue=queue, exchange=exchange,
                       routing_key=routing_key, priority=priority, publish_time=timezone.now())
+
+
+def record_delayed(
+    *, message_id: str, task: str, args_json: str, kwargs_json: str, queue: str,
+    exchange: str, routing_key: str, priority: int, run_after: datetime.datetime,
+    options: dict[str, Any] | None = None, expires_at: datetime.datetime | None = None,
+) -> MessageLog:
+    """The DELAYED row of a task that waits until ``run_after``; nothing is sent until then."""
+    return MessageLog.objects.using(database()).create(
+        status=Status.DELAYED, uuid=message_id, task=task, task_args=args_json,
+        content=kwargs_json, queue=queue, exchange=exchange, routing_key=routing_key,
+        priority=priority, publish_time=timezone.now(), run_after=run_after,
+        options=options or None, expires_at=expires_at)
+
+
+def release_due(queues: Sequence[str], limit: int,
+                now: datetime.datetime | None = None) -> list[MessageLog]:
+    """PUBLISHED, and awaiting their confirm, for the DELAYED rows of ``queues`` whose
+    ``run_after`` has come, the first due first; committed before their messages are sent,
+    so a service that dies before the confirms leaves them to the resender.
+
+    Claimed with ``SKIP LOCKED`` where the database can, so two services release a row once.
+    """
+    alias = database()
+    skip_locked = connections[alias].features.has_select_for_update_skip_locked
+    with transaction.atomic(using=alias):
+        rows = list(MessageLog.objects.using(alias).select_for_update(skip_locked=skip_locked)
+                    .filter(status=Status.DELAYED, run_after__lte=now or timezone.now(),
+                            queue__in=list(queues))
+                    .order_by('run_after')[:limit])
+        if rows:
+            MessageLog.objects.using(alias).filter(pk__in=[row.pk for row in rows]).update(
+                status=Status.PUBLISHED, awaiting_confirm=True)
+    for row in rows:
+        row.status, row.awaiting_confirm = Status.PUBLISHED, True
+    return rows
 
 
 def discard_unpublished(log: MessageLog) -> None:
@@ -164,6 +212,10 @@ class Finish:
     pk: int = 0
     #: Set when the task ended before its start was recorded: both are written at once.
     start: Start | None = None
+    #: The attempt of a task that retries: its error joins the row's ``errors``.
+    attempt: int | None = None
+    #: When a retry (status DELAYED) runs.
+    run_after: datetime.datetime | None = None
 
 
 def completed(message_id: str, *, output: str | None, log: str,
@@ -173,10 +225,22 @@ def completed(message_id: str, *, output: str | None, log: str,
 
 
 def failed(message_id: str, *, exception: str, traceback: str | None, log: str,
-           at: datetime.datetime | None = None) -> Finish:
-    """The end of a task that raised: ``finish_many`` makes its row FAILED."""
+           at: datetime.datetime | None = None, attempt: int | None = None) -> Finish:
+    """The end of a task that raised: ``finish_many`` makes its row FAILED.
+
+    ``attempt``, for a task that retries: its error joins the others in ``errors``.
+    """
     return Finish(message_id=message_id, status=Status.FAILED, exception=exception,
-                  traceback=traceback, log=log, at=at)
+                  traceback=traceback, log=log, at=at, attempt=attempt)
+
+
+def retrying(message_id: str, *, exception: str, traceback: str | None, log: str,
+             attempt: int, run_after: datetime.datetime,
+             at: datetime.datetime | None = None) -> Finish:
+    """The end of a failed attempt that runs again: ``finish_many`` makes its row DELAYED
+    until ``run_after``, its error added to ``errors``."""
+    return Finish(message_id=message_id, status=Status.DELAYED, exception=exception,
+                  traceback=traceback, log=log, at=at, attempt=attempt, run_after=run_after)
 
 
 def start_many(starts: Sequence[Start]) -> list[Started]:
@@ -237,6 +301,14 @@ def finish_many(finishes: Sequence[Finish]) -> dict[str, Started]:
     alias = database()
     connection = connections[alias]
     rows: dict[str, tuple[int, str]] = {}
+    # Attempts of tasks that retry are rare, and add to a list: written one by one.
+    with_errors = [f for f in finishes if f.attempt is not None]
+    if with_errors:
+        with transaction.atomic(using=alias):
+            rows.update(_finish_attempts(alias, with_errors))
+        finishes = [f for f in finishes if f.attempt is None]
+        if not finishes:
+            return _started_of(with_errors, rows)
     left = list(finishes)
     if _sql.psycopg_of(connection) is not None:
         # One statement, atomic by itself, so no transaction around it: a round of ends
@@ -248,10 +320,47 @@ def finish_many(finishes: Sequence[Finish]) -> dict[str, Started]:
         with transaction.atomic(using=alias):
             for message_id, row in _sql.finish_by_pk(connection, left).items():
                 rows.setdefault(message_id, row)  # the status before the batch
+    return _started_of([*with_errors, *finishes], rows)
+
+
+def _started_of(finishes: Sequence[Finish], rows: dict[str, tuple[int, str]],
+                ) -> dict[str, Started]:
     return {f.start.message_id: Started(pk=rows[f.start.message_id][0],
                                         already_completed=rows[f.start.message_id][1]
                                         == Status.COMPLETED)
             for f in finishes if f.start is not None}
+
+
+def _finish_attempts(alias: str, finishes: Sequence[Finish]) -> dict[str, tuple[int, str]]:
+    """Write ends that add their attempt's error to the row's ``errors``, one by one.
+
+    ``{message id: (pk, status before)}`` of those that record their start too. A row that
+    says COMPLETED is left as it is (a redelivery of a task that ran), and so is one that
+    holds this attempt's end already.
+    """
+    starting = [f.start for f in finishes if f.start is not None]
+    created = _sql.rows_of(alias, starting) if starting else {}
+    now = timezone.now()
+    for finish in finishes:
+        pk = created[finish.start.message_id][0] if finish.start is not None else finish.pk
+        row = MessageLog.objects.using(alias).select_for_update().get(pk=pk)
+        if row.status == Status.COMPLETED:
+            continue
+        if (row.status == finish.status and row.errors
+                and row.errors[-1].get('attempt') == finish.attempt):
+            continue  # written already: the recorder writes a failed batch again
+        at = finish.at or now
+        exception, traceback = clean(finish.exception or ''), clean(finish.traceback or '')
+        row.errors = [*(row.errors or []), {
+            'attempt': finish.attempt, 'exception': exception, 'traceback': traceback,
+            'log': clean(finish.log), 'at': at.isoformat()}]
+        if finish.start is not None:
+            row.attempts += 1
+        row.status, row.run_after, row.failure_time = finish.status, finish.run_after, at
+        row.exception, row.traceback, row.log = exception, traceback, clean(finish.log)
+        row.save(update_fields=['errors', 'status', 'run_after', 'exception', 'traceback', 'log',
+                                'failure_time', 'attempts'])
+    return created
 
 
 def record_refused(

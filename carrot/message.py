@@ -6,18 +6,22 @@ carrot adds an ``x-carrot-attempt`` header, which other producers may leave out,
 ``x-carrot-tracked`` (true or false) when the call or the queue chose whether the task gets a
 MessageLog row when it succeeds, and ``x-carrot-resent`` (true) on a copy sent again because
 its first send was never confirmed: that copy runs only if no other has started the task.
+A call's own task options travel as a JSON object in ``x-carrot-options``, and the time past
+which the task is not run as an ISO 8601 text in ``x-carrot-expires``.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from carrot import options as task_options
 from carrot._values import is_whole_number
-from carrot.exceptions import ArgumentsNotSerializable, BadMessage
+from carrot.exceptions import ArgumentsNotSerializable, BadMessage, CarrotConfigException
 from carrot.frames import MAX_SHORT_STRING
 
 TYPE_HEADER = 'type'
@@ -25,6 +29,8 @@ ATTEMPT_HEADER = 'x-carrot-attempt'
 DEAD_REASON_HEADER = 'x-carrot-dead-reason'
 TRACKED_HEADER = 'x-carrot-tracked'
 RESENT_HEADER = 'x-carrot-resent'
+OPTIONS_HEADER = 'x-carrot-options'
+EXPIRES_HEADER = 'x-carrot-expires'
 CONTENT_TYPE = 'application/json'
 MESSAGE_TYPE = 'django-carrot message'
 PERSISTENT = 2
@@ -46,6 +52,10 @@ class TaskMessage:
     tracked: bool | None = None
     #: A copy sent again because the first send was not confirmed (``resent_properties``).
     resent: bool = False
+    #: The task options the call gave (``carrot.options.CALL_OPTIONS``).
+    options: dict[str, Any] = field(default_factory=dict)
+    #: When the task stops being worth running (aware), if ever.
+    expires_at: datetime.datetime | None = None
 
 
 def check_priority(priority: object) -> None:
@@ -95,6 +105,10 @@ def encode(message: TaskMessage, arguments_json: tuple[str, str] | None = None,
         headers[TRACKED_HEADER] = message.tracked
     if message.resent:
         headers[RESENT_HEADER] = True
+    if message.options:
+        headers[OPTIONS_HEADER] = json.dumps(message.options)
+    if message.expires_at is not None:
+        headers[EXPIRES_HEADER] = message.expires_at.isoformat()
     properties = {
         'headers': headers,
         'content_type': CONTENT_TYPE,
@@ -152,7 +166,38 @@ def decode(body: bytes, properties: Mapping[str, Any]) -> TaskMessage:
         attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
         tracked=tracked,
         resent=headers.get(RESENT_HEADER) is True,
+        options=_options_of(headers.get(OPTIONS_HEADER)),
+        expires_at=_time_of(headers.get(EXPIRES_HEADER), EXPIRES_HEADER),
     )
+
+
+def _options_of(header: Any) -> dict[str, Any]:
+    if header is None:
+        return {}
+    try:
+        given = json.loads(text(header) if isinstance(header, bytes) else header)
+    except (TypeError, ValueError):
+        given = None
+    if not isinstance(given, dict):
+        raise BadMessage(f'The {OPTIONS_HEADER!r} header is not a JSON object of task options.')
+    try:
+        return task_options.validate(given, f'The {OPTIONS_HEADER!r} header', code_as='none')
+    except CarrotConfigException as error:
+        raise BadMessage(str(error)) from None
+
+
+def _time_of(header: Any, name: str) -> datetime.datetime | None:
+    if header is None:
+        return None
+    try:
+        at = datetime.datetime.fromisoformat(text(header) if isinstance(header, bytes)
+                                             else header)
+    except (TypeError, ValueError):
+        at = None
+    if at is None or at.tzinfo is None:
+        raise BadMessage(f'The {name!r} header is {header!r}, not an ISO 8601 time with its '
+                         f'UTC offset.')
+    return at
 
 
 def resent_properties(properties: Mapping[str, Any]) -> dict[str, Any]:

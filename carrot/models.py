@@ -37,6 +37,8 @@ class Status(models.TextChoices):
     """Where a task is in its life; ``carrot.lifecycle`` names each move between them."""
 
     PUBLISHED = 'PUBLISHED', 'Published'
+    #: Waits in the database until ``run_after``: a countdown, an eta, or a retry.
+    DELAYED = 'DELAYED', 'Delayed'
     IN_PROGRESS = 'IN_PROGRESS', 'In progress'
     FAILED = 'FAILED', 'Failed'
     COMPLETED = 'COMPLETED', 'Completed'
@@ -52,6 +54,7 @@ class MessageLog(TaskArguments, models.Model):
     Status = Status
     # Upstream django-carrot's names for the statuses.
     PUBLISHED = Status.PUBLISHED
+    DELAYED = Status.DELAYED
     IN_PROGRESS = Status.IN_PROGRESS
     FAILED = Status.FAILED
     COMPLETED = Status.COMPLETED
@@ -87,6 +90,15 @@ class MessageLog(TaskArguments, models.Model):
     #: True from the moment the row is written until RabbitMQ has confirmed its message;
     #: a row still PUBLISHED and awaiting its confirm long after is re-sent by the service.
     awaiting_confirm = models.BooleanField(default=False)
+    #: When a DELAYED task is sent to its queue (its countdown, eta or next retry).
+    run_after = models.DateTimeField(null=True, blank=True)
+    #: Past which the task is not run any more (its ``expires`` option).
+    expires_at = models.DateTimeField(null=True, blank=True)
+    #: The options the call gave (``carrot.options``), which its retries keep.
+    options = models.JSONField(null=True, blank=True)
+    #: Each failed attempt of a task that retries, oldest first: ``attempt``,
+    #: ``exception``, ``traceback``, ``log`` and ``at`` (ISO 8601).
+    errors = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ('-failure_time', '-completion_time', 'status', '-priority', '-publish_time')
@@ -100,6 +112,9 @@ class MessageLog(TaskArguments, models.Model):
             # The outbox: the few rows whose confirm has not come, oldest first.
             models.Index(fields=['publish_time'], name='carrot_log_awaiting_confirm',
                          condition=models.Q(awaiting_confirm=True)),
+            # The releaser: delayed rows, the first due first.
+            models.Index(fields=['run_after'], name='carrot_log_delayed',
+                         condition=models.Q(status='DELAYED')),
         ]
 
     def __str__(self) -> str:

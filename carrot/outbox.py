@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 from amqpstorm.exception import AMQPChannelError, AMQPError
 from django.db import Error as DatabaseFault
 from django.db import connections, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from carrot import conf, lifecycle, message
@@ -425,7 +427,10 @@ def resend_unconfirmed(now: datetime | None = None) -> int:
     queues = {queue.name: queue for queue in settings.queues}
     alias = lifecycle.database()
     skip_locked = connections[alias].features.has_select_for_update_skip_locked
-    old = MessageLog.objects.using(alias).filter(awaiting_confirm=True, publish_time__lt=cutoff)
+    # A released delayed row counts from its run_after, when it was sent.
+    old = MessageLog.objects.using(alias).filter(
+        Q(run_after__isnull=True) | Q(run_after__lt=cutoff),
+        awaiting_confirm=True, publish_time__lt=cutoff)
     # Rows whose task started after all (a first copy stored, its confirm never recorded):
     # nothing to send, and the index of rows awaiting their confirm stays small.
     old.exclude(status=Status.PUBLISHED).update(awaiting_confirm=False)
@@ -433,32 +438,47 @@ def resend_unconfirmed(now: datetime | None = None) -> int:
         rows = list(old.select_for_update(skip_locked=skip_locked).filter(
             status=Status.PUBLISHED, queue__in=list(queues),
         ).order_by('publish_time')[:RESEND_BATCH])
-        by_broker: dict[conf.Broker, list[MessageLog]] = {}
-        for row in rows:
-            by_broker.setdefault(queues[str(row.queue)].broker, []).append(row)
-        sent: list[str] = []
-        for broker, group in by_broker.items():
-            progress = SendProgress(len(group))
-            get_publisher().send_many(
-                broker, [_outgoing_of(row, queues[str(row.queue)]) for row in group], progress)
-            for row, confirmed, error in zip(group, progress.confirmed, progress.errors,
-                                             strict=True):
-                if confirmed:
-                    sent.append(row.uuid)
-                elif isinstance(error, CarrotConfigException):
-                    lifecycle.mark_not_sent([row], f'Not published: {error}')
-        if sent:
-            lifecycle.mark_confirmed(alias, sent)
+        sent = send_rows(alias, rows, queues, resent=True)
     if sent:
         logger.warning('Sent %d task(s) again whose publishing process did not see RabbitMQ '
-                       'confirm them; a copy runs only if no other has started', len(sent))
+                       'confirm them; a copy runs only if no other has started', sent)
+    return sent
+
+
+def send_rows(alias: str, rows: Sequence[MessageLog], queues: Mapping[str, conf.Queue], *,
+              resent: bool) -> int:
+    """Send the messages of PUBLISHED ``rows`` awaiting their confirm, and record the
+    confirms; how many were confirmed. ``resent``: marked as copies sent again.
+
+    A message RabbitMQ did not confirm is left awaiting (the resender sends it again); one
+    that cannot be sent at all makes its row FAILED.
+    """
+    by_broker: dict[conf.Broker, list[MessageLog]] = {}
+    for row in rows:
+        by_broker.setdefault(queues[str(row.queue)].broker, []).append(row)
+    sent: list[str] = []
+    for broker, group in by_broker.items():
+        progress = SendProgress(len(group))
+        get_publisher().send_many(
+            broker, [outgoing_of(row, queues[str(row.queue)], resent=resent) for row in group],
+            progress)
+        for row, confirmed, error in zip(group, progress.confirmed, progress.errors,
+                                         strict=True):
+            if confirmed:
+                sent.append(row.uuid)
+            elif isinstance(error, CarrotConfigException):
+                lifecycle.mark_not_sent([row], f'Not published: {error}')
+    if sent:
+        lifecycle.mark_confirmed(alias, sent)
     return len(sent)
 
 
-def _outgoing_of(row: MessageLog, queue: conf.Queue) -> Outgoing:
-    """The re-sent copy of the message of ``row``, as it was first sent."""
+def outgoing_of(row: MessageLog, queue: conf.Queue, *, resent: bool) -> Outgoing:
+    """The message of ``row``: its task, arguments, call options, expiry and attempt."""
     task_message = message.TaskMessage(
         task=row.task, args=row.positionals, kwargs=row.keywords, message_id=row.uuid,
-        priority=row.priority, tracked=None if queue.tracked else True, resent=True)
+        priority=row.priority, tracked=None if queue.tracked else True, resent=resent,
+        attempt=len(row.errors or ()) + 1, options=row.options or {},
+        expires_at=row.expires_at)
     body, properties = message.encode(task_message, (row.task_args or '[]', row.content or '{}'))
     return Outgoing(body, properties, row.routing_key or queue.name, row.exchange or '', queue)

@@ -2,17 +2,24 @@
 
 ``publish_message`` validates everything before it writes or sends anything, writes the
 PUBLISHED row, and sends the message: at once, or when the surrounding transaction commits.
+A task with a countdown or an eta gets a DELAYED row instead, which the carrot service sends
+when its time comes (``carrot.delays``).
 """
 
 from __future__ import annotations
 
+import datetime
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings as django_settings
 from django.db import transaction
+from django.utils import timezone
 
 from carrot import conf, frames, lifecycle, message, oncommit, outbox, registry
+from carrot import options as task_options
 from carrot._text import column_length
 from carrot.broker import Outgoing, get_publisher
 from carrot.exceptions import CarrotConfigException
@@ -50,6 +57,8 @@ class Message:
     routing_key: str
     args_json: str
     kwargs_json: str
+    #: When a delayed task is sent to its queue (None: now).
+    run_after: datetime.datetime | None = None
 
     @property
     def task(self) -> str:
@@ -61,7 +70,11 @@ class Message:
 
     @property
     def tracked(self) -> bool:
-        """Whether the task gets its row before it runs (False: only if it fails)."""
+        """Whether the task gets its row before it runs (False: only if it fails).
+
+        A delayed task is tracked: its row is what holds it until its time comes."""
+        if self.run_after is not None:
+            return True
         chosen = self.task_message.tracked
         return self.queue.tracked if chosen is None else chosen
 
@@ -89,6 +102,8 @@ class Message:
                 f'Publish inside transaction.atomic(), or with autocommit on.'
             )
         log = self.record()
+        if self.run_after is not None:
+            return log  # sent by the carrot service when its time comes
         if in_transaction:
             oncommit.send_on_commit(self, log, alias)
         elif self.tracked and not self.exchange and self.routing_key == self.queue.name:
@@ -108,14 +123,23 @@ class Message:
     def record(self) -> MessageLog:
         """Write the PUBLISHED row of this message, without sending it.
 
-        An untracked message's row is not written: the instance is returned unsaved.
+        An untracked message's row is not written: the instance is returned unsaved. A
+        delayed one's row says DELAYED.
         """
-        record = lifecycle.record_published if self.tracked else lifecycle.unsaved_published
-        return record(
+        fields: dict[str, Any] = dict(
             message_id=self.uuid, task=self.task, args_json=self.args_json,
             kwargs_json=self.kwargs_json, queue=self.queue.name, exchange=self.exchange,
             routing_key=self.routing_key, priority=self.task_message.priority,
         )
+        if not self.tracked:
+            return lifecycle.unsaved_published(**fields)
+        extras: dict[str, Any] = dict(options=self.task_message.options or None,
+                                      expires_at=self.task_message.expires_at)
+        if self.run_after is not None:
+            return lifecycle.record_delayed(**fields, **extras, run_after=self.run_after)
+        if extras['options'] is None and extras['expires_at'] is None:
+            return lifecycle.record_published(**fields)  # the hot path: no extra columns
+        return lifecycle.record_published(**fields, **extras)
 
     def send(self) -> None:
         """Send the message to RabbitMQ and wait for the broker's confirm."""
@@ -172,20 +196,34 @@ def create_message(
     routing_key: str | None = None,
     task_kwargs: dict[str, Any] | None = None,
     tracked: bool | None = None,
+    *,
+    options: dict[str, Any] | None = None,
+    countdown: float | None = None,
+    eta: datetime.datetime | None = None,
 ) -> Message:
     """A validated Message, not yet published.
 
-    Raises TaskNotRegistered, TaskImportError, CarrotConfigException (unknown queue, or an
-    exchange or routing key AMQP cannot carry), ArgumentsNotSerializable or ValueError (bad
-    priority) before anything is written or sent.
+    Raises TaskNotRegistered, TaskImportError, CarrotConfigException (unknown queue, an
+    exchange or routing key AMQP cannot carry, a bad option, countdown or eta),
+    ArgumentsNotSerializable or ValueError (bad priority) before anything is written or sent.
 
     ``tracked=False`` writes no MessageLog row for the task unless it fails; None takes the
-    queue's ``tracked`` setting (True unless set).
+    queue's ``tracked`` setting (True unless set). ``options`` are the call's own task
+    options (``carrot.options.CALL_OPTIONS``); ``countdown`` (seconds) or ``eta`` (a
+    datetime, aware under ``USE_TZ``) delay the task: one in the past runs now.
     """
     if tracked is not None and not isinstance(tracked, bool):
         raise CarrotConfigException(f'tracked must be True, False or None, not {tracked!r}.')
     path = validate_task(task)
-    target = conf.get_settings().queue(queue)
+    settings = conf.get_settings()
+    target = settings.queue(queue)
+    call_options = task_options.validate(options or {}, 'publish_message', code_as='none',
+                                         consumer_timeout=settings.consumer_timeout)
+    resolved = task_options.resolve(registry.resolve(path), target.name, call_options)
+    now = timezone.now()
+    run_after = _run_after(countdown, eta, now)
+    expires_at = (now + datetime.timedelta(seconds=resolved.expires)
+                  if resolved.expires is not None else None)
     message.check_priority(priority)
     exchange = exchange or ''
     routing_key = routing_key or target.name
@@ -196,12 +234,37 @@ def create_message(
     return Message(
         queue=target,
         task_message=message.TaskMessage(task=path, args=args, kwargs=kwargs, priority=priority,
-                                         tracked=_tracked_header(tracked, target)),
+                                         tracked=_tracked_header(tracked, target),
+                                         options=call_options, expires_at=expires_at),
         exchange=exchange,
         routing_key=routing_key,
         args_json=args_json,
         kwargs_json=kwargs_json,
+        run_after=run_after,
     )
+
+
+def _run_after(countdown: Any, eta: Any, now: datetime.datetime) -> datetime.datetime | None:
+    """When a task with this countdown or eta runs; None: now (an eta past runs now)."""
+    if countdown is not None and eta is not None:
+        raise CarrotConfigException('Pass countdown or eta, not both.')
+    if countdown is not None:
+        if (isinstance(countdown, bool) or not isinstance(countdown, (int, float))
+                or not math.isfinite(countdown) or countdown < 0):
+            raise CarrotConfigException(
+                f'countdown must be a number of seconds of 0 or more, not {countdown!r}.')
+        return now + datetime.timedelta(seconds=countdown) if countdown > 0 else None
+    if eta is None:
+        return None
+    if not isinstance(eta, datetime.datetime):
+        raise CarrotConfigException(f'eta must be a datetime, not {type(eta).__name__}.')
+    if django_settings.USE_TZ and timezone.is_naive(eta):
+        raise CarrotConfigException(
+            f'eta {eta.isoformat()} is a naive datetime, and USE_TZ is on: say which time '
+            f'zone it is in (django.utils.timezone.make_aware, or datetime.now(tz=...)).')
+    if not django_settings.USE_TZ and timezone.is_aware(eta):
+        eta = timezone.make_naive(eta)
+    return eta if eta > now else None
 
 
 def publish_message(
@@ -212,6 +275,13 @@ def publish_message(
     exchange: str = '',
     routing_key: str | None = None,
     tracked: bool | None = None,
+    max_retries: int | None = None,
+    retry_backoff: float | None = None,
+    retry_backoff_max: float | None = None,
+    time_limit: float | None = None,
+    expires: float | None = None,
+    countdown: float | None = None,
+    eta: datetime.datetime | None = None,
     **task_kwargs: Any,
 ) -> MessageLog:
     """Publish a task; its MessageLog row (status PUBLISHED) is returned.
@@ -221,10 +291,20 @@ def publish_message(
     transaction commits. Raises BrokerUnavailable, leaving no PUBLISHED row, when RabbitMQ
     cannot be reached. ``tracked=False``: no row unless the task fails (the MessageLog
     returned is then not saved); None: as the queue's ``tracked`` setting says.
+
+    ``max_retries``, ``retry_backoff``, ``retry_backoff_max``, ``time_limit`` and
+    ``expires`` set this call's task options (``carrot.options``); ``countdown`` (seconds)
+    or ``eta`` (a datetime) delay it: its row says DELAYED until then. These names, and
+    ``priority``, ``queue``, ``exchange``, ``routing_key`` and ``tracked``, are carrot's, not
+    the task's keyword arguments.
     """
+    given = dict(max_retries=max_retries, retry_backoff=retry_backoff,
+                 retry_backoff_max=retry_backoff_max, time_limit=time_limit, expires=expires)
     return create_message(
         task, priority=priority, task_args=task_args, queue=queue, exchange=exchange,
         routing_key=routing_key, task_kwargs=task_kwargs, tracked=tracked,
+        options={name: value for name, value in given.items() if value is not None},
+        countdown=countdown, eta=eta,
     ).publish()
 
 

@@ -23,7 +23,8 @@ from tests.bootstrap import ROOT, ensure_postgresql, ensure_rabbitmq, say, venv_
 POSTGRESQL_LEG = ['tests/test_publish.py', 'tests/test_worker.py', 'tests/test_database.py',
                   'tests/test_registry.py', 'tests/test_schedules.py', 'tests/test_scheduler.py',
                   'tests/test_monitor.py', 'tests/test_monitor_api.py', 'tests/test_outage.py',
-                  'tests/test_delivery.py', 'tests/test_outbox.py']
+                  'tests/test_delivery.py', 'tests/test_outbox.py', 'tests/test_retries.py',
+                  'tests/test_delays.py']
 
 
 def main() -> int:

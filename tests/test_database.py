@@ -31,7 +31,7 @@ def _open_connections() -> int:
 
 def test_concurrency_90_with_tasks_that_use_the_database(
         queue: str, start_worker: StartWorker) -> None:
-    # 90 tasks' connections, the service's own (recorder, scheduler, resender) and this
+    # 90 tasks' connections, the service's own (recorder, scheduler, resender, releaser) and this
     # process's (its own, its outbox thread's) stay below PostgreSQL's default limit of 100,
     # as docs/settings.rst asks: at concurrency 100 a backlog ran into "too many clients".
     start_worker(carrot_settings(queue, concurrency=90), '--loglevel', 'WARNING')

@@ -149,12 +149,12 @@ class Consumer:
         """Run one delivered message; its recorded end settles it (the hook to extend)."""
         delivery.process()
 
-    def run_task(self, function: registry.Task, task_message: message.TaskMessage
-                 ) -> executor.Outcome:
+    def run_task(self, function: registry.Task, task_message: message.TaskMessage,
+                 time_limit: float) -> executor.Outcome:
         """Run the task a delivery carries, naming it for the blocked-hub warning."""
         self.current_task = task_message.task
         try:
-            return executor.execute(function, task_message)
+            return executor.execute(function, task_message, time_limit)
         finally:
             self.current_task = None
 

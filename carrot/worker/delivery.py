@@ -10,6 +10,7 @@ would close the channel, and every message on it, for an unknown delivery tag.
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
 from typing import TYPE_CHECKING, Any, cast
@@ -22,16 +23,19 @@ from django.db import Error as DatabaseFault
 from gevent.event import AsyncResult
 
 from carrot import lifecycle, message, registry
+from carrot import options as task_options
 from carrot.amqp import SignallingChannel
 from carrot.broker import get_publisher
 from carrot.exceptions import (
     BadMessage,
+    CarrotConfigException,
     CarrotError,
     MessageNotEncodable,
     TaskImportError,
     TaskNotRegistered,
 )
 from carrot.models import MessageLog
+from carrot.worker.ends import end_of, expired_outcome
 from carrot.worker.executor import Outcome
 from carrot.worker.recorder import RecordingFailed, close_connection, retry_delay
 
@@ -155,7 +159,8 @@ class Delivery:
         try:
             task_message = message.decode(self.body, self.properties)
             function = registry.resolve(task_message.task)
-        except (BadMessage, TaskNotRegistered, TaskImportError) as error:
+            options = task_options.resolve(function, self.consumer.queue, task_message.options)
+        except (BadMessage, TaskNotRegistered, TaskImportError, CarrotConfigException) as error:
             self.refuse(error)
             return
         self.task_message = task_message
@@ -165,7 +170,7 @@ class Delivery:
             # start time to be written, so that this copy sees it and does not run too.
             runtime.stopping.wait(RESENT_WAIT_SECONDS)
         if not self._tracked(task_message):
-            self._run_untracked(function, task_message, start)
+            self._run_untracked(function, task_message, start, options)
             return
         # Wait for the start to be recorded: a redelivered message may have completed
         # before its ack was lost, a re-sent copy may have another copy started, and while
@@ -179,24 +184,29 @@ class Delivery:
             return
         if wait and not self._may_run_after_start():
             return
-        outcome = self.consumer.run_task(function, task_message)
-        self._finish(start, outcome)
+        expired = expired_outcome(task_message)
+        if expired is not None:
+            self._finish(start, expired, None)  # its start and its end, written together
+            return
+        outcome = self.consumer.run_task(function, task_message, options.time_limit)
+        self._finish(start, outcome, options)
 
     def _tracked(self, task_message: message.TaskMessage) -> bool:
         chosen = task_message.tracked
         return self._runtime().queue.tracked if chosen is None else chosen
 
     def _run_untracked(self, function: registry.Task, task_message: message.TaskMessage,
-                       start: lifecycle.Start) -> None:
-        """No row before it runs, nor after it succeeds; a failure gets its row, start and
-        end written together, and is acked once that is committed."""
-        outcome = self.consumer.run_task(function, task_message)
+                       start: lifecycle.Start, options: task_options.TaskOptions) -> None:
+        """No row before it runs, nor after it succeeds; a failure (an expiry too) gets its
+        row, start and end written together, and is acked once that is committed."""
+        expired = expired_outcome(task_message)
+        outcome = expired or self.consumer.run_task(function, task_message, options.time_limit)
         if outcome.exception is None:
             self.ack()
             return
         self.started = AsyncResult()
         self.started.set_exception(RecordingFailed('an untracked task has no start row'))
-        self._finish(start, outcome)
+        self._finish(start, outcome, None if expired else options)
 
     def _start_of(self, task_message: message.TaskMessage) -> lifecycle.Start:
         method = self.received.method or {}
@@ -241,23 +251,48 @@ class Delivery:
             return False
         return True
 
-    def _finish(self, start: lifecycle.Start, outcome: Outcome) -> None:
-        """Hand the end to the recorder, which acks the delivery once it is committed."""
+    def _finish(self, start: lifecycle.Start, outcome: Outcome,
+                options: task_options.TaskOptions | None) -> None:
+        """Hand the end to the recorder, which settles the delivery once it is committed.
+
+        ``options`` None: the task did not run (it expired), and is not retried.
+        """
         started = cast(AsyncResult, self.started)
+        attempt = self.task_message.attempt if self.task_message else 1
+        end = end_of(start.message_id, outcome, options, attempt)
+        settle = (self._settle_recorded if end.dead_letter is None
+                  else functools.partial(self._dead_letter_recorded, end.dead_letter))
         try:
             self.recorded = self._runtime().recorder.record_finish(
-                started, _end_of(start.message_id, outcome), settle=self._settle_recorded,
-                start=start)
+                started, end.finish, settle=settle, start=start)
         except RecordingFailed as error:
             self._requeue_and_pause(f'its end could not be recorded ({error})')
             return
         self.started = None
-        if outcome.exception is not None and self.consumer.failure_callbacks:
-            try:
-                self.recorded.get()
-            except RecordingFailed:
-                return
-            self.consumer.call_failure_callbacks(start.message_id, outcome.exception)
+        failure = outcome.exception
+        if failure is None or end.finish.status == MessageLog.DELAYED:
+            return  # done, or to be run again
+        exhausted = end.exhausted and options is not None and options.on_retries_exhausted
+        if not exhausted and not self.consumer.failure_callbacks:
+            return
+        try:
+            self.recorded.get()
+        except RecordingFailed:
+            return
+        if exhausted:
+            self._call_exhausted_hook(cast(task_options.TaskOptions, options), start.message_id,
+                                      failure)
+        self.consumer.call_failure_callbacks(start.message_id, failure)
+
+    def _call_exhausted_hook(self, options: task_options.TaskOptions, message_id: str,
+                             error: BaseException) -> None:
+        try:
+            cast(task_options.OnRetriesExhausted, options.on_retries_exhausted)(message_id, error)
+        except Exception:
+            self.consumer.logger.exception('%s: on_retries_exhausted of message %s raised',
+                                           self.consumer.name, message_id)
+        finally:
+            close_old_connections()
 
     def _settle_recorded(self, recorded: bool) -> None:
         """Called by the recorder: ack a recorded end, hand back one that was not."""
@@ -271,6 +306,22 @@ class Delivery:
             # then acknowledged without running again.
             self.consumer.logger.warning('%s: could not settle message %s: %s',
                                          self.consumer.name, self.message_id, error)
+
+    def _dead_letter_recorded(self, reason: str, recorded: bool) -> None:
+        """Called by the recorder for a task whose retries ran out or whose time limit
+        stopped it: its FAILED row is written; the message goes to the dead-letter queue."""
+        if not recorded:
+            self._settle_recorded(False)
+            return
+        try:
+            self.dead_letter(reason)
+        except Exception as error:
+            # Its row says FAILED and why; running it again would not help.
+            self.consumer.logger.error('%s: message %s could not be dead-lettered (%s); '
+                                       'acknowledging it, its row says FAILED',
+                                       self.consumer.name, self.message_id, error)
+            if self.settlement is None:
+                self._settle_recorded(True)
 
     def _requeue_and_pause(self, why: str) -> None:
         self.requeue(why)
@@ -353,14 +404,6 @@ class Delivery:
 
     def _runtime(self) -> Runtime:
         return self.consumer.runtime_or_fail()
-
-
-def _end_of(message_id: str, outcome: Outcome) -> lifecycle.Finish:
-    if outcome.exception is None:
-        return lifecycle.completed(message_id, output=outcome.output, log=outcome.log,
-                                   at=outcome.ended_at)
-    return lifecycle.failed(message_id, exception=outcome.exception_text or '',
-                            traceback=outcome.traceback, log=outcome.log, at=outcome.ended_at)
 
 
 class _Stopping(Exception):

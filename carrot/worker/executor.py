@@ -1,4 +1,5 @@
-"""Running one task: call it with its log captured and its connections closed, say how it ended."""
+"""Running one task: call it with its log captured, its connections closed and its time limited,
+and say how it ended."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import logging
 import traceback
 from dataclasses import dataclass, field
 
+import gevent
 from django.db import close_old_connections
 from django.utils import timezone
 from gevent import GreenletExit
 
 from carrot import lifecycle, registry
+from carrot.exceptions import TimeLimitExceeded
 from carrot.message import TaskMessage
 from carrot.worker import logcapture
 
@@ -36,15 +39,21 @@ class Outcome:
         return f'{type(self.exception).__name__}: {self.exception}'
 
 
-def execute(function: registry.Task, task_message: TaskMessage) -> Outcome:
-    """Run the task and report its outcome; only BaseExceptions such as a kill escape."""
+def execute(function: registry.Task, task_message: TaskMessage, time_limit: float) -> Outcome:
+    """Run the task and report its outcome; only BaseExceptions such as a kill escape.
+
+    Past ``time_limit`` seconds TimeLimitExceeded is raised inside the task (at its next
+    wait: a task that never yields to the gevent hub cannot be stopped).
+    """
     with logcapture.capture() as lines:
         # The database connections of this greenlet are opened by the task if it needs them
         # and closed (as Django's request cycle would) around it.
         close_old_connections()
         try:
             logger.info('Starting task %s (%s)', task_message.task, task_message.message_id)
-            result = function(*task_message.args, **task_message.kwargs)
+            stop = TimeLimitExceeded(f'the task ran past its time limit of {time_limit:g} s')
+            with gevent.Timeout(time_limit, stop):
+                result = function(*task_message.args, **task_message.kwargs)
         except GreenletExit:
             raise  # the service is stopping at once: the message goes back unacknowledged
         except BaseException as error:

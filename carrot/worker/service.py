@@ -1,5 +1,5 @@
-"""The carrot service: a gevent pool of consumer greenlets, the scheduler greenlet and the
-resender greenlet, their lifecycle and signals.
+"""The carrot service: a gevent pool of consumer greenlets, the scheduler greenlet, the resender
+and the releaser of delayed tasks (``carrot.worker.rounds``), their lifecycle and signals.
 
 TERM or INT: stop taking messages, let running tasks finish within the shutdown timeout,
 hand back the rest, exit 0. A second signal stops at once; RabbitMQ redelivers whatever was
@@ -25,7 +25,7 @@ from carrot.consumer import load_consumer_class
 from carrot.worker.consumer import Consumer, Runtime
 from carrot.worker.link import QueueLink
 from carrot.worker.recorder import Recorder
-from carrot.worker.resender import Resender
+from carrot.worker.rounds import releaser, resender
 from carrot.worker.scheduler import Scheduler
 
 logger = logging.getLogger('carrot.worker')
@@ -48,6 +48,7 @@ class Service:
         self.with_scheduler = scheduler
         self.scheduler: gevent.Greenlet | None = None
         self.resender: gevent.Greenlet | None = None
+        self.releaser: gevent.Greenlet | None = None
         self.on_ready = on_ready  # told the ready line (carrot_daemon start waits for it)
         self.stopping = Event()
         self.stop_now = Event()
@@ -80,7 +81,8 @@ class Service:
                 self.workers.append(_Worker(consumer, self.pool.spawn(consumer.run)))
         if self.with_scheduler:
             self.scheduler = gevent.spawn(Scheduler(self.stopping).run)
-        self.resender = gevent.spawn(Resender(self.stopping).run)
+        self.resender = gevent.spawn(resender(self.stopping).run)
+        self.releaser = gevent.spawn(releaser(self.stopping).run)
         gevent.spawn(self._announce_ready, consuming)
         self.stopping.wait()
         self._shut_down()
@@ -125,6 +127,8 @@ class Service:
             return None, 'the scheduler'
         if greenlet is self.resender:
             return None, 'the resender'
+        if greenlet is self.releaser:
+            return None, 'the releaser of delayed tasks'
         if greenlet is self.recorder.greenlet:
             return None, 'the recorder, writing task rows to the database'
         return None, 'a greenlet'
@@ -160,8 +164,9 @@ class Service:
         self.recorder.stop(timeout=2.0 if self.stop_now.is_set() else 30.0)
         for link in self.links:
             link.close()  # what is still unacknowledged goes back to its queue
-        if self.resender is not None:
-            self.resender.kill(block=True, timeout=5)
+        for rounds in (self.resender, self.releaser):
+            if rounds is not None:
+                rounds.kill(block=True, timeout=5)
         # Tasks the tasks published: their confirms recorded before the connection closes.
         if not outbox.drain(1.0 if self.stop_now.is_set() else 10.0):
             logger.warning('Some tasks published by this service are not confirmed yet; '

@@ -112,3 +112,70 @@ def nul_text() -> str:
     """Logs and returns text with NUL characters, which PostgreSQL refuses."""
     logger.info('before\x00after')
     return 'out\x00put'
+
+
+# -- retries, time limits ----------------------------------------------------------------
+# ``carrot.options`` and ``carrot.exceptions`` import neither Django nor gevent, so this
+# module still imports before the worker monkey-patches.
+from carrot.exceptions import Retry  # noqa: E402
+from carrot.options import task_options  # noqa: E402
+
+
+def _run_number(path: str) -> int:
+    """Appends the time of this run to ``path``; which run this is, from 1."""
+    with open(path, 'a') as handle:
+        handle.write(f'{time.time()}\n')
+    with open(path) as handle:
+        return len(handle.read().splitlines())
+
+
+def flaky(path: str, failures: int) -> int:
+    """Fails its first ``failures`` runs, then returns the number of its run."""
+    run = _run_number(path)
+    if run <= failures:
+        raise ConnectionError(f'run {run} of {failures} that fail')
+    return run
+
+
+@task_options(max_retries=2, retry_backoff=1.0, retry_backoff_max=1.5,
+              on_retries_exhausted='tests.project.tasks.note_exhausted')
+def always_fails(path: str) -> None:
+    """Fails every run; retried twice, 0.5 to 1.5 s apart."""
+    run = _run_number(path)
+    raise ConnectionError(f'run {run} fails too')
+
+
+def note_exhausted(message_id: str, error: BaseException) -> None:
+    """``on_retries_exhausted`` of always_fails: writes where the test said."""
+    with open(os.environ['CARROT_TEST_HOOK_FILE'], 'a') as handle:
+        handle.write(f'{message_id} {type(error).__name__}\n')
+
+
+@task_options(max_retries=3, dont_retry_for=[KeyError])
+def fails_for_good(path: str) -> None:
+    """Raises an error its options never retry."""
+    _run_number(path)
+    raise KeyError('not worth retrying')
+
+
+@task_options(max_retries=1)
+def asks_for_retry(path: str, delay: float) -> int:
+    """Asks to run again ``delay`` seconds later on its first run."""
+    run = _run_number(path)
+    if run == 1:
+        raise Retry('not yet', delay=delay)
+    return run
+
+
+@task_options(time_limit=1)
+def overruns(path: str, seconds: float) -> None:
+    """Sleeps past its time limit of 1 s, unless stopped."""
+    _run_number(path)
+    time.sleep(seconds)
+    with open(path, 'a') as handle:
+        handle.write('not stopped\n')
+
+
+def runs_at(path: str) -> int:
+    """Notes the time it runs."""
+    return _run_number(path)

@@ -1,0 +1,66 @@
+"""The service's greenlets that work in rounds over the database: the resender and the releaser.
+
+The resender sends again what a dead publisher left: a row still PUBLISHED and awaiting its
+confirm ``CARROT['resend_unconfirmed_after']`` seconds after it was sent
+(``carrot.outbox.resend_unconfirmed``). The releaser sends delayed tasks whose time has come
+(``carrot.delays.release_due``), about once a second. A round that filled its batch is
+followed at once; a failing round is logged and tried again after a backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from gevent.event import Event
+
+from carrot import conf, delays, lifecycle, outbox
+from carrot.worker.recorder import close_connection
+
+logger = logging.getLogger('carrot.worker')
+
+#: The longest pause between two rounds of the resender.
+RESEND_POLL_SECONDS = 10.0
+#: The pause between two rounds of the releaser: how late a delayed task may start.
+RELEASE_POLL_SECONDS = 1.0
+#: The longest pause after a failing round (database or broker down), doubling from 1 s.
+MAX_BACKOFF_SECONDS = 30.0
+
+
+class Rounds:
+    """Call ``work()`` every ``pause`` seconds until the service stops.
+
+    ``work`` returns how many rows it handled; ``batch`` of them means more are waiting.
+    """
+
+    def __init__(self, stopping: Event, work: Callable[[], int], batch: int, pause: float,
+                 what: str) -> None:
+        self.stopping = stopping
+        self.work = work
+        self.batch = batch
+        self.pause = pause
+        self.what = what
+        self.failures = 0
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.pause if not self.failures else
+                                     min(MAX_BACKOFF_SECONDS, 2.0 ** (self.failures - 1))):
+            try:
+                while self.work() == self.batch and not self.stopping.is_set():
+                    pass  # more are waiting
+                self.failures = 0
+            except Exception:
+                self.failures += 1
+                logger.exception('%s failed; retrying', self.what)
+            close_connection(lifecycle.database())
+
+
+def resender(stopping: Event) -> Rounds:
+    pause = min(RESEND_POLL_SECONDS, conf.get_settings().resend_unconfirmed_after / 2)
+    return Rounds(stopping, outbox.resend_unconfirmed, outbox.RESEND_BATCH, pause,
+                  'Sending unconfirmed tasks again')
+
+
+def releaser(stopping: Event) -> Rounds:
+    return Rounds(stopping, delays.release_due, delays.RELEASE_BATCH, RELEASE_POLL_SECONDS,
+                  'Releasing delayed tasks')

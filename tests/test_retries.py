@@ -1,0 +1,172 @@
+"""Retries, time limits and expiry: against the real RabbitMQ and database, the worker as a
+subprocess."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from carrot import message
+from carrot.models import MessageLog
+from carrot.utilities import publish_message
+from tests.conftest import Broker, Worker, carrot_settings, wait_for
+from tests.project import tasks
+
+StartWorker = Callable[..., Worker]
+
+
+def _runs(path: Path) -> list[float]:
+    """The times the task that writes ``path`` ran."""
+    if not path.exists():
+        return []
+    return [float(line) for line in path.read_text().splitlines() if line != 'not stopped']
+
+
+def _ended(log: MessageLog, timeout: float = 60) -> MessageLog:
+    return wait_for(lambda: MessageLog.objects.filter(
+        pk=log.pk, status__in=('COMPLETED', 'FAILED')).first(), timeout=timeout,
+        what=f'the end of {log.task}')
+
+
+def test_a_task_that_fails_twice_then_succeeds_ends_completed_with_its_three_attempts(
+        queue: str, start_worker: StartWorker, broker: Broker, tmp_path: Path) -> None:
+    start_worker(carrot_settings(queue))
+    runs = tmp_path / 'runs'
+    log = publish_message(tasks.flaky, str(runs), 2, max_retries=2, retry_backoff=0.2)
+    row = _ended(log)
+    assert (row.status, row.output, row.attempts) == ('COMPLETED', '3', 3)
+    assert [e['attempt'] for e in row.errors] == [1, 2]
+    assert [e['exception'] for e in row.errors] == [
+        'ConnectionError: run 1 of 2 that fail', 'ConnectionError: run 2 of 2 that fail']
+    assert all('raise ConnectionError' in e['traceback'] for e in row.errors)
+    assert row.options == {'max_retries': 2, 'retry_backoff': 0.2}
+    assert len(_runs(runs)) == 3
+    wait_for(lambda: broker.counts(queue) == (0, 0), what='every message acknowledged')
+    assert broker.message_count(f'{queue}.dead') == 0
+
+
+def test_a_task_whose_retries_run_out_is_failed_with_its_story_and_dead_lettered(
+        queue: str, start_worker: StartWorker, broker: Broker, tmp_path: Path) -> None:
+    hook = tmp_path / 'hook'
+    start_worker(carrot_settings(queue), env={'CARROT_TEST_HOOK_FILE': str(hook)})
+    runs = tmp_path / 'runs'
+    log = publish_message(tasks.always_fails, str(runs))
+    row = _ended(log)
+    assert row.status == 'FAILED'
+    assert row.exception == ('ConnectionError: run 3 fails too (retries exhausted: this was '
+                             'attempt 3)')
+    assert [e['attempt'] for e in row.errors] == [1, 2, 3]
+    assert row.attempts == 3
+    # The schedule: each retry waits from half its backoff to all of it (1 s, then 1.5 s at
+    # most), and the releaser looks once a second; generous bounds for a busy machine.
+    times = _runs(runs)
+    assert len(times) == 3
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    assert gaps[0] >= 0.5 and gaps[1] >= 0.75, gaps
+    assert all(gap < 6 for gap in gaps), gaps
+    wait_for(lambda: broker.message_count(f'{queue}.dead') == 1, what='the dead letter')
+    [dead] = broker.get_all(f'{queue}.dead')
+    assert dead.properties['message_id'] == log.uuid
+    assert 'retries exhausted' in message.text(
+        dead.properties['headers'][message.DEAD_REASON_HEADER])
+    wait_for(lambda: hook.exists(), what='on_retries_exhausted')
+    assert hook.read_text() == f'{log.uuid} ConnectionError\n'
+
+
+def test_an_error_the_options_never_retry_fails_at_once(
+        queue: str, start_worker: StartWorker, broker: Broker, tmp_path: Path) -> None:
+    start_worker(carrot_settings(queue))
+    runs = tmp_path / 'runs'
+    row = _ended(publish_message(tasks.fails_for_good, str(runs)))
+    assert (row.status, row.exception) == ('FAILED', "KeyError: 'not worth retrying'")
+    assert [e['attempt'] for e in row.errors] == [1]
+    assert len(_runs(runs)) == 1
+    wait_for(lambda: broker.counts(queue) == (0, 0), what='the message acknowledged')
+    assert broker.message_count(f'{queue}.dead') == 0  # failed, not exhausted
+
+
+def test_a_task_can_ask_for_its_own_retry_with_a_delay(
+        queue: str, start_worker: StartWorker, tmp_path: Path) -> None:
+    start_worker(carrot_settings(queue))
+    runs = tmp_path / 'runs'
+    row = _ended(publish_message(tasks.asks_for_retry, str(runs), 2.0))
+    assert (row.status, row.output) == ('COMPLETED', '2')
+    assert row.errors[0]['exception'] == 'Retry: not yet'
+    first, second = _runs(runs)
+    assert second - first >= 2.0
+
+
+def test_an_untracked_task_that_fails_is_retried_under_its_row(
+        queue: str, start_worker: StartWorker, tmp_path: Path) -> None:
+    start_worker(carrot_settings(queue))
+    runs = tmp_path / 'runs'
+    log = publish_message(tasks.flaky, str(runs), 1, max_retries=1, retry_backoff=0.2,
+                          tracked=False)
+    row = wait_for(lambda: MessageLog.objects.filter(uuid=log.uuid, status='COMPLETED')
+                   .first(), timeout=60, what='the retried untracked task')
+    assert row.output == '2' and [e['attempt'] for e in row.errors] == [1]
+
+
+def test_a_task_past_its_time_limit_is_stopped_and_failed_while_others_run_on(
+        queue: str, start_worker: StartWorker, broker: Broker, tmp_path: Path) -> None:
+    start_worker(carrot_settings(queue, concurrency=4))
+    over = tmp_path / 'over'
+    started = time.monotonic()
+    log = publish_message(tasks.overruns, str(over), 30.0)
+    others = [publish_message(tasks.sleep, 0.5) for _ in range(6)]
+    row = _ended(log, timeout=30)
+    assert time.monotonic() - started < 20
+    assert row.status == 'FAILED'
+    assert row.exception == 'TimeLimitExceeded: the task ran past its time limit of 1 s'
+    assert 'not stopped' not in over.read_text()
+    for other in others:
+        assert _ended(other).status == 'COMPLETED'
+    wait_for(lambda: broker.message_count(f'{queue}.dead') == 1, what='the dead letter')
+    [dead] = broker.get_all(f'{queue}.dead')
+    assert 'time limit of 1 s' in message.text(
+        dead.properties['headers'][message.DEAD_REASON_HEADER])
+
+
+def test_an_expired_message_is_not_run_and_its_row_says_why(
+        queue: str, start_worker: StartWorker, broker: Broker, tmp_path: Path) -> None:
+    runs = tmp_path / 'runs'
+    log = publish_message(tasks.runs_at, str(runs), expires=1)
+    fresh = publish_message(tasks.runs_at, str(runs), expires=600)
+    assert log.expires_at is not None and log.options == {'expires': 1}
+    time.sleep(1.5)
+    start_worker(carrot_settings(queue))
+    row = _ended(log)
+    assert row.status == 'FAILED'
+    assert row.exception is not None and 'expired at' in row.exception
+    assert 'was not run' in row.exception
+    assert _ended(fresh).status == 'COMPLETED'
+    assert len(_runs(runs)) == 1  # only the fresh one ran
+    wait_for(lambda: broker.counts(queue) == (0, 0), what='both acknowledged')
+    assert broker.message_count(f'{queue}.dead') == 0
+
+
+def test_the_options_travel_in_the_message(queue: str, broker: Broker) -> None:
+    publish_message(tasks.noop, max_retries=4, time_limit=10)
+    publish_message(tasks.noop)
+    given, plain = broker.get_all(queue)
+    assert json.loads(given.properties['headers'][message.OPTIONS_HEADER]) == {
+        'max_retries': 4, 'time_limit': 10}
+    assert message.OPTIONS_HEADER not in plain.properties['headers']  # upstream's format
+
+
+@pytest.mark.parametrize('header', ['{"max_retries": -1}', '{"retry_for": "os.system"}',
+                                    'not json'])
+def test_a_message_with_bad_options_is_refused_with_the_reason(
+        queue: str, start_worker: StartWorker, broker: Broker, header: str) -> None:
+    """Another producer's options are checked as a call's: a message cannot name code."""
+    start_worker(carrot_settings(queue))
+    body, properties = message.encode(message.TaskMessage(task='tests.project.tasks.noop'))
+    properties['headers'][message.OPTIONS_HEADER] = header
+    broker.publish_raw(queue, body, properties)
+    wait_for(lambda: broker.message_count(f'{queue}.dead') == 1, what='the dead letter')
+    row = MessageLog.objects.get(uuid=properties['message_id'])
+    assert row.status == 'FAILED' and message.OPTIONS_HEADER in (row.exception or '')
