@@ -118,8 +118,9 @@ def release_due(queues: Sequence[str], limit: int,
                             queue__in=list(queues))
                     .order_by('run_after')[:limit])
         if rows:
-            MessageLog.objects.using(alias).filter(pk__in=[row.pk for row in rows]).update(
-                status=Status.PUBLISHED, awaiting_confirm=True)
+            MessageLog.objects.using(alias).filter(
+                pk__in=[row.pk for row in rows], status=Status.DELAYED,
+            ).update(status=Status.PUBLISHED, awaiting_confirm=True)
     for row in rows:
         row.status, row.awaiting_confirm = Status.PUBLISHED, True
     return rows

@@ -129,7 +129,8 @@ class MessageLog(TaskArguments, models.Model):
 
         return publish_message(
             self.task, *self.positionals, priority=self.priority, queue=self.queue,
-            exchange=self.exchange or '', routing_key=self.routing_key, **self.keywords,
+            exchange=self.exchange or '', routing_key=self.routing_key,
+            **(self.options or {}), **self.keywords,
         )
 
 

@@ -478,7 +478,8 @@ def outgoing_of(row: MessageLog, queue: conf.Queue, *, resent: bool) -> Outgoing
     task_message = message.TaskMessage(
         task=row.task, args=row.positionals, kwargs=row.keywords, message_id=row.uuid,
         priority=row.priority, tracked=None if queue.tracked else True, resent=resent,
-        attempt=len(row.errors or ()) + 1, options=row.options or {},
+        attempt=max((e.get('attempt', 0) for e in row.errors or ()), default=0) + 1,
+        options=row.options or {},
         expires_at=row.expires_at)
     body, properties = message.encode(task_message, (row.task_args or '[]', row.content or '{}'))
     return Outgoing(body, properties, row.routing_key or queue.name, row.exchange or '', queue)

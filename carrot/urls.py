@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from django.urls import path, register_converter
 
-from carrot.monitor import api, views
+from carrot.monitor import api, queries, views
 
 
 class _Choice:
@@ -28,7 +28,7 @@ class _Choice:
 
 
 class _Status(_Choice):
-    names = ('queued', 'running', 'failed', 'completed')
+    names = tuple(queries.STATUSES)
     regex = '|'.join(names)
 
 

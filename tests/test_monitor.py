@@ -575,3 +575,22 @@ def test_the_admin_pauses_and_resumes_schedules(users: dict[str, User]) -> None:
                                                  '_selected_action': [str(schedule.pk)]})
     assert ScheduledTask.objects.get().active
     assert client.get('/admin/carrot/monitoraction/').status_code == 200
+
+
+def test_delayed_tasks_have_their_list_and_a_retried_task_shows_each_failed_attempt(
+        users: dict[str, User]) -> None:
+    due = timezone.now() + datetime.timedelta(minutes=5)
+    [retrying] = make_rows(1, status=MessageLog.DELAYED, run_after=due, errors=[
+        {'attempt': 1, 'exception': 'ConnectionError: first try', 'traceback': 'Traceback 1',
+         'log': 'tried once', 'at': timezone.now().isoformat()}])
+    [queued] = make_rows(1, status=MessageLog.PUBLISHED)
+    staff = client_for(users, 'staff')
+    listed = staff.get(PREFIX + 'tasks/delayed/').content.decode()
+    assert f'tasks/{retrying.pk}/' in listed and f'tasks/{queued.pk}/' not in listed
+    page = staff.get(f'{PREFIX}tasks/{retrying.pk}/').content.decode()
+    assert 'Runs after' in page and 'Failed attempts' in page
+    assert 'Attempt 1: <span class="error">ConnectionError: first try</span>' in page
+    assert 'Traceback 1' in page and 'tried once' in page
+    answer = staff.get(f'{PREFIX}api/tasks/{retrying.pk}/').json()
+    assert answer['status'] == 'delayed' and answer['run_after'] == due.isoformat()
+    assert [e['attempt'] for e in answer['errors']] == [1]

@@ -117,8 +117,12 @@ def requeue(pks: Iterable[int]) -> Result:
                 pk__in=[row.pk for row, _ in ready], status=MessageLog.FAILED,
             ).update(status=MessageLog.PUBLISHED, publish_time=now, failure_time=None,
                      completion_time=None, exception=None, traceback=None, output=None,
-                     log=None)
+                     log=None, run_after=None)
             for row, task_message in ready:
+                expires_at = task_message.task_message.expires_at
+                if expires_at != row.expires_at:  # a new expiry, counted from now
+                    MessageLog.objects.using(alias).filter(pk=row.pk).update(
+                        expires_at=expires_at)
                 sends.append(oncommit.send_on_commit(task_message, row, alias))
         for send in sends:  # sent on commit: each outcome is known now
             if send.outcome in (oncommit.Outcome.SENT, oncommit.Outcome.WAITING):
@@ -142,7 +146,7 @@ def message_of(row: MessageLog) -> oncommit.Sendable:
     created = create_message(
         row.task, priority=row.priority, task_args=list(args), queue=row.queue or None,
         exchange=row.exchange or '', routing_key=row.routing_key or None, task_kwargs=kwargs,
-        tracked=True,
+        tracked=True, options=row.options if isinstance(row.options, dict) else None,
     )
     return dataclasses.replace(
         created, task_message=dataclasses.replace(created.task_message, message_id=row.uuid))

@@ -43,11 +43,14 @@ def task_json(request: HttpRequest, row: MessageLog, full: bool = False) -> dict
         'publish_time': _time(row.publish_time),
         'completion_time': _time(row.completion_time),
         'failure_time': _time(row.failure_time),
+        'run_after': _time(row.run_after),
+        'expires_at': _time(row.expires_at),
         'url': url(request, 'api-task-detail', row.pk),
         'page': url(request, 'task-detail', row.pk),
     }
     if full:
-        found.update({'output': row.output, 'traceback': row.traceback})
+        found.update({'output': row.output, 'traceback': row.traceback,
+                      'options': row.options or {}, 'errors': row.errors or []})
     return found
 
 

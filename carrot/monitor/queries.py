@@ -25,6 +25,7 @@ from carrot.models import MessageLog
 #: The monitor's names for the statuses, as they appear in its URLs and API.
 STATUSES: dict[str, str] = {
     'queued': MessageLog.PUBLISHED,
+    'delayed': MessageLog.DELAYED,
     'running': MessageLog.IN_PROGRESS,
     'failed': MessageLog.FAILED,
     'completed': MessageLog.COMPLETED,
@@ -35,7 +36,7 @@ MAX_PAGE_SIZE = 500
 COUNT_CAP = 1000
 SCAN_WINDOW = 10_000
 #: The columns a list does not show, left unread (they can be large).
-LIST_DEFERRED = ('log', 'traceback', 'output')
+LIST_DEFERRED = ('log', 'traceback', 'output', 'errors')
 
 Row = TypeVar('Row', bound=models.Model)
 

@@ -106,7 +106,7 @@ def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
     level = str(request.GET.get('level', ''))
     search = str(request.GET.get('q', ''))
     lines = queries.log_lines(row.log, level, search)
-    unfinished = row.status in (MessageLog.PUBLISHED, MessageLog.IN_PROGRESS)
+    unfinished = row.status in (MessageLog.PUBLISHED, MessageLog.DELAYED, MessageLog.IN_PROGRESS)
     return _page(request, 'task_detail.html', {
         'title': f'Task {row.pk}',
         'row': row,

@@ -9,7 +9,7 @@ import traceback
 from dataclasses import dataclass, field
 
 import gevent
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 from django.utils import timezone
 from gevent import GreenletExit
 
@@ -57,6 +57,9 @@ def execute(function: registry.Task, task_message: TaskMessage, time_limit: floa
         except GreenletExit:
             raise  # the service is stopping at once: the message goes back unacknowledged
         except BaseException as error:
+            if isinstance(error, TimeLimitExceeded):
+                # Stopped perhaps in the middle of a query: its connections cannot be trusted.
+                connections.close_all()
             # SystemExit or a stray gevent.Timeout from a task must not take the worker down.
             logger.error('Task %s failed: %s: %s', task_message.task,
                          type(error).__name__, error)
