@@ -6,6 +6,7 @@ start-up errors can say exactly what to fix.
 
 from __future__ import annotations
 
+import datetime
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from carrot import DEFAULT_BROKER, options
-from carrot._values import is_whole_number
+from carrot._values import AGE_HELP, is_whole_number, parse_age
 from carrot.consumer import DEFAULT_CONSUMER_CLASS
 from carrot.exceptions import CarrotConfigException
 
@@ -25,7 +26,9 @@ QUEUE_KEYS = frozenset({
 TOP_LEVEL_KEYS = frozenset({
     'default_broker', 'queues', 'task_modules', 'monitor_authentication', 'shutdown_timeout',
     'monitor_read_only', 'resend_unconfirmed_after', 'task_defaults', 'consumer_timeout',
+    'retention',
 })
+RETENTION_KEYS = frozenset({'completed', 'failed', 'prune_hourly'})
 BROKER_DICT_KEYS = frozenset({'host', 'port', 'name', 'username', 'password', 'secure', 'url'})
 MAX_PREFETCH = 65535
 
@@ -77,6 +80,18 @@ class Queue:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """How long finished rows are kept (``manage.py carrot_prune``)."""
+
+    #: COMPLETED rows older than this are deleted (3 days, as upstream's docs promised).
+    completed: datetime.timedelta = datetime.timedelta(days=3)
+    #: FAILED rows older than this are deleted.
+    failed: datetime.timedelta = datetime.timedelta(days=30)
+    #: Every carrot service prunes once an hour.
+    prune_hourly: bool = False
+
+
+@dataclass(frozen=True)
 class CarrotSettings:
     default_broker: Broker
     queues: tuple[Queue, ...]
@@ -92,6 +107,7 @@ class CarrotSettings:
     task_defaults: Mapping[str, Any] = field(default_factory=dict)
     #: RabbitMQ's ``consumer_timeout``, in seconds: time limits must stay below it.
     consumer_timeout: float = options.CONSUMER_TIMEOUT
+    retention: Retention = field(default_factory=Retention)
 
     def queue(self, name: str | None) -> Queue:
         """The queue called ``name``.
@@ -312,7 +328,24 @@ def parse(raw: Any) -> CarrotSettings:
             _mapping(raw.get('task_defaults'), "CARROT['task_defaults']"),
             "CARROT['task_defaults']", code_as='paths', consumer_timeout=consumer_timeout),
         consumer_timeout=float(consumer_timeout),
+        retention=_parse_retention(raw.get('retention')),
     )
+
+
+def _parse_retention(raw: Any) -> Retention:
+    given = _mapping(raw, "CARROT['retention']")
+    _refuse_unknown_keys(given, RETENTION_KEYS, "CARROT['retention'] has unknown", 'it takes')
+    ages: dict[str, datetime.timedelta] = {}
+    for key in ('completed', 'failed'):
+        if key in given:
+            age = parse_age(given[key])
+            if age is None or age <= datetime.timedelta(0):
+                raise CarrotConfigException(
+                    f"CARROT['retention']['{key}'] must be an age, {AGE_HELP}; not "
+                    f'{given[key]!r}.')
+            ages[key] = age
+    return Retention(**ages, prune_hourly=_bool(given.get('prune_hourly', False),
+                                               "CARROT['retention']['prune_hourly']"))
 
 
 def _positive_seconds(value: Any) -> bool:

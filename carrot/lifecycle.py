@@ -5,7 +5,8 @@ PUBLISHED       ``record_published``: the row of a message about to be sent, awa
                 confirm until ``mark_confirmed`` (``discard_unpublished`` removes it
                 when the message never left;
                 ``unsaved_published`` is the row an untracked message does not write);
-                ``release_due``: a DELAYED row whose time has come, about to be sent
+                ``release_due``: a DELAYED row whose time has come, about to be sent;
+                ``mark_requeued``: a FAILED row whose dead letter is sent back
 DELAYED         ``record_delayed``: a task published with a countdown or an eta;
                 ``finish_many`` with the end ``retrying()`` builds: a failed attempt
                 that runs again at ``run_after``
@@ -149,6 +150,16 @@ def mark_publish_failed(log: MessageLog, error: BaseException) -> None:
         reason = (f'Not published, or not confirmed: the publish was interrupted by '
                   f'{type(error).__name__}{detail}, so RabbitMQ may or may not have it.')
     mark_not_sent([log], reason)
+
+
+def mark_requeued(alias: str, message_ids: Sequence[str]) -> int:
+    """PUBLISHED again, their failure cleared, for the FAILED rows of messages sent back to
+    their queue (from the dead-letter queue); how many rows moved."""
+    return MessageLog.objects.using(alias).filter(
+        uuid__in=message_ids, status=Status.FAILED,
+    ).update(status=Status.PUBLISHED, publish_time=timezone.now(), failure_time=None,
+             completion_time=None, exception=None, traceback=None, output=None, log=None,
+             run_after=None)
 
 
 def mark_not_sent(logs: Sequence[MessageLog], reason: str) -> None:

@@ -27,6 +27,7 @@ from carrot.frames import MAX_SHORT_STRING
 TYPE_HEADER = 'type'
 ATTEMPT_HEADER = 'x-carrot-attempt'
 DEAD_REASON_HEADER = 'x-carrot-dead-reason'
+DEAD_AT_HEADER = 'x-carrot-dead-at'
 TRACKED_HEADER = 'x-carrot-tracked'
 RESENT_HEADER = 'x-carrot-resent'
 OPTIONS_HEADER = 'x-carrot-options'
@@ -238,8 +239,30 @@ def dead_letter_properties(delivered: dict[str, Any], reason: str) -> dict[str, 
     properties['delivery_mode'] = PERSISTENT
     headers = dict(properties.get('headers') or {})
     headers[DEAD_REASON_HEADER] = reason[:1000]
+    headers[DEAD_AT_HEADER] = _now()
     properties['headers'] = headers
     return properties
+
+
+def requeued_properties(dead: Mapping[str, Any]) -> dict[str, Any]:
+    """The properties of a dead letter sent back to its queue: its dead-letter headers
+    dropped, and its attempts counted afresh."""
+    headers = {key: value for key, value in (dead.get('headers') or {}).items()
+               if key not in (DEAD_REASON_HEADER, DEAD_AT_HEADER)}
+    headers[ATTEMPT_HEADER] = 1
+    return {**dead, 'headers': headers}
+
+
+def dead_at_of(properties: Mapping[str, Any]) -> datetime.datetime | None:
+    """When a dead letter was dead-lettered; None when it does not say (or not clearly)."""
+    try:
+        return _time_of((properties.get('headers') or {}).get(DEAD_AT_HEADER), DEAD_AT_HEADER)
+    except BadMessage:
+        return None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()
 
 
 def minimal_dead_letter_properties(delivered: dict[str, Any], reason: str,
@@ -253,6 +276,7 @@ def minimal_dead_letter_properties(delivered: dict[str, Any], reason: str,
             DEAD_REASON_HEADER: (
                 f'{reason} (its properties could not be sent again, only these: '
                 f'{type(error).__name__}: {error})')[:1000],
+            DEAD_AT_HEADER: _now(),
         },
     }
     message_id = message_id_of(delivered)

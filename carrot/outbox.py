@@ -473,12 +473,20 @@ def send_rows(alias: str, rows: Sequence[MessageLog], queues: Mapping[str, conf.
     return len(sent)
 
 
+def _next_attempt(row: MessageLog) -> int:
+    """The attempt a row's message is: one after its last failed attempt (a requeue starts
+    again from 1; a redelivered attempt may be recorded twice)."""
+    errors = row.errors if isinstance(row.errors, list) else []
+    last = errors[-1].get('attempt') if errors and isinstance(errors[-1], dict) else 0
+    return last + 1 if isinstance(last, int) and last > 0 else 1
+
+
 def outgoing_of(row: MessageLog, queue: conf.Queue, *, resent: bool) -> Outgoing:
     """The message of ``row``: its task, arguments, call options, expiry and attempt."""
     task_message = message.TaskMessage(
         task=row.task, args=row.positionals, kwargs=row.keywords, message_id=row.uuid,
         priority=row.priority, tracked=None if queue.tracked else True, resent=resent,
-        attempt=max((e.get('attempt', 0) for e in row.errors or ()), default=0) + 1,
+        attempt=_next_attempt(row),
         options=row.options or {},
         expires_at=row.expires_at)
     body, properties = message.encode(task_message, (row.task_args or '[]', row.content or '{}'))

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from carrot import lifecycle, oncommit
 from carrot.models import MessageLog, MonitorAction, ScheduledTask, _parse_arguments
-from carrot.publishing import create_message
+from carrot.publishing import Message, create_message
 
 #: The most rows one action changes; the rest wait for the next one.
 MAX_ROWS = 1000
@@ -132,7 +132,7 @@ def requeue(pks: Iterable[int]) -> Result:
     return result
 
 
-def message_of(row: MessageLog) -> oncommit.Sendable:
+def message_of(row: MessageLog) -> Message:
     """The message of ``row`` as carrot publishes it, with the row's own message id.
 
     Validated as any publish is (the task registered, the queue known, the arguments JSON);

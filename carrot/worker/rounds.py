@@ -1,9 +1,12 @@
-"""The service's greenlets that work in rounds over the database: the resender and the releaser.
+"""The service's greenlets that work in rounds over the database: the resender, the releaser
+and the pruner.
 
 The resender sends again what a dead publisher left: a row still PUBLISHED and awaiting its
 confirm ``CARROT['resend_unconfirmed_after']`` seconds after it was sent
 (``carrot.outbox.resend_unconfirmed``). The releaser sends delayed tasks whose time has come
-(``carrot.delays.release_due``), about once a second. A round that filled its batch is
+(``carrot.delays.release_due``), about once a second. The pruner, when
+``CARROT['retention']['prune_hourly']`` says so, deletes old finished rows once an hour
+(``carrot.retention.prune``). A round that filled its batch is
 followed at once; a failing round is logged and tried again after a backoff.
 """
 
@@ -14,7 +17,7 @@ from collections.abc import Callable
 
 from gevent.event import Event
 
-from carrot import conf, delays, lifecycle, outbox
+from carrot import conf, delays, lifecycle, outbox, retention
 from carrot.worker.recorder import close_connection
 
 logger = logging.getLogger('carrot.worker')
@@ -23,6 +26,8 @@ logger = logging.getLogger('carrot.worker')
 RESEND_POLL_SECONDS = 10.0
 #: The pause between two rounds of the releaser: how late a delayed task may start.
 RELEASE_POLL_SECONDS = 1.0
+#: The pause between two rounds of the pruner.
+PRUNE_POLL_SECONDS = 3600.0
 #: The longest pause after a failing round (database or broker down), doubling from 1 s.
 MAX_BACKOFF_SECONDS = 30.0
 
@@ -64,3 +69,14 @@ def resender(stopping: Event) -> Rounds:
 def releaser(stopping: Event) -> Rounds:
     return Rounds(stopping, delays.release_due, delays.RELEASE_BATCH, RELEASE_POLL_SECONDS,
                   'Releasing delayed tasks')
+
+
+def pruner(stopping: Event) -> Rounds:
+    def prune() -> int:
+        pruned = retention.prune()
+        if pruned.total:
+            logger.info('Pruned %d COMPLETED and %d FAILED row(s)', pruned.completed,
+                        pruned.failed)
+        return 0
+
+    return Rounds(stopping, prune, 1, PRUNE_POLL_SECONDS, 'Pruning old task rows')

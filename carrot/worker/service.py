@@ -1,5 +1,6 @@
-"""The carrot service: a gevent pool of consumer greenlets, the scheduler greenlet, the resender
-and the releaser of delayed tasks (``carrot.worker.rounds``), their lifecycle and signals.
+"""The carrot service: a gevent pool of consumer greenlets, the scheduler greenlet, the resender,
+the releaser of delayed tasks and the pruner (``carrot.worker.rounds``), their lifecycle and
+signals.
 
 TERM or INT: stop taking messages, let running tasks finish within the shutdown timeout,
 hand back the rest, exit 0. A second signal stops at once; RabbitMQ redelivers whatever was
@@ -25,7 +26,7 @@ from carrot.consumer import load_consumer_class
 from carrot.worker.consumer import Consumer, Runtime
 from carrot.worker.link import QueueLink
 from carrot.worker.recorder import Recorder
-from carrot.worker.rounds import releaser, resender
+from carrot.worker.rounds import pruner, releaser, resender
 from carrot.worker.scheduler import Scheduler
 
 logger = logging.getLogger('carrot.worker')
@@ -49,6 +50,7 @@ class Service:
         self.scheduler: gevent.Greenlet | None = None
         self.resender: gevent.Greenlet | None = None
         self.releaser: gevent.Greenlet | None = None
+        self.pruner: gevent.Greenlet | None = None
         self.on_ready = on_ready  # told the ready line (carrot_daemon start waits for it)
         self.stopping = Event()
         self.stop_now = Event()
@@ -83,6 +85,8 @@ class Service:
             self.scheduler = gevent.spawn(Scheduler(self.stopping).run)
         self.resender = gevent.spawn(resender(self.stopping).run)
         self.releaser = gevent.spawn(releaser(self.stopping).run)
+        if self.settings.retention.prune_hourly:
+            self.pruner = gevent.spawn(pruner(self.stopping).run)
         gevent.spawn(self._announce_ready, consuming)
         self.stopping.wait()
         self._shut_down()
@@ -129,6 +133,8 @@ class Service:
             return None, 'the resender'
         if greenlet is self.releaser:
             return None, 'the releaser of delayed tasks'
+        if greenlet is self.pruner:
+            return None, 'the pruner of old task rows'
         if greenlet is self.recorder.greenlet:
             return None, 'the recorder, writing task rows to the database'
         return None, 'a greenlet'
@@ -164,7 +170,7 @@ class Service:
         self.recorder.stop(timeout=2.0 if self.stop_now.is_set() else 30.0)
         for link in self.links:
             link.close()  # what is still unacknowledged goes back to its queue
-        for rounds in (self.resender, self.releaser):
+        for rounds in (self.resender, self.releaser, self.pruner):
             if rounds is not None:
                 rounds.kill(block=True, timeout=5)
         # Tasks the tasks published: their confirms recorded before the connection closes.

@@ -1,0 +1,149 @@
+"""The dead-letter queues: what is in them, and sending it back or throwing it away.
+
+Each queue ``q`` has ``q.dead``. A message that cannot run, a task whose retries ran out and
+a task its time limit stopped land there, with ``x-carrot-dead-reason`` saying why and
+``x-carrot-dead-at`` when (its row says FAILED and why). ``manage.py carrot_deadletters``
+calls these functions.
+
+Each call reads the dead-letter queue from its head, one message at a time: the messages it
+acts on are acknowledged once that is done (sent back and confirmed, or purged); the others
+stay unacknowledged until the channel closes, and RabbitMQ puts them back where they were.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from amqpstorm.channel import Channel
+from amqpstorm.message import Message as Received
+from django.utils import timezone
+
+from carrot import conf, lifecycle, message
+from carrot.amqp import close_quietly
+from carrot.broker import connect, declare, get_publisher
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadLetter:
+    """One message in a dead-letter queue."""
+
+    queue: str
+    """The queue it was dead-lettered from (``<queue>.dead`` holds it)."""
+    message_id: str | None
+    """Its message id, which is its MessageLog row's ``uuid``."""
+    task: str
+    """The dotted task path it names ('' when it names none)."""
+    reason: str
+    """Why it was dead-lettered."""
+    dead_at: datetime.datetime | None
+    """When; None for a message dead-lettered before carrot recorded it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selection:
+    """Which dead letters of one queue a call acts on."""
+
+    queue: str
+    """The queue, as named in ``CARROT['queues']``."""
+    task: str | None = None
+    """Only those of this dotted task path."""
+    older_than: datetime.timedelta | None = None
+    """Only those dead-lettered longer ago than this (not those that do not say when)."""
+    limit: int | None = None
+    """At most this many."""
+
+    def matches(self, letter: DeadLetter, now: datetime.datetime) -> bool:
+        if self.task is not None and letter.task != self.task:
+            return False
+        if self.older_than is not None:
+            return letter.dead_at is not None and now - letter.dead_at > self.older_than
+        return True
+
+
+@dataclass
+class Found:
+    """What a call found: the dead letters it acted on (or listed), and how many it read."""
+
+    letters: list[DeadLetter]
+    read: int
+
+
+def inspect(selection: Selection) -> Found:
+    """The dead letters that match, left where they are."""
+    return _walk(selection, None)
+
+
+def requeue(selection: Selection) -> Found:
+    """Send the matching dead letters back to their queue, their attempts counted afresh,
+    and their FAILED rows PUBLISHED again; each is removed once RabbitMQ has confirmed it."""
+    queue = conf.get_settings().queue(selection.queue)
+
+    def send_back(received: Received, letter: DeadLetter) -> None:
+        get_publisher().send(queue.broker, _body(received),
+                             message.requeued_properties(received.properties),
+                             routing_key=queue.name, declare_queue=queue)
+        if letter.message_id is not None:
+            lifecycle.mark_requeued(lifecycle.database(), [letter.message_id])
+
+    return _walk(selection, send_back)
+
+
+def purge(selection: Selection) -> Found:
+    """Remove the matching dead letters (their rows stay, FAILED, saying why)."""
+    return _walk(selection, lambda received, letter: None)
+
+
+Act = Callable[[Received, DeadLetter], None]
+
+
+def _walk(selection: Selection, act: Act | None) -> Found:
+    queue = conf.get_settings().queue(selection.queue)
+    now = timezone.now()
+    found = Found(letters=[], read=0)
+    with _channel(queue) as channel:
+        waiting = int(channel.queue.declare(queue.dead_letter_queue, durable=True)
+                      ['message_count'])
+        while found.read < waiting:
+            if selection.limit is not None and len(found.letters) >= selection.limit:
+                break
+            received = channel.basic.get(queue.dead_letter_queue, no_ack=False)
+            if not isinstance(received, Received):
+                break  # emptied meanwhile
+            found.read += 1
+            letter = _letter(received, queue.name)
+            if not selection.matches(letter, now):
+                continue  # left unacknowledged: back in its place when the channel closes
+            if act is not None:
+                act(received, letter)
+                received.ack()
+            found.letters.append(letter)
+    return found
+
+
+@contextmanager
+def _channel(queue: conf.Queue) -> Iterator[Channel]:
+    connection = connect(queue.broker, 'dead letters')
+    try:
+        channel = connection.channel()
+        declare(channel, queue)
+        yield channel
+    finally:
+        close_quietly(connection)
+
+
+def _letter(received: Received, queue: str) -> DeadLetter:
+    properties = received.properties
+    headers = properties.get('headers') or {}
+    return DeadLetter(
+        queue=queue, message_id=message.message_id_of(properties),
+        task=message.text(headers.get(message.TYPE_HEADER)),
+        reason=message.text(headers.get(message.DEAD_REASON_HEADER)) or '(no reason given)',
+        dead_at=message.dead_at_of(properties))
+
+
+def _body(received: Received) -> bytes:
+    body = received.body
+    return body if isinstance(body, bytes) else str(body).encode()
