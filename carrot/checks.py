@@ -8,7 +8,7 @@ from typing import Any
 from django.core import checks
 from django.utils.module_loading import import_string
 
-from carrot import conf
+from carrot import conf, options
 from carrot.consumer import check_consumer_class
 from carrot.exceptions import CarrotConfigException
 from carrot.reporting import SafeExceptionReporterFilter, holds_url_password
@@ -56,6 +56,21 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 id='carrot.E003',
             ))
     found.extend(_check_monitor_authentication(settings.monitor_authentication))
+    found.extend(_check_task_option_paths(settings))
+    return found
+
+
+def _check_task_option_paths(settings: conf.CarrotSettings) -> list[checks.CheckMessage]:
+    """The code the task options of the settings name must import (carrot.E011)."""
+    layers = [("CARROT['task_defaults']", settings.task_defaults),
+              *((f"CARROT['queues'] ({queue.name!r})", queue.task_options)
+                for queue in settings.queues)]
+    found: list[checks.CheckMessage] = []
+    for where, given in layers:
+        try:
+            options.resolve_given(given)
+        except CarrotConfigException as error:
+            found.append(checks.Error(f'{where}: {error}', id='carrot.E011'))
     return found
 
 

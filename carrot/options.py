@@ -211,6 +211,12 @@ def resolve(function: Callable[..., Any] | None, queue: str,
     return _build(merged, settings.consumer_timeout)
 
 
+def resolve_given(given: Mapping[str, Any]) -> TaskOptions:
+    """The options ``given`` (one layer, as the settings hold it) on carrot's defaults; raises
+    CarrotConfigException when a dotted path it names does not import."""
+    return _build(given, math.inf)
+
+
 def _build(merged: Mapping[str, Any], consumer_timeout: float) -> TaskOptions:
     values = dict(merged)
     limit = values.get('time_limit', TaskOptions.time_limit)

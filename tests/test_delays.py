@@ -183,3 +183,18 @@ def test_the_backoff_doubles_with_jitter_between_half_and_all_of_it_up_to_its_ma
         delays = [policy.retry_delay(attempt) for _ in range(200)]
         assert all(ceiling / 2 <= delay <= ceiling for delay in delays), (attempt, ceiling)
         assert max(delays) - min(delays) > ceiling / 10  # jittered, not fixed
+
+
+def test_a_system_check_names_option_paths_that_do_not_import(queue: str) -> None:
+    from django.core import checks
+
+    settings = {**carrot_settings(queue, on_retries_exhausted='no.such.hook'),
+                'task_defaults': {'retry_for': ['builtins.ValueError', 'builtins.NoSuchError']}}
+    with override_settings(CARROT=settings):
+        found = [m for m in checks.run_checks() if m.id == 'carrot.E011']
+    assert [m.msg for m in found] == [
+        "CARROT['task_defaults']: The task option retry_for names 'builtins.NoSuchError', "
+        'which does not import: Module "builtins" does not define a "NoSuchError" '
+        'attribute/class',
+        f"CARROT['queues'] ({queue!r}): The task option on_retries_exhausted names "
+        "'no.such.hook', which does not import: No module named 'no'"]
