@@ -1,16 +1,18 @@
 """How ``carrot_prune`` behaves on a big MessageLog: ``python3 benchmarks/prune.py [ROWS]``.
 
-Fills MessageLog (database ``carrot_bench``, or SQLite with BENCH_DB=sqlite) with ROWS old
+Fills MessageLog (database ``carrot_prune_bench``, not the main benchmark's: a million deleted
+rows would slow it down until a VACUUM; or SQLite with BENCH_DB=sqlite) with ROWS old
 COMPLETED rows (default 1,000,000) and 10,000 recent ones, then prunes while another thread
 keeps inserting PUBLISHED rows, as publishers would, and reports how long the prune took,
 its longest batch (the longest any row lock was held) and the slowest of those inserts (what
 a publisher waited for meanwhile). Run it with the benchmarks' virtualenv, which
 ``benchmarks/run.py`` builds (``.venv-bench/bin/python benchmarks/prune.py``); it empties
-MessageLog of that database first.
+MessageLog of that database first, and truncates it at the end.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import threading
@@ -18,7 +20,10 @@ import time
 import uuid
 from datetime import timedelta
 
-from carrot_adapter import _ensure_database, _setup_django, _using_sqlite
+os.environ.setdefault('BENCH_PG_NAME', 'carrot_prune_bench')
+os.environ.setdefault('BENCH_SQLITE_PATH', '/tmp/carrot-prune-bench.sqlite3')
+
+from carrot_adapter import _ensure_database, _setup_django, _using_sqlite  # noqa: E402
 
 
 def main() -> int:
@@ -68,6 +73,9 @@ def main() -> int:
           f' ms; {left:,} recent rows kept')
     print(f'{len(waits)} inserts meanwhile: median {statistics.median(waits) * 1000:.1f} ms, '
           f'slowest {max(waits) * 1000:.0f} ms')
+    with connection.cursor() as cursor:  # leave no bloated table behind
+        cursor.execute('DELETE FROM carrot_messagelog' if _using_sqlite()
+                       else 'TRUNCATE carrot_messagelog')
     return 0 if pruned.completed == rows and left == 10_000 else 1
 
 

@@ -174,7 +174,8 @@ def rows_of(alias: str, starts: Sequence[lifecycle.Start]) -> dict[str, tuple[in
                 task_args=json.dumps(s.args), content=json.dumps(s.kwargs),
                 queue=_text.fit(s.queue, 'queue'), exchange=_text.fit(s.exchange, 'exchange'),
                 routing_key=_text.fit(s.routing_key, 'routing_key'),
-                priority=s.priority, publish_time=now,
+                priority=s.priority, publish_time=now, options=s.options or None,
+                expires_at=s.expires_at,
             ) for s in _unique(missing)
         ])
         if any(row.pk is None for row in created):

@@ -17,6 +17,18 @@ def is_whole_number(value: object, low: int, high: int | None = None) -> TypeGua
             and (high is None or value <= high))
 
 
+#: The longest delay, expiry or backoff carrot takes: ten years (a datetime this far ahead
+#: is still far from its maximum).
+MAX_SECONDS = 10 * 366 * 86400
+
+
+def is_seconds(value: object, *, positive: bool = True) -> TypeGuard[int | float]:
+    """Whether ``value`` is a number of seconds (not a bool) above 0 (or from 0 when not
+    ``positive``) and at most MAX_SECONDS."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (value > 0 if positive else value >= 0) and value <= MAX_SECONDS)
+
+
 def parse_age(text: object) -> datetime.timedelta | None:
     """``'90s'``, ``'30m'``, ``'12h'``, ``'7d'`` or ``'2w'`` as a timedelta; None when
     ``text`` is not such an age."""

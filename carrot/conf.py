@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from carrot import DEFAULT_BROKER, options
-from carrot._values import AGE_HELP, is_whole_number, parse_age
+from carrot._values import AGE_HELP, is_seconds, is_whole_number, parse_age
 from carrot.consumer import DEFAULT_CONSUMER_CLASS
 from carrot.exceptions import CarrotConfigException
 
@@ -288,7 +288,7 @@ def parse(raw: Any) -> CarrotSettings:
             "one queue called 'default'."
         )
     consumer_timeout = raw.get('consumer_timeout', options.CONSUMER_TIMEOUT)
-    if not _positive_seconds(consumer_timeout):
+    if not is_seconds(consumer_timeout):
         raise CarrotConfigException(
             f"CARROT['consumer_timeout'] must be a positive number of seconds (RabbitMQ's "
             f"consumer_timeout, 1800 unless the broker sets another), not {consumer_timeout!r}."
@@ -308,11 +308,20 @@ def parse(raw: Any) -> CarrotSettings:
             f"CARROT['shutdown_timeout'] must be a number of seconds, not {timeout!r}."
         )
     resend_after = raw.get('resend_unconfirmed_after', 60.0)
-    if not _positive_seconds(resend_after):
+    if not is_seconds(resend_after):
         raise CarrotConfigException(
             f"CARROT['resend_unconfirmed_after'] must be a positive number of seconds, not "
             f'{resend_after!r}.'
         )
+    task_defaults = options.validate(
+        _mapping(raw.get('task_defaults'), "CARROT['task_defaults']"),
+        "CARROT['task_defaults']", code_as='paths', consumer_timeout=consumer_timeout)
+    if task_defaults.get('time_limit', options.TaskOptions.time_limit) >= consumer_timeout:
+        raise CarrotConfigException(
+            f"CARROT['consumer_timeout'] is {consumer_timeout:g} s, not above the default time "
+            f'limit of {options.TaskOptions.time_limit:g} s: set CARROT[\'task_defaults\']'
+            f"['time_limit'] below it, so that a task is stopped before RabbitMQ closes its "
+            f'channel.')
     return CarrotSettings(
         default_broker=default_broker,
         queues=queues,
@@ -324,9 +333,7 @@ def parse(raw: Any) -> CarrotSettings:
         monitor_read_only=_bool(raw.get('monitor_read_only', False),
                                 "CARROT['monitor_read_only']"),
         resend_unconfirmed_after=float(resend_after),
-        task_defaults=options.validate(
-            _mapping(raw.get('task_defaults'), "CARROT['task_defaults']"),
-            "CARROT['task_defaults']", code_as='paths', consumer_timeout=consumer_timeout),
+        task_defaults=task_defaults,
         consumer_timeout=float(consumer_timeout),
         retention=_parse_retention(raw.get('retention')),
     )
@@ -346,11 +353,6 @@ def _parse_retention(raw: Any) -> Retention:
             ages[key] = age
     return Retention(**ages, prune_hourly=_bool(given.get('prune_hourly', False),
                                                "CARROT['retention']['prune_hourly']"))
-
-
-def _positive_seconds(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and 0 < value < float('inf'))
 
 
 @functools.cache

@@ -24,6 +24,7 @@ from django.utils import timezone
 from carrot import conf, lifecycle, message
 from carrot.amqp import close_quietly
 from carrot.broker import connect, declare, get_publisher
+from carrot.models import MessageLog
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,10 +66,12 @@ class Selection:
 
 @dataclass
 class Found:
-    """What a call found: the dead letters it acted on (or listed), and how many it read."""
+    """What a call found: the dead letters it acted on (or listed), how many it read, and
+    how many it left because their rows had moved on."""
 
     letters: list[DeadLetter]
     read: int
+    skipped: int = 0
 
 
 def inspect(selection: Selection) -> Found:
@@ -77,26 +80,43 @@ def inspect(selection: Selection) -> Found:
 
 
 def requeue(selection: Selection) -> Found:
-    """Send the matching dead letters back to their queue, their attempts counted afresh,
-    and their FAILED rows PUBLISHED again; each is removed once RabbitMQ has confirmed it."""
-    queue = conf.get_settings().queue(selection.queue)
+    """Send the matching dead letters back to their queue, their attempts counted afresh;
+    each is removed once RabbitMQ has confirmed its copy.
 
-    def send_back(received: Received, letter: DeadLetter) -> None:
-        get_publisher().send(queue.broker, _body(received),
-                             message.requeued_properties(received.properties),
-                             routing_key=queue.name, declare_queue=queue)
-        if letter.message_id is not None:
-            lifecycle.mark_requeued(lifecycle.database(), [letter.message_id])
+    Its FAILED row is made PUBLISHED first (and FAILED again, saying why, when the copy
+    cannot be sent). A letter whose row has moved on (requeued from the monitor, or
+    completed) is left where it is: sending it back would run the task twice.
+    """
+    queue = conf.get_settings().queue(selection.queue)
+    alias = lifecycle.database()
+
+    def send_back(received: Received, letter: DeadLetter) -> bool:
+        row = (MessageLog.objects.using(alias).filter(uuid=letter.message_id).first()
+               if letter.message_id is not None else None)
+        if row is not None and not lifecycle.mark_requeued(alias, [row.uuid]):
+            return False
+        try:
+            get_publisher().send(queue.broker, message.body_of(received),
+                                 message.requeued_properties(received.properties),
+                                 routing_key=queue.name, declare_queue=queue)
+        except Exception as error:
+            if row is not None:
+                row.refresh_from_db()
+                lifecycle.mark_not_sent([row], f'Not sent back from the dead-letter queue: '
+                                               f'{error}')
+            raise
+        return True
 
     return _walk(selection, send_back)
 
 
 def purge(selection: Selection) -> Found:
     """Remove the matching dead letters (their rows stay, FAILED, saying why)."""
-    return _walk(selection, lambda received, letter: None)
+    return _walk(selection, lambda received, letter: True)
 
 
-Act = Callable[[Received, DeadLetter], None]
+#: Acts on one dead letter; False leaves it where it is.
+Act = Callable[[Received, DeadLetter], bool]
 
 
 def _walk(selection: Selection, act: Act | None) -> Found:
@@ -117,7 +137,9 @@ def _walk(selection: Selection, act: Act | None) -> Found:
             if not selection.matches(letter, now):
                 continue  # left unacknowledged: back in its place when the channel closes
             if act is not None:
-                act(received, letter)
+                if not act(received, letter):
+                    found.skipped += 1
+                    continue
                 received.ack()
             found.letters.append(letter)
     return found
@@ -144,6 +166,3 @@ def _letter(received: Received, queue: str) -> DeadLetter:
         dead_at=message.dead_at_of(properties))
 
 
-def _body(received: Received) -> bytes:
-    body = received.body
-    return body if isinstance(body, bytes) else str(body).encode()

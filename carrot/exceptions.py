@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from carrot._values import MAX_SECONDS, is_seconds
+
 
 class CarrotError(Exception):
     """Base class of carrot's errors."""
@@ -51,10 +53,9 @@ class Retry(Exception):
     def __init__(self, reason: str = 'the task asked to be retried', *,
                  delay: float | None = None) -> None:
         super().__init__(reason)
-        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
-                                  or not 0 <= delay < float('inf')):
-            raise ValueError(f'Retry(delay=...) must be a number of seconds of 0 or more, '
-                             f'not {delay!r}.')
+        if delay is not None and not is_seconds(delay, positive=False):
+            raise ValueError(f'Retry(delay=...) must be a number of seconds of 0 or more, at '
+                             f'most {MAX_SECONDS} (ten years), not {delay!r}.')
         #: Seconds before the retry; None: the task's retry backoff.
         self.delay = delay
 

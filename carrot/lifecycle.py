@@ -113,17 +113,19 @@ def release_due(queues: Sequence[str], limit: int,
     """
     alias = database()
     skip_locked = connections[alias].features.has_select_for_update_skip_locked
+    now = now or timezone.now()
     with transaction.atomic(using=alias):
         rows = list(MessageLog.objects.using(alias).select_for_update(skip_locked=skip_locked)
-                    .filter(status=Status.DELAYED, run_after__lte=now or timezone.now(),
-                            queue__in=list(queues))
+                    .filter(status=Status.DELAYED, run_after__lte=now, queue__in=list(queues))
                     .order_by('run_after')[:limit])
         if rows:
+            # run_after becomes when it was sent: the resender counts from there, so a row
+            # released late is not sent again at once.
             MessageLog.objects.using(alias).filter(
                 pk__in=[row.pk for row in rows], status=Status.DELAYED,
-            ).update(status=Status.PUBLISHED, awaiting_confirm=True)
+            ).update(status=Status.PUBLISHED, awaiting_confirm=True, run_after=now)
     for row in rows:
-        row.status, row.awaiting_confirm = Status.PUBLISHED, True
+        row.status, row.awaiting_confirm, row.run_after = Status.PUBLISHED, True, now
     return rows
 
 
@@ -152,14 +154,24 @@ def mark_publish_failed(log: MessageLog, error: BaseException) -> None:
     mark_not_sent([log], reason)
 
 
-def mark_requeued(alias: str, message_ids: Sequence[str]) -> int:
-    """PUBLISHED again, their failure cleared, for the FAILED rows of messages sent back to
-    their queue (from the dead-letter queue); how many rows moved."""
-    return MessageLog.objects.using(alias).filter(
-        uuid__in=message_ids, status=Status.FAILED,
-    ).update(status=Status.PUBLISHED, publish_time=timezone.now(), failure_time=None,
-             completion_time=None, exception=None, traceback=None, output=None, log=None,
-             run_after=None)
+def mark_requeued(alias: str, message_ids: Sequence[str]) -> list[str]:
+    """PUBLISHED again, their failure cleared, for the FAILED rows of messages about to be
+    sent again (from the monitor or the dead-letter queue); the message ids of the rows that
+    moved. Their attempts count from 1 again: a row that retried keeps its ``errors``, closed
+    by a ``requeued_at`` entry."""
+    now = timezone.now()
+    rows = MessageLog.objects.using(alias).filter(uuid__in=message_ids, status=Status.FAILED)
+    with transaction.atomic(using=alias):
+        retried = list(rows.exclude(errors=None).select_for_update().values_list('pk', 'errors'))
+        moved = list(rows.values_list('uuid', flat=True))
+        rows.update(status=Status.PUBLISHED, publish_time=now, failure_time=None,
+                    completion_time=None, exception=None, traceback=None, output=None,
+                    log=None, run_after=None)
+        for pk, errors in retried:
+            if isinstance(errors, list) and errors:
+                MessageLog.objects.using(alias).filter(pk=pk).update(
+                    errors=[*errors, {'requeued_at': now.isoformat()}])
+    return moved
 
 
 def mark_not_sent(logs: Sequence[MessageLog], reason: str) -> None:
@@ -197,6 +209,15 @@ class Start:
     #: A copy sent again because its first send was not confirmed: it runs only if no other
     #: copy has started the task.
     resent: bool = False
+    #: Its attempt (``x-carrot-attempt``); a redelivered one whose row has recorded this
+    #: attempt's end, or waits for its retry, is superseded.
+    attempt: int = 1
+    #: RabbitMQ redelivered it.
+    redelivered: bool = False
+    #: The call's task options and expiry, kept by the row a foreign or untracked message
+    #: gets (so that its retries keep them).
+    options: dict[str, Any] | None = None
+    expires_at: datetime.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +229,9 @@ class Started:
     already_completed: bool
     #: A re-sent copy of a task another copy started: the row is left to that one.
     started_elsewhere: bool = False
+    #: A redelivered attempt whose end is recorded already (its acknowledgement was lost):
+    #: the row waits for, or runs, the next attempt, and is left to it.
+    superseded: bool = False
 
 
 @dataclass(frozen=True)
@@ -268,6 +292,8 @@ def start_many(starts: Sequence[Start]) -> list[Started]:
     plain = [s for s in starts if not s.resent]
     resent = [s for s in starts if s.resent]
     with transaction.atomic(using=alias):
+        superseded = _superseded(alias, [s for s in plain if s.redelivered])
+        plain = [s for s in plain if s.message_id not in superseded]
         rows: dict[str, tuple[int, str]] = {}
         if plain and _sql.psycopg_of(connection) is not None:
             rows = _sql.start_by_message_id(connection, plain)
@@ -287,6 +313,10 @@ def start_many(starts: Sequence[Start]) -> list[Started]:
     taken = {s.message_id for s in plain}
     started = []
     for s in starts:
+        if s.message_id in superseded and not s.resent:
+            started.append(Started(pk=superseded[s.message_id], already_completed=False,
+                                   superseded=True))
+            continue
         pk, status = rows[s.message_id]
         elsewhere = False
         if s.resent:
@@ -295,6 +325,30 @@ def start_many(starts: Sequence[Start]) -> list[Started]:
         started.append(Started(pk=pk, already_completed=status == Status.COMPLETED,
                                started_elsewhere=elsewhere))
     return started
+
+
+def _superseded(alias: str, redelivered: Sequence[Start]) -> dict[str, int]:
+    """``{message id: pk}`` of the redelivered starts whose attempt has ended already: the
+    row waits for its retry (DELAYED), or its errors hold this attempt or a later one."""
+    if not redelivered:
+        return {}
+    attempts = {s.message_id: s.attempt for s in redelivered}
+    found = {}
+    for pk, uuid, status, errors in MessageLog.objects.using(alias).filter(
+            uuid__in=list(attempts)).exclude(status=Status.COMPLETED).values_list(
+            'pk', 'uuid', 'status', 'errors'):
+        if status == Status.DELAYED or last_attempt(errors) >= attempts[uuid]:
+            found[uuid] = pk
+    return found
+
+
+def last_attempt(errors: object) -> int:
+    """The number of the last failed attempt in a row's ``errors``; 0 when there is none, or
+    when a requeue (its ``requeued_at`` entry) came after it."""
+    if not isinstance(errors, list) or not errors or not isinstance(errors[-1], dict):
+        return 0
+    attempt = errors[-1].get('attempt')
+    return attempt if isinstance(attempt, int) and attempt > 0 else 0
 
 
 def _mark_started(alias: str, pks: list[int]) -> None:
@@ -355,9 +409,9 @@ def _finish_attempts(alias: str, finishes: Sequence[Finish]) -> dict[str, tuple[
     now = timezone.now()
     for finish in finishes:
         pk = created[finish.start.message_id][0] if finish.start is not None else finish.pk
-        row = MessageLog.objects.using(alias).select_for_update().get(pk=pk)
-        if row.status == Status.COMPLETED:
-            continue
+        row = MessageLog.objects.using(alias).select_for_update().filter(pk=pk).first()
+        if row is None or row.status == Status.COMPLETED:
+            continue  # deleted meanwhile, or a redelivery of a task that ran
         if (row.status == finish.status and row.errors
                 and row.errors[-1].get('attempt') == finish.attempt):
             continue  # written already: the recorder writes a failed batch again

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -182,7 +183,9 @@ def _options_of(header: Any) -> dict[str, Any]:
     if not isinstance(given, dict):
         raise BadMessage(f'The {OPTIONS_HEADER!r} header is not a JSON object of task options.')
     try:
-        return task_options.validate(given, f'The {OPTIONS_HEADER!r} header', code_as='none')
+        # The time limit is checked against CARROT['consumer_timeout'] when it is resolved.
+        return task_options.validate(given, f'The {OPTIONS_HEADER!r} header', code_as='none',
+                                     consumer_timeout=math.inf)
     except CarrotConfigException as error:
         raise BadMessage(str(error)) from None
 
@@ -204,6 +207,12 @@ def _time_of(header: Any, name: str) -> datetime.datetime | None:
 def resent_properties(properties: Mapping[str, Any]) -> dict[str, Any]:
     """``properties`` of a message for the copy sent again when its confirm did not come."""
     return {**properties, 'headers': {**(properties.get('headers') or {}), RESENT_HEADER: True}}
+
+
+def body_of(received: Any) -> bytes:
+    """The body of a received message as bytes (amqpstorm may hand over text)."""
+    body = received.body
+    return body if isinstance(body, bytes) else str(body).encode()
 
 
 def message_id_of(properties: Mapping[str, Any]) -> str | None:
@@ -247,8 +256,9 @@ def dead_letter_properties(delivered: dict[str, Any], reason: str) -> dict[str, 
 def requeued_properties(dead: Mapping[str, Any]) -> dict[str, Any]:
     """The properties of a dead letter sent back to its queue: its dead-letter headers
     dropped, and its attempts counted afresh."""
+    # Not marked re-sent either: that copy would run only if its row were still PUBLISHED.
     headers = {key: value for key, value in (dead.get('headers') or {}).items()
-               if key not in (DEAD_REASON_HEADER, DEAD_AT_HEADER)}
+               if key not in (DEAD_REASON_HEADER, DEAD_AT_HEADER, RESENT_HEADER)}
     headers[ATTEMPT_HEADER] = 1
     return {**dead, 'headers': headers}
 

@@ -85,19 +85,22 @@ class MessageLog(TaskArguments, models.Model):
 
     #: What the task logged (the ``carrot`` logger and its children) while it ran.
     log = models.TextField(blank=True, null=True)
-    #: How many times a worker has started this task (more than one after a redelivery).
+    #: How many times a worker has started this task (more than one after a retry, a
+    #: redelivery or a requeue; ``errors`` numbers the retries).
     attempts = models.PositiveIntegerField(default=0)
     #: True from the moment the row is written until RabbitMQ has confirmed its message;
     #: a row still PUBLISHED and awaiting its confirm long after is re-sent by the service.
     awaiting_confirm = models.BooleanField(default=False)
-    #: When a DELAYED task is sent to its queue (its countdown, eta or next retry).
+    #: When a DELAYED task is sent to its queue (its countdown, eta or next retry); once
+    #: released, when it was.
     run_after = models.DateTimeField(null=True, blank=True)
     #: Past which the task is not run any more (its ``expires`` option).
     expires_at = models.DateTimeField(null=True, blank=True)
     #: The options the call gave (``carrot.options``), which its retries keep.
     options = models.JSONField(null=True, blank=True)
     #: Each failed attempt of a task that retries, oldest first: ``attempt``,
-    #: ``exception``, ``traceback``, ``log`` and ``at`` (ISO 8601).
+    #: ``exception``, ``traceback``, ``log`` and ``at`` (ISO 8601); a requeue adds
+    #: ``{"requeued_at": ...}``, after which attempts count from 1 again.
     errors = models.JSONField(null=True, blank=True)
 
     class Meta:

@@ -19,9 +19,9 @@ import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from carrot._values import is_whole_number
+from carrot._values import MAX_SECONDS, is_seconds, is_whole_number
 from carrot.exceptions import CarrotConfigException, Retry, TimeLimitExceeded
 
 if TYPE_CHECKING:
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 Function = TypeVar('Function', bound=Callable[..., Any])
 RetryWhen = Callable[[BaseException, int], bool]
+#: How a layer gives the options that name code: as objects (the decorator), as dotted paths
+#: (the settings), or not at all (a call, a message).
+CodeAs = Literal['objects', 'paths', 'none']
 OnRetriesExhausted = Callable[[str, BaseException], None]
 
 #: RabbitMQ's default ``consumer_timeout``: a delivery unacknowledged this long closes its
@@ -72,15 +75,17 @@ class TaskOptions:
 
     def retries(self, error: BaseException, attempt: int) -> bool:
         """Whether attempt number ``attempt`` (from 1), which raised ``error``, is retried."""
-        if attempt > self.max_retries:
-            return False
+        return attempt <= self.max_retries and self.retryable(error, attempt)
+
+    def retryable(self, error: BaseException, attempt: int) -> bool:
+        """Whether ``error`` is one to retry, retries left or not."""
         if isinstance(error, Retry):
             return True  # the task asked for it
         if not isinstance(error, self.retry_for) or isinstance(error, self.dont_retry_for):
             return False
         return self.retry_when is None or bool(self.retry_when(error, attempt))
 
-    def retry_delay(self, attempt: int) -> float:
+    def backoff(self, attempt: int) -> float:
         """Seconds to wait before the retry that follows failed attempt ``attempt``."""
         delay = min(self.retry_backoff_max, self.retry_backoff * 2.0 ** min(attempt - 1, 64))
         return random.uniform(delay / 2, delay)
@@ -102,7 +107,7 @@ def task_options(**given: Any) -> Callable[[Function], Function]:
     return decorate
 
 
-def validate(given: Mapping[str, Any], where: str, *, code_as: str,
+def validate(given: Mapping[str, Any], where: str, *, code_as: CodeAs,
              consumer_timeout: float = CONSUMER_TIMEOUT) -> dict[str, Any]:
     """``given`` checked: CarrotConfigException names the first bad option and what it may be.
 
@@ -122,26 +127,26 @@ def validate(given: Mapping[str, Any], where: str, *, code_as: str,
     return dict(given)
 
 
-def _check(name: str, value: Any, key: str, code_as: str, consumer_timeout: float) -> None:
+def _check(name: str, value: Any, key: str, code_as: CodeAs, consumer_timeout: float) -> None:
     if name == 'max_retries':
         if not is_whole_number(value, 0):
             raise CarrotConfigException(f'{key} must be a whole number of 0 or more, not '
                                         f'{value!r}.')
     elif name in ('retry_backoff', 'retry_backoff_max'):
-        if not _seconds(value) or value <= 0:
-            raise CarrotConfigException(f'{key} must be a positive number of seconds, not '
-                                        f'{value!r}.')
+        if not is_seconds(value):
+            raise CarrotConfigException(f'{key} must be a positive number of seconds, at most '
+                                        f'{MAX_SECONDS} (ten years), not {value!r}.')
     elif name == 'time_limit':
-        if not _seconds(value) or not 0 < value < consumer_timeout:
+        if not is_seconds(value) or not value < consumer_timeout:
             raise CarrotConfigException(
                 f'{key} must be a number of seconds above 0 and below RabbitMQ\'s '
                 f'consumer_timeout ({consumer_timeout:g} s, CARROT[\'consumer_timeout\']), '
                 f'which closes the channel of a message unacknowledged that long; not '
                 f'{value!r}.')
     elif name == 'expires':
-        if value is not None and (not _seconds(value) or value <= 0):
-            raise CarrotConfigException(f'{key} must be a positive number of seconds or '
-                                        f'None, not {value!r}.')
+        if value is not None and not is_seconds(value):
+            raise CarrotConfigException(f'{key} must be a positive number of seconds, at most '
+                                        f'{MAX_SECONDS} (ten years), or None; not {value!r}.')
     elif name in ('retry_for', 'dont_retry_for'):
         items = value if isinstance(value, (list, tuple)) else [value]
         for item in items:
@@ -160,11 +165,6 @@ def _check(name: str, value: Any, key: str, code_as: str, consumer_timeout: floa
                                         f'{value!r}.')
         if code_as == 'objects' and not (callable(value) or _is_dotted_path(value)):
             raise CarrotConfigException(f'{key} must be a function, not {value!r}.')
-
-
-def _seconds(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 def _is_dotted_path(value: Any) -> bool:

@@ -427,7 +427,7 @@ def resend_unconfirmed(now: datetime | None = None) -> int:
     queues = {queue.name: queue for queue in settings.queues}
     alias = lifecycle.database()
     skip_locked = connections[alias].features.has_select_for_update_skip_locked
-    # A released delayed row counts from its run_after, when it was sent.
+    # A released delayed row counts from its run_after, when it was released and sent.
     old = MessageLog.objects.using(alias).filter(
         Q(run_after__isnull=True) | Q(run_after__lt=cutoff),
         awaiting_confirm=True, publish_time__lt=cutoff)
@@ -473,20 +473,12 @@ def send_rows(alias: str, rows: Sequence[MessageLog], queues: Mapping[str, conf.
     return len(sent)
 
 
-def _next_attempt(row: MessageLog) -> int:
-    """The attempt a row's message is: one after its last failed attempt (a requeue starts
-    again from 1; a redelivered attempt may be recorded twice)."""
-    errors = row.errors if isinstance(row.errors, list) else []
-    last = errors[-1].get('attempt') if errors and isinstance(errors[-1], dict) else 0
-    return last + 1 if isinstance(last, int) and last > 0 else 1
-
-
 def outgoing_of(row: MessageLog, queue: conf.Queue, *, resent: bool) -> Outgoing:
     """The message of ``row``: its task, arguments, call options, expiry and attempt."""
     task_message = message.TaskMessage(
         task=row.task, args=row.positionals, kwargs=row.keywords, message_id=row.uuid,
         priority=row.priority, tracked=None if queue.tracked else True, resent=resent,
-        attempt=_next_attempt(row),
+        attempt=lifecycle.last_attempt(row.errors) + 1,
         options=row.options or {},
         expires_at=row.expires_at)
     body, properties = message.encode(task_message, (row.task_args or '[]', row.content or '{}'))

@@ -9,7 +9,6 @@ when its time comes (``carrot.delays``).
 from __future__ import annotations
 
 import datetime
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from django.utils import timezone
 from carrot import conf, frames, lifecycle, message, oncommit, outbox, registry
 from carrot import options as task_options
 from carrot._text import column_length
+from carrot._values import MAX_SECONDS, is_seconds
 from carrot.broker import Outgoing, get_publisher
 from carrot.exceptions import CarrotConfigException
 from carrot.models import MessageLog
@@ -249,10 +249,10 @@ def _run_after(countdown: Any, eta: Any, now: datetime.datetime) -> datetime.dat
     if countdown is not None and eta is not None:
         raise CarrotConfigException('Pass countdown or eta, not both.')
     if countdown is not None:
-        if (isinstance(countdown, bool) or not isinstance(countdown, (int, float))
-                or not math.isfinite(countdown) or countdown < 0):
+        if not is_seconds(countdown, positive=False):
             raise CarrotConfigException(
-                f'countdown must be a number of seconds of 0 or more, not {countdown!r}.')
+                f'countdown must be a number of seconds of 0 or more, at most {MAX_SECONDS} '
+                f'(ten years), not {countdown!r}.')
         return now + datetime.timedelta(seconds=countdown) if countdown > 0 else None
     if eta is None:
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from django.db import connections, transaction
 from django.db.models import QuerySet
@@ -58,14 +59,17 @@ def prune(*, completed: datetime.timedelta | None = None,
         ended_before = {f'{field}__lt': cutoff}
         rows = MessageLog.objects.using(alias).filter(status=status, **ended_before)
         # A row ends after it was published: walking (status, publish_time) up to the cutoff
-        # finds the old rows first and stops at the young ones. Rows without a publish time
-        # (upstream's, perhaps) are found by their primary key.
-        walks = [rows.filter(publish_time__lt=cutoff).order_by('publish_time'),
-                 rows.filter(publish_time__isnull=True).order_by('pk')]
+        # finds the old rows first and stops at the young ones; each batch goes on from the
+        # last publish time the one before saw, so a row published long ago that ended
+        # lately (a delayed or retried task) is walked once. Rows without a publish time
+        # (upstream's, perhaps) are walked by their primary key.
+        walks = [(rows.filter(publish_time__lt=cutoff), 'publish_time', 'gte'),
+                 (rows.filter(publish_time__isnull=True), 'pk', 'gt')]
         if dry_run:
-            count = sum(walk.count() for walk in walks)
+            count = sum(walk.count() for walk, _, _ in walks)
         else:
-            count = sum(_delete(alias, walk, status, batch, pruned) for walk in walks)
+            count = sum(_delete(alias, rows, walk, key, after, batch, pruned)
+                        for walk, key, after in walks)
         if status == Status.COMPLETED:
             pruned.completed = count
         else:
@@ -73,20 +77,23 @@ def prune(*, completed: datetime.timedelta | None = None,
     return pruned
 
 
-def _delete(alias: str, walk: QuerySet[MessageLog], status: str, batch: int,
-            pruned: Pruned) -> int:
-    """Delete what ``walk`` finds, ``batch`` rows a transaction; how many were deleted."""
+def _delete(alias: str, rows: QuerySet[MessageLog], walk: QuerySet[MessageLog], key: str,
+            after: str, batch: int, pruned: Pruned) -> int:
+    """Delete what ``walk`` finds in the order of ``key``, ``batch`` rows a transaction; how
+    many were deleted. Each DELETE checks ``rows``' conditions again: a row requeued
+    meanwhile is not deleted."""
     count = 0
+    last: Any = None
     while True:
         started = time.monotonic()
+        page = walk if last is None else walk.filter(**{f'{key}__{after}': last})
         with transaction.atomic(using=alias):
-            pks = list(walk.values_list('pk', flat=True)[:batch])
-            if pks:
-                # The status again: a row requeued meanwhile is not deleted.
-                count += MessageLog.objects.using(alias).filter(
-                    pk__in=pks, status=status).delete()[0]
+            found = list(page.order_by(key).values_list('pk', key)[:batch])
+            if found:
+                last = found[-1][1]
+                count += rows.filter(pk__in=[pk for pk, _ in found]).delete()[0]
         pruned.longest_batch = max(pruned.longest_batch, time.monotonic() - started)
-        if len(pks) < batch:
+        if len(found) < batch:
             return count
         if connections[alias].vendor == 'sqlite':
             time.sleep(SQLITE_PAUSE_SECONDS)

@@ -180,7 +180,7 @@ def test_the_backoff_doubles_with_jitter_between_half_and_all_of_it_up_to_its_ma
         ) -> None:
     policy = options.TaskOptions(max_retries=10, retry_backoff=1, retry_backoff_max=10)
     for attempt, ceiling in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 10), (9, 10)]:
-        delays = [policy.retry_delay(attempt) for _ in range(200)]
+        delays = [policy.backoff(attempt) for _ in range(200)]
         assert all(ceiling / 2 <= delay <= ceiling for delay in delays), (attempt, ceiling)
         assert max(delays) - min(delays) > ceiling / 10  # jittered, not fixed
 
@@ -198,3 +198,22 @@ def test_a_system_check_names_option_paths_that_do_not_import(queue: str) -> Non
         'attribute/class',
         f"CARROT['queues'] ({queue!r}): The task option on_retries_exhausted names "
         "'no.such.hook', which does not import: No module named 'no'"]
+
+
+def test_a_lowered_consumer_timeout_needs_a_default_time_limit_below_it() -> None:
+    with pytest.raises(CarrotConfigException, match=r"CARROT\['consumer_timeout'\] is 900 s, "
+                                                    r'not above the default time limit'):
+        parse({'consumer_timeout': 900})
+    assert parse({'consumer_timeout': 900, 'task_defaults': {'time_limit': 600}})
+
+
+def test_a_call_time_limit_allowed_by_a_raised_consumer_timeout_runs_on_the_worker(
+        broker: Broker, start_worker: StartWorker) -> None:
+    queue = broker.queue_name()
+    settings = {**carrot_settings(queue), 'consumer_timeout': 7200}
+    with override_settings(CARROT=settings):
+        start_worker(settings)
+        log = publish_message(tasks.add, 1, 2, time_limit=3600)
+        row = wait_for(lambda: MessageLog.objects.filter(
+            pk=log.pk, status__in=('COMPLETED', 'FAILED')).first(), what='its end')
+    assert (row.status, row.output) == ('COMPLETED', '3')

@@ -301,11 +301,13 @@ def test_an_action_on_all_matching_is_capped_and_batched(
     assert 'capped at 5 rows' in MonitorAction.objects.get().detail
 
 
-def test_delete_removes_finished_rows_only(users: dict[str, User]) -> None:
-    finished = [*make_rows(2, MessageLog.FAILED), *make_rows(1, MessageLog.COMPLETED)]
+def test_delete_removes_finished_rows_only_and_cancels_delayed_ones(
+        users: dict[str, User]) -> None:
+    finished = [*make_rows(2, MessageLog.FAILED), *make_rows(1, MessageLog.COMPLETED),
+                *make_rows(1, MessageLog.DELAYED, run_after=timezone.now())]
     unfinished = [*make_rows(1, MessageLog.PUBLISHED), *make_rows(1, MessageLog.IN_PROGRESS)]
     result = actions.delete([row.pk for row in finished + unfinished])
-    assert (result.count, result.skipped) == (3, 2)
+    assert (result.count, result.skipped) == (4, 2)
     assert set(MessageLog.objects.values_list('pk', flat=True)) == {r.pk for r in unfinished}
 
 

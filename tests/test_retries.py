@@ -3,14 +3,17 @@ subprocess."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
-from carrot import message
+from carrot import lifecycle, message
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import Broker, Worker, carrot_settings, wait_for
@@ -104,11 +107,14 @@ def test_an_untracked_task_that_fails_is_retried_under_its_row(
         queue: str, start_worker: StartWorker, tmp_path: Path) -> None:
     start_worker(carrot_settings(queue))
     runs = tmp_path / 'runs'
-    log = publish_message(tasks.flaky, str(runs), 1, max_retries=1, retry_backoff=0.2,
+    # Its options live in the message only: the row its failure gets must keep them, or
+    # the second retry would not happen.
+    log = publish_message(tasks.flaky, str(runs), 2, max_retries=2, retry_backoff=0.2,
                           tracked=False)
     row = wait_for(lambda: MessageLog.objects.filter(uuid=log.uuid, status='COMPLETED')
                    .first(), timeout=60, what='the retried untracked task')
-    assert row.output == '2' and [e['attempt'] for e in row.errors] == [1]
+    assert row.output == '3' and [e['attempt'] for e in row.errors] == [1, 2]
+    assert row.options == {'max_retries': 2, 'retry_backoff': 0.2}
 
 
 def test_a_task_past_its_time_limit_is_stopped_and_failed_while_others_run_on(
@@ -170,3 +176,47 @@ def test_a_message_with_bad_options_is_refused_with_the_reason(
     wait_for(lambda: broker.message_count(f'{queue}.dead') == 1, what='the dead letter')
     row = MessageLog.objects.get(uuid=properties['message_id'])
     assert row.status == 'FAILED' and message.OPTIONS_HEADER in (row.exception or '')
+
+
+def test_a_redelivered_attempt_whose_end_is_recorded_is_superseded_and_not_run_again(
+        queue: str) -> None:
+    """Its acknowledgement was lost after its retry was written: its row waits for the next
+    attempt, or runs it, and the old attempt must not run beside it."""
+    now = timezone.now()
+    row = MessageLog.objects.create(
+        uuid='lost-ack', task='tests.project.tasks.noop', status='DELAYED', queue=queue,
+        publish_time=now - datetime.timedelta(seconds=10),
+        run_after=now + datetime.timedelta(minutes=1),
+        errors=[{'attempt': 1, 'exception': 'E', 'traceback': '', 'log': '',
+                 'at': now.isoformat()}])
+    again = lifecycle.Start(message_id='lost-ack', task=row.task, args=[], kwargs={},
+                            queue=queue, exchange='', routing_key=queue, priority=0,
+                            attempt=1, redelivered=True)
+    [started] = lifecycle.start_many([again])
+    assert started.superseded and MessageLog.objects.get(pk=row.pk).status == 'DELAYED'
+    MessageLog.objects.filter(pk=row.pk).update(status='IN_PROGRESS')  # attempt 2 runs
+    assert lifecycle.start_many([again])[0].superseded
+    next_one = dataclasses.replace(again, attempt=2)
+    assert not lifecycle.start_many([next_one])[0].superseded  # attempt 2's own redelivery
+    # A requeue counts from 1 again, its history kept: a redelivery of its attempt 1 runs.
+    MessageLog.objects.filter(pk=row.pk).update(status='FAILED')
+    assert lifecycle.mark_requeued(lifecycle.database(), ['lost-ack']) == ['lost-ack']
+    requeued = MessageLog.objects.get(pk=row.pk)
+    assert requeued.status == 'PUBLISHED' and 'requeued_at' in requeued.errors[-1]
+    assert not lifecycle.start_many([again])[0].superseded
+    assert MessageLog.objects.get(pk=row.pk).status == 'IN_PROGRESS'
+
+
+def test_retries_of_an_error_the_options_never_retry_are_not_exhausted() -> None:
+    from carrot.options import TaskOptions
+    from carrot.worker.ends import end_of
+    from carrot.worker.executor import Outcome
+
+    policy = TaskOptions(max_retries=2, dont_retry_for=(KeyError,))
+    outcome = Outcome(output=None, log='', exception=KeyError('k'), traceback='')
+    last = end_of('m', outcome, policy, 3)
+    assert (last.finish.status, last.dead_letter, last.exhausted) == ('FAILED', None, False)
+    outcome = Outcome(output=None, log='', exception=ValueError('v'), traceback='')
+    last = end_of('m', outcome, policy, 3)
+    assert last.exhausted and last.dead_letter is not None
+    assert end_of('m', outcome, policy, 2).finish.status == 'DELAYED'

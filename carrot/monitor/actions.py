@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from django.db import connections, transaction
-from django.utils import timezone
 
 from carrot import lifecycle, oncommit
 from carrot.models import MessageLog, MonitorAction, ScheduledTask, _parse_arguments
@@ -112,12 +111,7 @@ def requeue(pks: Iterable[int]) -> Result:
                     ready.append((row, message_of(row)))
                 except Exception as error:
                     result.skip(row.pk, f'cannot be published again: {error}')
-            now = timezone.now()
-            MessageLog.objects.using(alias).filter(
-                pk__in=[row.pk for row, _ in ready], status=MessageLog.FAILED,
-            ).update(status=MessageLog.PUBLISHED, publish_time=now, failure_time=None,
-                     completion_time=None, exception=None, traceback=None, output=None,
-                     log=None, run_after=None)
+            lifecycle.mark_requeued(alias, [row.uuid for row, _ in ready])
             for row, task_message in ready:
                 expires_at = task_message.task_message.expires_at
                 if expires_at != row.expires_at:  # a new expiry, counted from now
@@ -153,12 +147,14 @@ def message_of(row: MessageLog) -> Message:
 
 
 #: The statuses a row may be deleted in: a queued or running task's row would only be
-#: written again by the worker that runs it.
-DELETABLE = (MessageLog.COMPLETED, MessageLog.FAILED)
+#: written again by the worker that runs it. A DELAYED row has no message yet: deleting it
+#: cancels the task.
+DELETABLE = (MessageLog.COMPLETED, MessageLog.FAILED, MessageLog.DELAYED)
 
 
 def delete(pks: Iterable[int]) -> Result:
-    """Delete finished (COMPLETED or FAILED) task rows; others are skipped."""
+    """Delete finished (COMPLETED or FAILED) task rows, and cancel DELAYED ones by deleting
+    theirs; others are skipped."""
     result = Result(MonitorAction.DELETE)
     alias = lifecycle.database()
     for batch in _batches(_unique(pks, result)):
@@ -172,7 +168,7 @@ def delete(pks: Iterable[int]) -> Result:
                     finished.append(row.pk)
                 else:
                     result.skip(row.pk, f'it is {row.get_status_display().lower()}; only '
-                                        f'completed and failed tasks are deleted')
+                                        f'completed, failed and delayed tasks are deleted')
             deleted, _ = MessageLog.objects.using(alias).filter(
                 pk__in=finished, status__in=DELETABLE).delete()
             result.count += deleted

@@ -227,7 +227,7 @@ def _acting(request: HttpRequest) -> HttpResponse | None:
 
 TASK_ACTIONS: dict[str, tuple[Callable[[list[int]], actions.Result], tuple[str, ...]]] = {
     'requeue': (actions.requeue, ('failed',)),
-    'delete': (actions.delete, ('failed', 'completed')),
+    'delete': (actions.delete, ('failed', 'completed', 'delayed')),
 }
 
 

@@ -83,7 +83,7 @@ def task_list(request: HttpRequest, status: str) -> HttpResponse:
                      if page.next_after else ''),
         'first_url': url(request, 'task-list', status, query=params) if after else '',
         'can_requeue': status == 'failed',
-        'can_delete': status in ('failed', 'completed'),
+        'can_delete': status in ('failed', 'completed', 'delayed'),
         'refresh_seconds': REFRESH_SECONDS if after is None else 0,
         'back': request.get_full_path(),
     })

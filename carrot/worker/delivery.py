@@ -90,8 +90,7 @@ class Delivery:
 
     @property
     def body(self) -> bytes:
-        body = self.received.body
-        return body if isinstance(body, bytes) else str(body).encode()
+        return message.body_of(self.received)
 
     # -- the three ways to settle it ---------------------------------------------------
 
@@ -218,6 +217,8 @@ class Delivery:
             priority=task_message.priority,
             # A redelivered re-sent copy started the row itself before its worker was lost.
             resent=task_message.resent and not method.get('redelivered'),
+            attempt=task_message.attempt, redelivered=bool(method.get('redelivered')),
+            options=task_message.options or None, expires_at=task_message.expires_at,
         )
 
     def _may_run_after_start(self) -> bool:
@@ -240,6 +241,14 @@ class Delivery:
                 '%s: task %s (%s) was sent again, but another copy of it started; '
                 'acknowledging this copy without running it', self.consumer.name,
                 self.task_message and self.task_message.task, self.message_id)
+            self.ack()
+            return False
+        if row.superseded:
+            self.consumer.logger.info(
+                '%s: task %s (%s) was delivered again, but the end of this attempt is recorded '
+                'and its retry is scheduled; acknowledging this copy without running it',
+                self.consumer.name, self.task_message and self.task_message.task,
+                self.message_id)
             self.ack()
             return False
         if row.already_completed:
@@ -272,22 +281,21 @@ class Delivery:
         failure = outcome.exception
         if failure is None or end.finish.status == MessageLog.DELAYED:
             return  # done, or to be run again
-        exhausted = end.exhausted and options is not None and options.on_retries_exhausted
-        if not exhausted and not self.consumer.failure_callbacks:
+        hook = options.on_retries_exhausted if end.exhausted and options is not None else None
+        if hook is None and not self.consumer.failure_callbacks:
             return
         try:
             self.recorded.get()
         except RecordingFailed:
             return
-        if exhausted:
-            self._call_exhausted_hook(cast(task_options.TaskOptions, options), start.message_id,
-                                      failure)
+        if hook is not None:
+            self._call_exhausted_hook(hook, start.message_id, failure)
         self.consumer.call_failure_callbacks(start.message_id, failure)
 
-    def _call_exhausted_hook(self, options: task_options.TaskOptions, message_id: str,
+    def _call_exhausted_hook(self, hook: task_options.OnRetriesExhausted, message_id: str,
                              error: BaseException) -> None:
         try:
-            cast(task_options.OnRetriesExhausted, options.on_retries_exhausted)(message_id, error)
+            hook(message_id, error)
         except Exception:
             self.consumer.logger.exception('%s: on_retries_exhausted of message %s raised',
                                            self.consumer.name, message_id)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import cast
 
 from django.utils import timezone
 
@@ -41,13 +40,15 @@ def end_of(message_id: str, outcome: Outcome, options: task_options.TaskOptions 
     text = outcome.exception_text or ''
     if options is not None and options.retries(error, attempt):
         delay = (error.delay if isinstance(error, Retry) and error.delay is not None
-                 else options.retry_delay(attempt))
+                 else options.backoff(attempt))
         return End(lifecycle.retrying(
             message_id, exception=text, traceback=outcome.traceback, log=outcome.log,
             attempt=attempt, at=outcome.ended_at,
             run_after=outcome.ended_at + datetime.timedelta(seconds=delay)))
     retries = options is not None and options.max_retries > 0
-    exhausted = retries and attempt > cast(task_options.TaskOptions, options).max_retries
+    # Ran out of retries: an error it would have retried, had any been left.
+    exhausted = (options is not None and retries and attempt > options.max_retries
+                 and options.retryable(error, attempt))
     if exhausted:
         text = f'{text} (retries exhausted: this was attempt {attempt})'
     failed = lifecycle.failed(message_id, exception=text, traceback=outcome.traceback,

@@ -88,5 +88,7 @@ class Command(BaseCommand):
             return
         done = (f'sent back to {selection.queue}' if action == 'requeue'
                 else f'purged from {where}')
+        left = (f'; {found.skipped} left, their rows are no longer FAILED' if found.skipped
+                else '')
         self.stdout.write(self.style.SUCCESS(
-            f'{len(found.letters)} dead letter(s) {done} ({found.read} read)'))
+            f'{len(found.letters)} dead letter(s) {done} ({found.read} read{left})'))
