@@ -62,11 +62,10 @@ def record_published(
     """
     alias = database()
     if options or expires_at is not None:
-        return MessageLog.objects.using(alias).create(
-            status=Status.PUBLISHED, uuid=message_id, task=task, task_args=args_json,
-            content=kwargs_json, queue=queue, exchange=exchange, routing_key=routing_key,
-            priority=priority, publish_time=timezone.now(), awaiting_confirm=True,
-            options=options or None, expires_at=expires_at)
+        return _created(Status.PUBLISHED, message_id=message_id, task=task,
+                        args_json=args_json, kwargs_json=kwargs_json, queue=queue,
+                        exchange=exchange, routing_key=routing_key, priority=priority,
+                        awaiting_confirm=True, options=options or None, expires_at=expires_at)
     values: list[Any] = [Status.PUBLISHED, message_id, task, args_json, kwargs_json, queue,
                          exchange, routing_key, priority, timezone.now(), 0, True]
     connection = transaction.get_connection(alias)
@@ -96,11 +95,18 @@ def record_delayed(
     options: dict[str, Any] | None = None, expires_at: datetime.datetime | None = None,
 ) -> MessageLog:
     """The DELAYED row of a task that waits until ``run_after``; nothing is sent until then."""
+    return _created(Status.DELAYED, message_id=message_id, task=task, args_json=args_json,
+                    kwargs_json=kwargs_json, queue=queue, exchange=exchange,
+                    routing_key=routing_key, priority=priority, run_after=run_after,
+                    options=options or None, expires_at=expires_at)
+
+
+def _created(status: str, *, message_id: str, task: str, args_json: str, kwargs_json: str,
+             **columns: Any) -> MessageLog:
+    """A new row written by the ORM (rows with columns the prepared INSERT leaves out)."""
     return MessageLog.objects.using(database()).create(
-        status=Status.DELAYED, uuid=message_id, task=task, task_args=args_json,
-        content=kwargs_json, queue=queue, exchange=exchange, routing_key=routing_key,
-        priority=priority, publish_time=timezone.now(), run_after=run_after,
-        options=options or None, expires_at=expires_at)
+        status=status, uuid=message_id, task=task, task_args=args_json, content=kwargs_json,
+        publish_time=timezone.now(), **columns)
 
 
 def release_due(queues: Sequence[str], limit: int,
@@ -162,7 +168,8 @@ def mark_requeued(alias: str, message_ids: Sequence[str]) -> list[str]:
     now = timezone.now()
     rows = MessageLog.objects.using(alias).filter(uuid__in=message_ids, status=Status.FAILED)
     with transaction.atomic(using=alias):
-        retried = list(rows.exclude(errors=None).select_for_update().values_list('pk', 'errors'))
+        retried = list(rows.filter(errors__isnull=False).select_for_update()
+                       .values_list('pk', 'errors'))
         moved = list(rows.values_list('uuid', flat=True))
         rows.update(status=Status.PUBLISHED, publish_time=now, failure_time=None,
                     completion_time=None, exception=None, traceback=None, output=None,

@@ -177,7 +177,7 @@ def _options_of(header: Any) -> dict[str, Any]:
     if header is None:
         return {}
     try:
-        given = json.loads(text(header) if isinstance(header, bytes) else header)
+        given = json.loads(text(header))
     except (TypeError, ValueError):
         given = None
     if not isinstance(given, dict):
@@ -194,8 +194,7 @@ def _time_of(header: Any, name: str) -> datetime.datetime | None:
     if header is None:
         return None
     try:
-        at = datetime.datetime.fromisoformat(text(header) if isinstance(header, bytes)
-                                             else header)
+        at = datetime.datetime.fromisoformat(text(header))
     except (TypeError, ValueError):
         at = None
     if at is None or at.tzinfo is None:

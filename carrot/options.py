@@ -148,8 +148,7 @@ def _check(name: str, value: Any, key: str, code_as: CodeAs, consumer_timeout: f
             raise CarrotConfigException(f'{key} must be a positive number of seconds, at most '
                                         f'{MAX_SECONDS} (ten years), or None; not {value!r}.')
     elif name in ('retry_for', 'dont_retry_for'):
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for item in items:
+        for item in _as_list(value):
             if code_as == 'paths' and not _is_dotted_path(item):
                 raise CarrotConfigException(f'{key} must list dotted paths of exception '
                                             f'classes, not {item!r}.')
@@ -167,6 +166,11 @@ def _check(name: str, value: Any, key: str, code_as: CodeAs, consumer_timeout: f
             raise CarrotConfigException(f'{key} must be a function, not {value!r}.')
 
 
+def _as_list(value: Any) -> list[Any]:
+    """Exceptions given as a list, a tuple or one alone, as a list."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _is_dotted_path(value: Any) -> bool:
     return isinstance(value, str) and '.' in value.strip('.') and ' ' not in value
 
@@ -177,7 +181,8 @@ def _is_exception_class(value: Any) -> bool:
 
 # -- resolving ----------------------------------------------------------------------------
 
-_resolved: dict[tuple[int, Callable[..., Any] | None, str], TaskOptions] = {}
+# Resolved options by (task function, queue), for the settings in _resolved_for.
+_resolved: dict[tuple[Callable[..., Any] | None, str], TaskOptions] = {}
 _resolved_for: list[CarrotSettings] = []
 
 
@@ -194,7 +199,7 @@ def resolve(function: Callable[..., Any] | None, queue: str,
     if not _resolved_for or _resolved_for[0] is not settings:
         _resolved.clear()
         _resolved_for[:] = [settings]
-    key = (id(settings), function, queue)
+    key = (function, queue)
     base = _resolved.get(key)
     if base is None:
         layers = [settings.task_defaults, settings.queue(queue).task_options,
@@ -227,8 +232,7 @@ def _build(merged: Mapping[str, Any], consumer_timeout: float) -> TaskOptions:
             f'would have its channel closed. Lower the time limit.')
     for name in ('retry_for', 'dont_retry_for'):
         if name in values:
-            items = values[name] if isinstance(values[name], (list, tuple)) else [values[name]]
-            values[name] = tuple(_imported(item, name) for item in items)
+            values[name] = tuple(_imported(item, name) for item in _as_list(values[name]))
     for name in ('retry_when', 'on_retries_exhausted'):
         if isinstance(values.get(name), str):
             values[name] = _imported(values[name], name)

@@ -133,13 +133,11 @@ class Message:
         )
         if not self.tracked:
             return lifecycle.unsaved_published(**fields)
-        extras: dict[str, Any] = dict(options=self.task_message.options or None,
-                                      expires_at=self.task_message.expires_at)
+        fields.update(options=self.task_message.options or None,
+                      expires_at=self.task_message.expires_at)
         if self.run_after is not None:
-            return lifecycle.record_delayed(**fields, **extras, run_after=self.run_after)
-        if extras['options'] is None and extras['expires_at'] is None:
-            return lifecycle.record_published(**fields)  # the hot path: no extra columns
-        return lifecycle.record_published(**fields, **extras)
+            return lifecycle.record_delayed(**fields, run_after=self.run_after)
+        return lifecycle.record_published(**fields)
 
     def send(self) -> None:
         """Send the message to RabbitMQ and wait for the broker's confirm."""
@@ -214,12 +212,13 @@ def create_message(
     """
     if tracked is not None and not isinstance(tracked, bool):
         raise CarrotConfigException(f'tracked must be True, False or None, not {tracked!r}.')
-    path = validate_task(task)
+    path = registry.task_path(task)
+    function = registry.resolve(path)  # what validate_task checks, its function kept
     settings = conf.get_settings()
     target = settings.queue(queue)
     call_options = task_options.validate(options or {}, 'publish_message', code_as='none',
                                          consumer_timeout=settings.consumer_timeout)
-    resolved = task_options.resolve(registry.resolve(path), target.name, call_options)
+    resolved = task_options.resolve(function, target.name, call_options)
     now = timezone.now()
     run_after = _run_after(countdown, eta, now)
     expires_at = (now + datetime.timedelta(seconds=resolved.expires)
