@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field
@@ -175,7 +176,7 @@ def rows_of(alias: str, starts: Sequence[lifecycle.Start]) -> dict[str, tuple[in
                 queue=_text.fit(s.queue, 'queue'), exchange=_text.fit(s.exchange, 'exchange'),
                 routing_key=_text.fit(s.routing_key, 'routing_key'),
                 priority=s.priority, publish_time=now, options=s.options or None,
-                expires_at=s.expires_at,
+                expires_at=_database_time(s.expires_at),
             ) for s in _unique(missing)
         ])
         if any(row.pk is None for row in created):
@@ -183,6 +184,14 @@ def rows_of(alias: str, starts: Sequence[lifecycle.Start]) -> dict[str, tuple[in
                 uuid__in=[s.message_id for s in missing]))
         rows.update({row.uuid: (row.pk, row.status) for row in created})
     return rows
+
+
+def _database_time(at: datetime.datetime | None) -> datetime.datetime | None:
+    """An aware time (as a message carries it) as a DateTimeField takes it: naive, in local
+    time, when USE_TZ is off."""
+    if at is None or settings.USE_TZ or timezone.is_naive(at):
+        return at
+    return timezone.make_naive(at)
 
 
 def _unique(starts: Sequence[lifecycle.Start]) -> list[lifecycle.Start]:

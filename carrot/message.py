@@ -110,7 +110,7 @@ def encode(message: TaskMessage, arguments_json: tuple[str, str] | None = None,
     if message.options:
         headers[OPTIONS_HEADER] = json.dumps(message.options)
     if message.expires_at is not None:
-        headers[EXPIRES_HEADER] = message.expires_at.isoformat()
+        headers[EXPIRES_HEADER] = _aware(message.expires_at).isoformat()
     properties = {
         'headers': headers,
         'content_type': CONTENT_TYPE,
@@ -268,6 +268,12 @@ def dead_at_of(properties: Mapping[str, Any]) -> datetime.datetime | None:
         return _time_of((properties.get('headers') or {}).get(DEAD_AT_HEADER), DEAD_AT_HEADER)
     except BadMessage:
         return None
+
+
+def _aware(at: datetime.datetime) -> datetime.datetime:
+    """``at`` with its UTC offset; a naive time (USE_TZ off) is local time, which Django sets
+    to TIME_ZONE."""
+    return at if at.tzinfo is not None else at.astimezone()
 
 
 def _now() -> str:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from django.test import override_settings
 from django.utils import timezone
 
 from carrot import lifecycle, message
@@ -220,3 +221,24 @@ def test_retries_of_an_error_the_options_never_retry_are_not_exhausted() -> None
     last = end_of('m', outcome, policy, 3)
     assert last.exhausted and last.dead_letter is not None
     assert end_of('m', outcome, policy, 2).finish.status == 'DELAYED'
+
+
+def test_expiry_works_with_use_tz_off(
+        queue: str, start_worker: StartWorker, broker: Broker, tmp_path: Path) -> None:
+    """Naive local times then: the message still says its offset, the rows stay naive."""
+    runs = tmp_path / 'runs'
+    with override_settings(USE_TZ=False):
+        late = publish_message(tasks.runs_at, str(runs), expires=1)
+        fresh = publish_message(tasks.runs_at, str(runs), expires=600)
+        failing = publish_message(tasks.fail, 'untracked', expires=600, tracked=False)
+        time.sleep(1.5)
+        start_worker(carrot_settings(queue), env={'CARROT_TEST_USE_TZ': '0'})
+        rows = {log.uuid: wait_for(lambda log=log: MessageLog.objects.filter(
+            uuid=log.uuid, status__in=('COMPLETED', 'FAILED')).first(), what='its end')
+            for log in (late, fresh, failing)}
+        assert rows[late.uuid].status == 'FAILED' and 'expired at' in (
+            rows[late.uuid].exception or '')
+        assert rows[fresh.uuid].status == 'COMPLETED'
+        assert rows[failing.uuid].exception == 'ValueError: untracked'
+        assert rows[failing.uuid].expires_at is not None
+    assert len(_runs(runs)) == 1

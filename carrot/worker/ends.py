@@ -10,8 +10,6 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
-from django.utils import timezone
-
 from carrot import lifecycle, message
 from carrot import options as task_options
 from carrot.exceptions import Retry, TaskExpired, TimeLimitExceeded
@@ -60,8 +58,8 @@ def end_of(message_id: str, outcome: Outcome, options: task_options.TaskOptions 
 
 def expired_outcome(task_message: message.TaskMessage) -> Outcome | None:
     """The outcome of a task past its expiry, which is not run; None when it may run."""
-    expires_at = task_message.expires_at
-    if expires_at is None or timezone.now() < expires_at:
+    expires_at = task_message.expires_at  # aware, as decoded, whether USE_TZ is on or not
+    if expires_at is None or datetime.datetime.now(datetime.UTC) < expires_at:
         return None
     return Outcome(output=None, log='', exception=TaskExpired(
         f'the task expired at {expires_at.isoformat()} (its expires option) before it ran, '

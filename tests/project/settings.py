@@ -2,8 +2,8 @@
 
 The tests start workers as subprocesses, so what varies between tests comes from the
 environment: CARROT_TEST_DB (sqlite or postgresql), CARROT_TEST_SQLITE_PATH,
-CARROT_TEST_PG_NAME, CARROT_TEST_PG_PORT and CARROT_TEST_CARROT (a JSON ``CARROT``
-setting).
+CARROT_TEST_PG_NAME, CARROT_TEST_PG_PORT, CARROT_TEST_USE_TZ (0 turns USE_TZ off) and
+CARROT_TEST_CARROT (a JSON ``CARROT`` setting).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent
 SECRET_KEY = 'carrot-tests-only'
 DEBUG = False
-USE_TZ = True
+USE_TZ = os.environ.get('CARROT_TEST_USE_TZ', '1') == '1'
 TIME_ZONE = os.environ.get('CARROT_TEST_TIME_ZONE', 'UTC')
 ALLOWED_HOSTS = ['*']
 ROOT_URLCONF = 'tests.project.urls'
