@@ -22,6 +22,7 @@ from django.db.models import Field
 from django.utils import timezone
 
 from carrot import _text
+from carrot._process import worker_id
 from carrot.models import MessageLog
 
 if TYPE_CHECKING:
@@ -139,14 +140,18 @@ def start_by_message_id(connection: BaseDatabaseWrapper,
     status, attempts, key = quote('status'), quote('attempts'), quote('id')
     # Joining the row to itself as ``old`` gives its status before the update.
     sql = (
-        f'UPDATE {table} AS t SET {status} = %s, {attempts} = t.{attempts} + 1 '
-        f'FROM unnest(%s::text[]) AS v(uuid), {table} AS old '
+        f'UPDATE {table} AS t SET {status} = %s, {attempts} = t.{attempts} + 1, '
+        f'{quote("start_time")} = v.start_time, {quote("worker")} = %s '
+        f'FROM unnest(%s::text[], %s::timestamptz[]) AS v(uuid, start_time), {table} AS old '
         f'WHERE t.{quote("uuid")} = v.uuid AND old.{key} = t.{key} AND t.{status} <> %s '
         f'RETURNING t.{key}, t.{quote("uuid")}, old.{status}'
     )
-    message_ids = list(dict.fromkeys(s.message_id for s in starts))
+    first = {s.message_id: s for s in reversed(starts)}  # a message id's first start
+    prepare = completion_time_field().get_db_prep_value
     with bound_cursor(connection) as cursor:
-        cursor.execute(sql, [MessageLog.IN_PROGRESS, message_ids, MessageLog.COMPLETED])
+        cursor.execute(sql, [MessageLog.IN_PROGRESS, worker_id(), list(first),
+                             [prepare(s.at, connection) for s in first.values()],
+                             MessageLog.COMPLETED])
         return {uuid: (pk, status) for pk, uuid, status in cursor.fetchall()}
 
 
@@ -176,7 +181,7 @@ def rows_of(alias: str, starts: Sequence[lifecycle.Start]) -> dict[str, tuple[in
                 queue=_text.fit(s.queue, 'queue'), exchange=_text.fit(s.exchange, 'exchange'),
                 routing_key=_text.fit(s.routing_key, 'routing_key'),
                 priority=s.priority, publish_time=now, options=s.options or None,
-                expires_at=_database_time(s.expires_at),
+                expires_at=database_time(s.expires_at),
             ) for s in _unique(missing)
         ])
         if any(row.pk is None for row in created):
@@ -186,7 +191,7 @@ def rows_of(alias: str, starts: Sequence[lifecycle.Start]) -> dict[str, tuple[in
     return rows
 
 
-def _database_time(at: datetime.datetime | None) -> datetime.datetime | None:
+def database_time(at: datetime.datetime | None) -> datetime.datetime | None:
     """An aware time (as a message carries it) as a DateTimeField takes it: naive, in local
     time, when USE_TZ is off."""
     if at is None or settings.USE_TZ or timezone.is_naive(at):
@@ -202,18 +207,22 @@ def _unique(starts: Sequence[lifecycle.Start]) -> list[lifecycle.Start]:
 
 
 END_COLUMNS = ('status', 'output', 'log', 'exception', 'traceback', 'completion_time',
-                'failure_time')
+                'failure_time', 'worker')
 
 
 def end_values(finish: lifecycle.Finish, connection: BaseDatabaseWrapper,
                 now: datetime.datetime) -> tuple[Any, ...]:
-    """The END_COLUMNS of ``finish``, then 1 when it also records the start, else 0."""
-    at = completion_time_field().get_db_prep_value(finish.at or now, connection)
+    """The END_COLUMNS of ``finish``; then its start time when it also records the start
+    (else None, which keeps the row's), and 1 when it does, else 0."""
+    prepare = completion_time_field().get_db_prep_value
+    at = prepare(finish.at or now, connection)
     completed = finish.status == MessageLog.COMPLETED
+    start = finish.start
     return (finish.status, _text.clean_optional(finish.output), _text.clean(finish.log),
             _text.clean_optional(finish.exception), _text.clean_optional(finish.traceback),
-            at if completed else None, None if completed else at,
-            0 if finish.start is None else 1)
+            at if completed else None, None if completed else at, worker_id(),
+            None if start is None else prepare(start.at, connection),
+            0 if start is None else 1)
 
 
 @functools.cache
@@ -241,7 +250,7 @@ def finish_by_message_id(
     quote = connection.ops.quote_name
     table = quote(MessageLog._meta.db_table)
     assignments = ', '.join(f'{quote(c)} = v.{c}' for c in END_COLUMNS)
-    attempts, status = quote('attempts'), quote('status')
+    attempts, status, start_time = quote('attempts'), quote('status'), quote('start_time')
     # Joining the row to itself as ``old`` gives its status before the update. A start
     # written with its end counts an attempt unless the row has ended already: written
     # again, the same end must not count one more.
@@ -249,10 +258,11 @@ def finish_by_message_id(
         f'UPDATE {table} AS t SET {assignments}, {attempts} = t.{attempts} + CASE WHEN '
         f"old.{status} IN ('{MessageLog.COMPLETED.value}', '{MessageLog.FAILED.value}') "
         'THEN 0 ELSE v.started END '
+        f', {start_time} = COALESCE(v.start_time, t.{start_time}) '
         'FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], '
-        '%s::text[], %s::timestamptz[], %s::timestamptz[], %s::integer[]) '
-        'AS v(uuid, status, output, log, exception, traceback, completion_time, '
-        f'failure_time, started), {table} AS old '
+        '%s::text[], %s::timestamptz[], %s::timestamptz[], %s::text[], %s::timestamptz[], '
+        '%s::integer[]) AS v(uuid, status, output, log, exception, traceback, '
+        f'completion_time, failure_time, worker, start_time, started), {table} AS old '
         f'WHERE t.{quote("uuid")} = v.uuid AND old.{quote("id")} = t.{quote("id")} '
         f'RETURNING t.{quote("id")}, t.{quote("uuid")}, old.{status}'
     )
@@ -272,8 +282,10 @@ def finish_by_pk(connection: BaseDatabaseWrapper,
     quote = connection.ops.quote_name
     placeholders = ', '.join(f'{quote(c)} = %s' for c in END_COLUMNS)
     attempts = quote('attempts')
+    start_time = quote('start_time')
     sql = (f'UPDATE {quote(MessageLog._meta.db_table)} SET {placeholders}, '
-           f'{attempts} = {attempts} + %s WHERE {quote("id")} = %s')
+           f'{start_time} = COALESCE(%s, {start_time}), {attempts} = {attempts} + %s '
+           f'WHERE {quote("id")} = %s')
     starting = [f.start for f in finishes if f.start is not None]
     rows = rows_of(connection.alias, starting) if starting else {}
     now = timezone.now()

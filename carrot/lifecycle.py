@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import connections, router, transaction
@@ -38,6 +38,7 @@ from django.utils import timezone
 
 from carrot import _sql, message
 from carrot._group_insert import group_insert
+from carrot._process import worker_id
 from carrot._text import clean, fit
 from carrot.models import MessageLog, Status
 
@@ -225,6 +226,8 @@ class Start:
     #: gets (so that its retries keep them).
     options: dict[str, Any] | None = None
     expires_at: datetime.datetime | None = None
+    #: When the worker started it (its row's ``start_time``).
+    at: datetime.datetime = field(default_factory=timezone.now)
 
 
 @dataclass(frozen=True)
@@ -361,7 +364,8 @@ def last_attempt(errors: object) -> int:
 def _mark_started(alias: str, pks: list[int]) -> None:
     if pks:
         MessageLog.objects.using(alias).filter(pk__in=pks).update(
-            status=Status.IN_PROGRESS, attempts=F('attempts') + 1)
+            status=Status.IN_PROGRESS, attempts=F('attempts') + 1, start_time=timezone.now(),
+            worker=worker_id())
 
 
 def finish_many(finishes: Sequence[Finish]) -> dict[str, Started]:
@@ -424,15 +428,19 @@ def _finish_attempts(alias: str, finishes: Sequence[Finish]) -> dict[str, tuple[
             continue  # written already: the recorder writes a failed batch again
         at = finish.at or now
         exception, traceback = clean(finish.exception or ''), clean(finish.traceback or '')
-        row.errors = [*(row.errors or []), {
-            'attempt': finish.attempt, 'exception': exception, 'traceback': traceback,
-            'log': clean(finish.log), 'at': at.isoformat()}]
         if finish.start is not None:
             row.attempts += 1
+            row.start_time = finish.start.at
+        started = row.start_time
+        row.errors = [*(row.errors or []), {
+            'attempt': finish.attempt, 'exception': exception, 'traceback': traceback,
+            'log': clean(finish.log), 'at': at.isoformat(), 'worker': worker_id(),
+            'started_at': started.isoformat() if started is not None else None}]
         row.status, row.run_after, row.failure_time = finish.status, finish.run_after, at
         row.exception, row.traceback, row.log = exception, traceback, clean(finish.log)
+        row.worker = worker_id()
         row.save(update_fields=['errors', 'status', 'run_after', 'exception', 'traceback', 'log',
-                                'failure_time', 'attempts'])
+                                'failure_time', 'attempts', 'start_time', 'worker'])
     return created
 
 

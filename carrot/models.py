@@ -82,6 +82,10 @@ class MessageLog(TaskArguments, models.Model):
     publish_time = models.DateTimeField(null=True, blank=True)
     failure_time = models.DateTimeField(null=True, blank=True)
     completion_time = models.DateTimeField(null=True, blank=True)
+    #: When a worker last started the task (its latest attempt).
+    start_time = models.DateTimeField(null=True, blank=True)
+    #: The worker (``host:pid``) that last started or ended the task.
+    worker = models.CharField(max_length=200, null=True, blank=True)
 
     #: What the task logged (the ``carrot`` logger and its children) while it ran.
     log = models.TextField(blank=True, null=True)
@@ -99,7 +103,8 @@ class MessageLog(TaskArguments, models.Model):
     #: The options the call gave (``carrot.options``), which its retries keep.
     options = models.JSONField(null=True, blank=True)
     #: Each failed attempt of a task that retries, oldest first: ``attempt``,
-    #: ``exception``, ``traceback``, ``log`` and ``at`` (ISO 8601); a requeue adds
+    #: ``exception``, ``traceback``, ``log``, ``at`` and ``started_at`` (ISO 8601) and
+    #: ``worker``; a requeue adds
     #: ``{"requeued_at": ...}``, after which attempts count from 1 again.
     errors = models.JSONField(null=True, blank=True)
 
