@@ -177,3 +177,19 @@ def test_schedules_through_the_api(users: dict[str, User], queue: str, broker: B
     assert (resumed['count'], resumed['skipped']) == (1, 1)
     bad = _post(client, 'schedules/run/', {'ids': 'all'})
     assert bad.status_code == 400 and 'ids must be a list' in bad.json()['error']
+
+
+def test_a_task_shows_where_and_when_it_last_started(users: dict[str, User]) -> None:
+    [row] = make_rows(1)
+    MessageLog.objects.filter(pk=row.pk).update(
+        worker='host-a:4242', start_time=row.publish_time,
+        errors=[{'attempt': 1, 'exception': 'ValueError: no', 'traceback': '', 'log': '',
+                 'at': '2026-12-04T00:00:00+00:00', 'worker': 'host-b:7',
+                 'started_at': None}])
+    client = client_for(users, 'viewer')
+    found = client.get(API + f'tasks/{row.pk}/').json()
+    assert found['worker'] == 'host-a:4242'
+    assert found['start_time'] == found['publish_time']
+    page = client.get(PREFIX + f'tasks/{row.pk}/').content.decode()
+    assert 'host-a:4242' in page and 'Last started' in page
+    assert 'Attempt 1 on <span class="mono">host-b:7</span>' in page

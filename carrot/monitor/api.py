@@ -41,6 +41,8 @@ def task_json(request: HttpRequest, row: MessageLog, full: bool = False) -> dict
         'kwargs': row.keywords,
         'exception': row.exception,
         'publish_time': _time(row.publish_time),
+        'start_time': _time(row.start_time),
+        'worker': row.worker,
         'completion_time': _time(row.completion_time),
         'failure_time': _time(row.failure_time),
         'run_after': _time(row.run_after),
