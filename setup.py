@@ -25,11 +25,14 @@ setup(
         'python-daemon>=3.0',
         'cronsim>=2.6',
     ],
-    extras_require={'postgresql': ['psycopg[binary]>=3.2']},
+    extras_require={'postgresql': ['psycopg[binary]>=3.2'],
+                    # Django's task framework on Django 5.2 (built into 6.0 and later)
+                    'django-tasks': ['django-tasks>=0.12,<0.13']},
     classifiers=[
         'Framework :: Django',
         'Framework :: Django :: 5.2',
         'Framework :: Django :: 6.0',
+        'Framework :: Django :: 6.1',
         'Programming Language :: Python :: 3',
         'Programming Language :: Python :: 3.11',
         'Programming Language :: Python :: 3.12',

@@ -8,7 +8,7 @@ from typing import Any
 from django.core import checks
 from django.utils.module_loading import import_string
 
-from carrot import conf, options
+from carrot import conf, options, registry
 from carrot.consumer import check_consumer_class
 from carrot.exceptions import CarrotConfigException
 from carrot.reporting import SafeExceptionReporterFilter, holds_url_password
@@ -57,6 +57,26 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             ))
     found.extend(_check_monitor_authentication(settings.monitor_authentication))
     found.extend(_check_task_option_paths(settings))
+    found.extend(_discover_app_tasks(settings))
+    return found
+
+
+def _discover_app_tasks(settings: conf.CarrotSettings) -> list[checks.CheckMessage]:
+    """Import the installed apps' ``tasks`` modules, whose ``@task`` tasks may run (as
+    Celery's autodiscovery does); a warning for each that does not import."""
+    if registry.framework_task_class() is None:
+        return []
+    found: list[checks.CheckMessage] = []
+    for module in sorted(registry.app_task_modules() - set(settings.task_modules)):
+        try:
+            importlib.import_module(module)
+        except Exception as error:
+            found.append(checks.Warning(
+                f'{module}, the tasks module of an installed app, does not import: '
+                f'{type(error).__name__}: {error}; its @task tasks will be refused.',
+                hint='Fix the module, or ignore this if it holds no tasks for carrot.',
+                id='carrot.W004',
+            ))
     return found
 
 

@@ -1,29 +1,40 @@
-"""Which task paths may run: functions defined in a module of ``CARROT['task_modules']``.
+"""Which task paths may run: functions defined in a module of ``CARROT['task_modules']``,
+and tasks of Django's task framework (``@task``) there or in an installed app's ``tasks``.
 
 A message names its task by dotted path. Importing whatever it names would let anyone who
 can publish run any function on the worker, so only plain Python functions *defined* in the
 listed modules are accepted: not names they merely import, not names that start with an
 underscore (which covers a module's own ``__getattribute__``, ``__setattr__`` and the like),
-and not builtins, bound methods, classes, callable objects or modules.
+and not builtins, bound methods, classes, callable objects or modules. An installed app's
+``tasks`` module (found as Celery's autodiscovery finds them) adds only its ``@task``
+objects, never its plain functions.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from carrot.conf import get_settings
 from carrot.exceptions import TaskImportError, TaskNotRegistered
+
+if TYPE_CHECKING:
+    from carrot.framework_tasks import FrameworkTask
 
 Task = Callable[..., Any]
 
 
 def task_path(task: Task | str) -> str:
-    """The dotted path of a task given as a function or a path."""
+    """The dotted path of a task given as a function, a ``@task`` object or a path."""
     if isinstance(task, str):
         return task
+    framework = framework_task_class()
+    if framework is not None and isinstance(task, framework):
+        return str(task.module_path)
     module = getattr(task, '__module__', None)
     name = getattr(task, '__qualname__', None) or getattr(task, '__name__', None)
     if not callable(task) or not module or not name:
@@ -42,11 +53,12 @@ def check_registered(path: str) -> tuple[str, str]:
     modules = get_settings().task_modules
     if not module or not name:
         raise TaskNotRegistered(f'{path!r} is not a dotted path such as "myapp.tasks.send_mail".')
-    if module not in modules:
+    if module not in modules and module not in app_task_modules():
         listed = ', '.join(modules) or 'nothing'
         raise TaskNotRegistered(
             f"{path} is not a registered task: its module {module} is not in "
-            f"settings.CARROT['task_modules'] (which lists {listed}). Add {module!r} there."
+            f"settings.CARROT['task_modules'] (which lists {listed}), nor an installed app's "
+            f"tasks module. Add {module!r} there."
         )
     if name.startswith('_'):
         raise TaskNotRegistered(
@@ -57,7 +69,7 @@ def check_registered(path: str) -> tuple[str, str]:
 
 
 def resolve(path: str) -> Task:
-    """The function a registered task path names.
+    """The function a registered task path names (a FrameworkTask for a ``@task`` object).
 
     Raises TaskNotRegistered for a path outside the listed modules and TaskImportError when
     the module does not import or has no such function.
@@ -87,6 +99,14 @@ def _resolve(path: str) -> Task:
     function = getattr(module, name, None)
     if function is None:
         raise TaskImportError(f'{path}: {module_name} has no function called {name}.')
+    framework = framework_task_class()
+    if framework is not None and isinstance(function, framework):
+        return _framework_task(path, module_name, function)
+    if module_name not in get_settings().task_modules:
+        raise TaskNotRegistered(
+            f'{path} is not a registered task: {module_name} is an installed app\'s tasks '
+            f'module, from which only tasks of Django\'s task framework (@task) run. Decorate '
+            f"it with @task, or add {module_name!r} to settings.CARROT['task_modules'].")
     # Only a plain function qualifies: a builtin, a bound method, a method-wrapper, a class,
     # a module or a callable object could do anything its owner can.
     if not inspect.isfunction(function):
@@ -100,6 +120,48 @@ def _resolve(path: str) -> Task:
             f'there; only functions defined in a listed task module may run.'
         )
     return function
+
+
+def _framework_task(path: str, module_name: str, task: Any) -> FrameworkTask:
+    """The runner of a ``@task`` object found at ``path``, once it is known to be its own."""
+    from carrot.framework_tasks import FrameworkTask
+
+    func = task.func
+    if (not inspect.isfunction(func) or func.__module__ != module_name
+            or task.name != path.rpartition('.')[2]):
+        raise TaskNotRegistered(
+            f'{path} is a task of Django\'s task framework defined as '
+            f'{getattr(func, "__module__", "?")}.{task.name}, not under this name; only a '
+            f'task defined in a listed module, under its own name, may run.')
+    return FrameworkTask(task)
+
+
+def framework_task_class() -> type[Any] | None:
+    """Django's ``Task`` class (6.0 or the backport); None when neither is installed."""
+    try:
+        from carrot import _tasks_framework
+    except ImportError:
+        return None
+    return _tasks_framework.Task
+
+
+def app_task_modules() -> frozenset[str]:
+    """The ``tasks`` modules of the installed apps that have one (``myapp.tasks``)."""
+    from django.apps import apps
+
+    return _app_task_modules(tuple(config.name for config in apps.get_app_configs()))
+
+
+@functools.cache
+def _app_task_modules(app_names: tuple[str, ...]) -> frozenset[str]:
+    found = set()
+    for name in app_names:
+        try:
+            if importlib.util.find_spec(f'{name}.tasks') is not None:
+                found.add(f'{name}.tasks')
+        except (ImportError, ValueError):  # a namespace or broken package: not one of ours
+            continue
+    return frozenset(found)
 
 
 def _kind(value: object) -> str:

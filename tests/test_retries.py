@@ -99,7 +99,7 @@ def test_a_task_can_ask_for_its_own_retry_with_a_delay(
     runs = tmp_path / 'runs'
     row = _ended(publish_message(tasks.asks_for_retry, str(runs), 2.0))
     assert (row.status, row.output) == ('COMPLETED', '2')
-    assert row.errors[0]['exception'] == 'Retry: not yet'
+    assert row.errors[0]['exception'] == 'carrot.exceptions.Retry: not yet'
     first, second = _runs(runs)
     assert second - first >= 2.0
 
@@ -128,7 +128,8 @@ def test_a_task_past_its_time_limit_is_stopped_and_failed_while_others_run_on(
     row = _ended(log, timeout=30)
     assert time.monotonic() - started < 20
     assert row.status == 'FAILED'
-    assert row.exception == 'TimeLimitExceeded: the task ran past its time limit of 1 s'
+    assert row.exception == ('carrot.exceptions.TimeLimitExceeded: the task ran past its time '
+                             'limit of 1 s')
     assert 'not stopped' not in over.read_text()
     for other in others:
         assert _ended(other).status == 'COMPLETED'

@@ -34,6 +34,7 @@ from carrot.exceptions import (
     TaskImportError,
     TaskNotRegistered,
 )
+from carrot.framework_tasks import FrameworkTask
 from carrot.models import MessageLog
 from carrot.worker.ends import end_of, expired_outcome
 from carrot.worker.executor import Outcome
@@ -79,6 +80,8 @@ class Delivery:
         self.recorded: AsyncResult | None = None
         #: How it was settled; None until then.
         self.settlement: Settlement | None = None
+        #: The task it runs, once ``process()`` has resolved it.
+        self.function: registry.Task | None = None
 
     @property
     def properties(self) -> dict[str, Any]:
@@ -162,7 +165,7 @@ class Delivery:
         except (BadMessage, TaskNotRegistered, TaskImportError, CarrotConfigException) as error:
             self.refuse(error)
             return
-        self.task_message = task_message
+        self.task_message, self.function = task_message, function
         start = self._start_of(task_message)
         if start.resent:
             # Its first copy may be running somewhere with its start held back: give that
@@ -278,15 +281,21 @@ class Delivery:
             self._requeue_and_pause(f'its end could not be recorded ({error})')
             return
         self.started = None
+        if end.finish.status == MessageLog.DELAYED:
+            return  # to be run again
         failure = outcome.exception
-        if failure is None or end.finish.status == MessageLog.DELAYED:
-            return  # done, or to be run again
         hook = options.on_retries_exhausted if end.exhausted and options is not None else None
-        if hook is None and not self.consumer.failure_callbacks:
+        callbacks = failure is not None and bool(self.consumer.failure_callbacks)
+        framework_task = self.function if isinstance(self.function, FrameworkTask) else None
+        if hook is None and not callbacks and framework_task is None:
             return
         try:
             self.recorded.get()
         except RecordingFailed:
+            return  # handed back, to run again
+        if framework_task is not None:
+            framework_task.send_finished(start.message_id, outcome)
+        if failure is None:
             return
         if hook is not None:
             self._call_exhausted_hook(hook, start.message_id, failure)

@@ -15,6 +15,7 @@ from gevent import GreenletExit
 
 from carrot import lifecycle, registry
 from carrot.exceptions import TimeLimitExceeded
+from carrot.framework_tasks import FrameworkTask
 from carrot.message import TaskMessage
 from carrot.worker import logcapture
 
@@ -34,9 +35,17 @@ class Outcome:
 
     @property
     def exception_text(self) -> str | None:
+        """``module.Class: message``, as a traceback's last line names it (a builtin
+        exception by its name alone)."""
         if self.exception is None:
             return None
-        return f'{type(self.exception).__name__}: {self.exception}'
+        return f'{class_path(type(self.exception))}: {self.exception}'
+
+
+def class_path(cls: type[BaseException]) -> str:
+    """The dotted path of an exception class; a builtin one's name alone."""
+    module = cls.__module__
+    return cls.__qualname__ if module == 'builtins' else f'{module}.{cls.__qualname__}'
 
 
 def execute(function: registry.Task, task_message: TaskMessage, time_limit: float) -> Outcome:
@@ -53,7 +62,10 @@ def execute(function: registry.Task, task_message: TaskMessage, time_limit: floa
             logger.info('Starting task %s (%s)', task_message.task, task_message.message_id)
             stop = TimeLimitExceeded(f'the task ran past its time limit of {time_limit:g} s')
             with gevent.Timeout(time_limit, stop):
-                result = function(*task_message.args, **task_message.kwargs)
+                if isinstance(function, FrameworkTask):
+                    result = function.run(task_message)  # with its context and signals
+                else:
+                    result = function(*task_message.args, **task_message.kwargs)
         except GreenletExit:
             raise  # the service is stopping at once: the message goes back unacknowledged
         except BaseException as error:

@@ -8,6 +8,7 @@ CARROT_TEST_CARROT (a JSON ``CARROT`` setting).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,14 @@ INSTALLED_APPS = [
     'django.contrib.messages',
     'carrot',
 ]
+# Django's task framework: built in from Django 6.0, the django-tasks backport on 5.2. Its
+# tests' tasks are in an installed app that carrot's autodiscovery finds.
+if importlib.util.find_spec('django.tasks') is None \
+        and importlib.util.find_spec('django_tasks') is not None:
+    INSTALLED_APPS.append('django_tasks')
+if importlib.util.find_spec('django.tasks') or importlib.util.find_spec('django_tasks'):
+    INSTALLED_APPS.append('tests.taskapp')
+    TASKS = {'default': {'BACKEND': 'carrot.task_backend.CarrotBackend'}}
 MIDDLEWARE = [
     'django.contrib.sessions.middleware.SessionMiddleware',
     'django.contrib.auth.middleware.AuthenticationMiddleware',
