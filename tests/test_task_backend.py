@@ -299,6 +299,19 @@ def test_only_task_objects_run_from_an_apps_tasks_module() -> None:
     assert registry.task_path(tasks.add) == 'tests.taskapp.tasks.add'
 
 
+def test_an_apps_tasks_module_that_does_not_import_is_a_start_up_warning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from carrot import checks
+
+    found = registry.app_task_modules()
+    assert 'tests.taskapp.tasks' in found  # found among the installed apps
+    monkeypatch.setattr(registry, 'app_task_modules',
+                        lambda: found | {'tests.project.broken_tasks'})
+    [warning] = [m for m in checks.check_settings() if m.id == 'carrot.W004']
+    assert 'tests.project.broken_tasks, the tasks module of an installed app, does not ' \
+           'import' in warning.msg
+
+
 def test_a_task_object_is_published_with_carrots_own_call(
         queue: str, start_worker: StartWorker) -> None:
     start_worker(carrot_settings(queue))
