@@ -37,8 +37,11 @@ class MessageLogAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     actions = ('requeue', 'delete_finished')
     show_full_result_count = False  # no COUNT(*) over the whole table on each page
 
-    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
-        found = super().get_actions(request)
+    def get_actions(self, request: HttpRequest, action_location: Any = None) -> dict[str, Any]:
+        # Django 6.1 passes action_location (and warns about an override without it);
+        # 5.2 and 6.0 know no such argument.
+        found = (super().get_actions(request) if action_location is None
+                 else super().get_actions(request, action_location=action_location))  # type: ignore[call-arg]
         found.pop('delete_selected', None)  # delete_finished, which keeps unfinished rows
         return found
 
