@@ -7,7 +7,7 @@ for a failure, as Django's own receiver expects). An attempt that fails and is r
 nothing: ``task_finished`` is sent for the last attempt only.
 
 This module imports without the framework installed (the executor imports it); the
-framework itself is imported, from ``carrot._tasks_framework``, only once a task needs it.
+framework itself is imported, from ``carrot._django_tasks``, only once a task needs it.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from django.utils import timezone
 
 from carrot import options as task_options
 from carrot._process import worker_id
+from carrot.exceptions import CarrotError
 
 if TYPE_CHECKING:
-    from carrot import _tasks_framework as framework
+    from carrot import _django_tasks as framework
     from carrot.message import TaskMessage
     from carrot.task_backend import CarrotBackend
     from carrot.worker.executor import Outcome
@@ -65,7 +66,7 @@ class FrameworkTask:
     def run(self, task_message: TaskMessage) -> Any:
         """Send ``task_started``, run the function, and return its value as JSON takes it
         (a value JSON cannot hold fails the task, as on Django's own backends)."""
-        from carrot import _tasks_framework as framework
+        from carrot import _django_tasks as framework
 
         backend = self.backend()
         now = timezone.now()
@@ -94,28 +95,32 @@ class FrameworkTask:
     def send_finished(self, message_id: str, outcome: Outcome) -> None:
         """Send ``task_finished`` with the result as recorded; for a failure, from inside an
         ``except`` block that holds its exception."""
-        from carrot import _tasks_framework as framework
+        from carrot import _django_tasks as framework
 
-        backend = self.backend()
         try:
+            backend = self.backend()
             result = backend.get_result(message_id)
-        except (DatabaseError, framework.TaskResultDoesNotExist) as error:
+        except (CarrotError, DatabaseError, framework.TaskResultDoesNotExist) as error:
             logger.warning('task_finished not sent for %s (%s): its result could not be '
                            'read: %s', self.task.module_path, message_id, error)
             return
         finally:
             close_old_connections()
-        if outcome.exception is None:
+        failure = outcome.exception
+        if failure is None:
             self._send(backend, result)
             return
+        traceback = failure.__traceback__  # raising it again would add this frame to it
         try:
-            raise outcome.exception
+            raise failure
         except BaseException:
             self._send(backend, result)
+        finally:
+            failure.__traceback__ = traceback
 
     @staticmethod
     def _send(backend: CarrotBackend, result: framework.TaskResult[Any, Any]) -> None:
-        from carrot import _tasks_framework as framework
+        from carrot import _django_tasks as framework
 
         try:
             framework.task_finished.send(sender=type(backend), task_result=result)

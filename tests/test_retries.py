@@ -81,6 +81,21 @@ def test_a_task_whose_retries_run_out_is_failed_with_its_story_and_dead_lettered
     assert hook.read_text() == f'{log.uuid} ConnectionError\n'
 
 
+def test_a_slow_on_retries_exhausted_hook_does_not_hold_up_the_consumer(
+        queue: str, start_worker: StartWorker, tmp_path: Path) -> None:
+    hook = tmp_path / 'hook'
+    start_worker(carrot_settings(queue, concurrency=1), env={'CARROT_TEST_HOOK_FILE': str(hook)})
+    failing = publish_message(tasks.fails_and_reports_late)
+    assert _ended(failing).status == 'FAILED'
+    # The only consumer takes the next task while the hook waits for its gate.
+    after = publish_message(tasks.add, 1, 2)
+    assert _ended(after).status == 'COMPLETED'
+    assert not hook.exists()
+    Path(f'{hook}.gate').touch()
+    wait_for(lambda: hook.exists(), what='the hook, once let through')
+    assert hook.read_text() == failing.uuid
+
+
 def test_an_error_the_options_never_retry_fails_at_once(
         queue: str, start_worker: StartWorker, broker: Broker, tmp_path: Path) -> None:
     start_worker(carrot_settings(queue))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
 from amqpstorm.exception import AMQPChannelError, AMQPError
 from django.db import close_old_connections
 from gevent.event import AsyncResult, Event
+from gevent.pool import Group
 
 from carrot import conf, lifecycle, message, registry
 from carrot.amqp import SignallingChannel, close_quietly
@@ -40,6 +41,10 @@ class Runtime:
     recorder: Recorder
     stopping: Event
     consuming: Event
+    #: The greenlets that follow up a recorded end (hooks, failure callbacks,
+    #: ``task_finished``), so that a consumer takes its next message meanwhile; the
+    #: service waits for them when it stops.
+    followups: Group = field(default_factory=Group)
 
 
 class Consumer:

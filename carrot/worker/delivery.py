@@ -283,23 +283,34 @@ class Delivery:
         self.started = None
         if end.finish.status == MessageLog.DELAYED:
             return  # to be run again
-        failure = outcome.exception
         hook = options.on_retries_exhausted if end.exhausted and options is not None else None
-        callbacks = failure is not None and bool(self.consumer.failure_callbacks)
+        callbacks = outcome.exception is not None and bool(self.consumer.failure_callbacks)
         framework_task = self.function if isinstance(self.function, FrameworkTask) else None
-        if hook is None and not callbacks and framework_task is None:
-            return
+        if hook is not None or callbacks or framework_task is not None:
+            self._runtime().followups.spawn(self._follow_up, self.recorded, start.message_id,
+                                            outcome, hook, framework_task)
+
+    def _follow_up(self, recorded: AsyncResult, message_id: str, outcome: Outcome,
+                   hook: task_options.OnRetriesExhausted | None,
+                   framework_task: FrameworkTask | None) -> None:
+        """Once the end is committed: the exhausted-retries hook, the failure callbacks,
+        then ``task_finished``. In a greenlet of its own, so that the consumer takes its
+        next message meanwhile; none of them can change how the delivery is settled."""
         try:
-            self.recorded.get()
+            recorded.get()
         except RecordingFailed:
             return  # handed back, to run again
+        failure = outcome.exception
+        if failure is not None:
+            if hook is not None:
+                self._call_exhausted_hook(hook, message_id, failure)
+            self.consumer.call_failure_callbacks(message_id, failure)
         if framework_task is not None:
-            framework_task.send_finished(start.message_id, outcome)
-        if failure is None:
-            return
-        if hook is not None:
-            self._call_exhausted_hook(hook, start.message_id, failure)
-        self.consumer.call_failure_callbacks(start.message_id, failure)
+            try:
+                framework_task.send_finished(message_id, outcome)
+            except Exception:
+                self.consumer.logger.exception('%s: task_finished of message %s not sent',
+                                               self.consumer.name, message_id)
 
     def _call_exhausted_hook(self, hook: task_options.OnRetriesExhausted, message_id: str,
                              error: BaseException) -> None:

@@ -18,7 +18,7 @@ import gevent
 from django.db import connections
 from gevent import events
 from gevent.event import Event
-from gevent.pool import Pool
+from gevent.pool import Group, Pool
 
 from carrot import conf, outbox
 from carrot.broker import get_publisher
@@ -58,6 +58,7 @@ class Service:
         self.links: list[QueueLink] = []
         self.workers: list[_Worker] = []
         self.pool = Pool()
+        self.followups = Group()  # what follows a recorded end up (see Runtime.followups)
 
     def run(self) -> int:
         """Consume until a signal says stop; the exit status."""
@@ -78,7 +79,8 @@ class Service:
                                dict(queue.queue_arguments), dict(queue.exchange_arguments))
                 ready = Event()
                 consumer.runtime = Runtime(queue=queue, link=link, recorder=self.recorder,
-                                           stopping=self.stopping, consuming=ready)
+                                           stopping=self.stopping, consuming=ready,
+                                           followups=self.followups)
                 consuming.append(ready)
                 self.workers.append(_Worker(consumer, self.pool.spawn(consumer.run)))
         if self.with_scheduler:
@@ -137,6 +139,9 @@ class Service:
             return None, 'the pruner of old task rows'
         if greenlet is self.recorder.greenlet:
             return None, 'the recorder, writing task rows to the database'
+        if greenlet in self.followups:
+            return None, ('the follow-up of a task\'s end (on_retries_exhausted, a failure '
+                          'callback or a task_finished receiver)')
         return None, 'a greenlet'
 
     def request_stop(self) -> None:
@@ -168,6 +173,9 @@ class Service:
             self.scheduler.kill(block=True, timeout=5)
         # Write the last ends and acknowledge their messages (briefly, after a second signal).
         self.recorder.stop(timeout=2.0 if self.stop_now.is_set() else 30.0)
+        # Hooks, failure callbacks and task_finished of the ends just written.
+        self.followups.join(timeout=1.0 if self.stop_now.is_set() else 10.0)
+        self.followups.kill(block=True, timeout=5)
         for link in self.links:
             link.close()  # what is still unacknowledged goes back to its queue
         for rounds in (self.resender, self.releaser, self.pruner):

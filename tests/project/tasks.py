@@ -151,6 +151,24 @@ def note_exhausted(message_id: str, error: BaseException) -> None:
         handle.write(f'{message_id} {type(error).__name__}\n')
 
 
+@task_options(max_retries=1, retry_backoff=0.1,
+              on_retries_exhausted='tests.project.tasks.report_when_let')
+def fails_and_reports_late() -> None:
+    """Fails twice (retried once at once); its hook waits before it reports."""
+    raise ConnectionError('reported late')
+
+
+def report_when_let(message_id: str, error: BaseException) -> None:
+    """``on_retries_exhausted`` that waits (up to 60 s) for the file CARROT_TEST_HOOK_FILE
+    names plus ``.gate``, then writes the message id to CARROT_TEST_HOOK_FILE."""
+    hook = os.environ['CARROT_TEST_HOOK_FILE']
+    deadline = time.monotonic() + 60
+    while not os.path.exists(f'{hook}.gate') and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with open(hook, 'w') as handle:
+        handle.write(message_id)
+
+
 @task_options(max_retries=3, dont_retry_for=[KeyError])
 def fails_for_good(path: str) -> None:
     """Raises an error its options never retry."""
