@@ -14,20 +14,8 @@ from typing import TYPE_CHECKING
 SOURCE = ('django.tasks' if importlib.util.find_spec('django.tasks') is not None
           else 'django_tasks')
 
-if TYPE_CHECKING:  # typed against django-stubs' django.tasks, which the backport mirrors
-    from django.tasks import Task, TaskContext, TaskResult, TaskResultStatus, task_backends
-    from django.tasks.backends.base import BaseTaskBackend
-    from django.tasks.base import (
-        DEFAULT_TASK_PRIORITY,
-        DEFAULT_TASK_QUEUE_NAME,
-        TASK_MAX_PRIORITY,
-        TASK_MIN_PRIORITY,
-        TaskError,
-    )
-    from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
-    from django.tasks.signals import task_enqueued, task_finished, task_started
-    from django.utils.json import normalize_json
-elif SOURCE == 'django.tasks':
+# Typed against django-stubs' django.tasks, which the backport mirrors.
+if TYPE_CHECKING or SOURCE == 'django.tasks':
     from django.tasks import Task, TaskContext, TaskResult, TaskResultStatus, task_backends
     from django.tasks.backends.base import BaseTaskBackend
     from django.tasks.base import (

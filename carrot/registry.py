@@ -53,7 +53,8 @@ def check_registered(path: str) -> tuple[str, str]:
     modules = get_settings().task_modules
     if not module or not name:
         raise TaskNotRegistered(f'{path!r} is not a dotted path such as "myapp.tasks.send_mail".')
-    if module not in modules and module not in app_task_modules():
+    if module not in modules and (framework_task_class() is None
+                                  or module not in app_task_modules()):
         listed = ', '.join(modules) or 'nothing'
         raise TaskNotRegistered(
             f"{path} is not a registered task: its module {module} is not in "
@@ -139,10 +140,10 @@ def _framework_task(path: str, module_name: str, task: Any) -> FrameworkTask:
 def framework_task_class() -> type[Any] | None:
     """Django's ``Task`` class (6.0 or the backport); None when neither is installed."""
     try:
-        from carrot import _tasks_framework
+        from carrot import _django_tasks
     except ImportError:
         return None
-    return _tasks_framework.Task
+    return _django_tasks.Task
 
 
 def app_task_modules() -> frozenset[str]:

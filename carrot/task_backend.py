@@ -17,16 +17,17 @@ import threading
 from dataclasses import dataclass, fields
 from typing import Any
 
+from django.apps import apps
 from django.conf import settings as django_settings
 from django.core import checks
 from django.db import connections, transaction
 from django.utils import timezone
 from django.utils.inspect import get_func_args
 
-from carrot import _tasks_framework as framework
-from carrot import conf, lifecycle, publishing, task_results
+from carrot import _django_tasks as framework
+from carrot import conf, lifecycle, publishing, registry, task_results
 from carrot import options as task_options
-from carrot.exceptions import CarrotConfigException
+from carrot.exceptions import CarrotConfigException, TaskImportError, TaskNotRegistered
 from carrot.models import MessageLog
 
 __all__ = ['CarrotBackend', 'CarrotTask', 'carrot_backend']
@@ -96,13 +97,19 @@ class CarrotBackend(framework.BaseTaskBackend):  # type: ignore[misc]
             raise framework.InvalidTask(
                 f'{name} takes the context (takes_context=True), so its first argument must '
                 f'be called "context".')
+        self._validate_queue(task.queue_name)
         self._validate_priority(task)
         if django_settings.USE_TZ and task.run_after is not None \
                 and timezone.is_naive(task.run_after):
             raise framework.InvalidTask(
                 f'run_after {task.run_after.isoformat()} is a naive datetime, and USE_TZ is '
                 f'on: give it a time zone (django.utils.timezone.make_aware).')
-        self._validate_queue(task.queue_name)
+        if apps.ready:  # an installed app's tasks module is known once the apps are
+            try:
+                registry.check_registered(task.module_path)
+            except TaskNotRegistered as error:
+                raise framework.InvalidTask(f'carrot\'s worker would refuse it: {error}'
+                                            ) from error
         if isinstance(task, CarrotTask):
             try:
                 task_options.validate(task.carrot_options, f'@task on {name}', code_as='none',
@@ -168,8 +175,7 @@ class CarrotBackend(framework.BaseTaskBackend):  # type: ignore[misc]
             except framework.InvalidTask as error:
                 found.append(checks.Error(f'TASKS[{self.alias!r}]["QUEUES"]: {error}',
                                           id='carrot.E011'))
-        if framework.SOURCE == 'django_tasks' \
-                and 'django_tasks' not in django_settings.INSTALLED_APPS:
+        if framework.SOURCE == 'django_tasks' and not apps.is_installed('django_tasks'):
             found.append(checks.Error(
                 'carrot.task_backend uses the django-tasks backport, which needs '
                 '"django_tasks" in INSTALLED_APPS.', id='carrot.E012'))
@@ -181,10 +187,14 @@ class CarrotBackend(framework.BaseTaskBackend):  # type: ignore[misc]
                 kwargs: Any) -> framework.TaskResult[Any, Any]:
         """Publish the task as ``publish_message`` does; its READY result."""
         self.validate_task(task)
-        message = publishing.create_message(
-            task.module_path, priority=self.carrot_priority(task), task_args=list(args),
-            task_kwargs=dict(kwargs), queue=carrot_queue(task.queue_name),
-            eta=task.run_after)
+        try:
+            message = publishing.create_message(
+                task.module_path, priority=self.carrot_priority(task), task_args=list(args),
+                task_kwargs=dict(kwargs), queue=carrot_queue(task.queue_name),
+                eta=task.run_after)
+        except (TaskNotRegistered, TaskImportError) as error:
+            raise framework.InvalidTask(f'carrot\'s worker would refuse it: {error}'
+                                        ) from error
         alias = lifecycle.database()
         if self.enqueue_on_commit or not transaction.get_connection(alias).in_atomic_block:
             log = message.publish()

@@ -23,10 +23,11 @@ import builtins
 import datetime
 import json
 import re
+import sys
 from typing import Any
 
-from carrot import _tasks_framework as framework
-from carrot import exceptions, registry
+from carrot import _django_tasks as framework
+from carrot import registry
 from carrot.exceptions import TaskImportError, TaskNotRegistered
 from carrot.framework_tasks import FrameworkTask
 from carrot.models import MessageLog, Status
@@ -62,12 +63,11 @@ def result_of(row: MessageLog, alias: str) -> framework.TaskResult[Any, Any]:
     if current and row.attempts > 0:
         workers.append(row.worker or 'unknown')
     first_start = _time(attempts[0].get('started_at')) if attempts else None
-    finished = status in (framework.TaskResultStatus.SUCCESSFUL,
-                          framework.TaskResultStatus.FAILED)
+    finished_at = {framework.TaskResultStatus.SUCCESSFUL: row.completion_time,
+                   framework.TaskResultStatus.FAILED: row.failure_time}.get(status)
     result: framework.TaskResult[Any, Any] = framework.TaskResult(
         task=task.task, id=row.uuid, status=status, enqueued_at=row.publish_time,
-        started_at=first_start or row.start_time, finished_at=(
-            row.completion_time or row.failure_time) if finished else None,
+        started_at=first_start or row.start_time, finished_at=finished_at,
         last_attempted_at=row.start_time, args=row.positionals, kwargs=row.keywords,
         backend=alias, errors=errors, worker_ids=workers)
     if status == framework.TaskResultStatus.SUCCESSFUL:
@@ -91,19 +91,27 @@ def attempts_since_requeue(errors: object) -> list[dict[str, Any]]:
 def exception_class_path(text: str | None) -> str:
     """The dotted path of the exception class a row's exception text names.
 
-    carrot writes ``module.Class: message`` (a builtin by its name alone); a text that names
-    no class (a message carrot refused, with its reason) gives REFUSED_CLASS_PATH.
+    carrot writes ``module.Class: message`` (a builtin by its name alone). A text that names
+    no class gives REFUSED_CLASS_PATH: a message carrot refused, whose reason may start with
+    the task's own path (``myapp.tasks.send: myapp.tasks has no function called send``).
+    A class is told from a task by its name (CapWords, as PEP 8 names classes) and, where
+    its module is loaded here, by being an exception class.
     """
     head = (text or '').partition(':')[0].strip()
     if not _CLASS_NAME.fullmatch(head):
         return REFUSED_CLASS_PATH
-    if '.' in head:
-        return head
-    if isinstance(getattr(builtins, head, None), type):
-        return f'builtins.{head}'
-    if isinstance(getattr(exceptions, head, None), type):  # rows written before 0010
-        return f'carrot.exceptions.{head}'
-    return REFUSED_CLASS_PATH
+    module_name, _, name = head.rpartition('.')
+    if not name[:1].isupper():
+        return REFUSED_CLASS_PATH
+    if not module_name:
+        module_name = 'builtins' if isinstance(getattr(builtins, name, None), type) \
+            else 'carrot.exceptions'  # rows written before 0010 named carrot's bare
+    module = sys.modules.get(module_name)
+    if module is not None:
+        found = getattr(module, name, None)
+        if not (isinstance(found, type) and issubclass(found, BaseException)):
+            return REFUSED_CLASS_PATH
+    return f'{module_name}.{name}'
 
 
 def _error(exception: object, traceback: object) -> framework.TaskError:

@@ -24,7 +24,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from carrot import registry
-from carrot._tasks_framework import (
+from carrot._django_tasks import (
     InvalidTask,
     TaskResultDoesNotExist,
     TaskResultStatus,
@@ -35,7 +35,7 @@ from carrot.conf import get_settings
 from carrot.exceptions import BrokerUnavailable, TaskNotRegistered
 from carrot.models import MessageLog
 from carrot.task_backend import CarrotBackend
-from carrot.task_results import exception_class_path
+from carrot.task_results import REFUSED_CLASS_PATH, exception_class_path
 from carrot.utilities import publish_message
 from tests.conftest import Broker, Worker, carrot_settings, wait_for
 from tests.project import tasks as carrot_tasks
@@ -62,6 +62,10 @@ def signals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / 'signals.jsonl'
     monkeypatch.setenv('CARROT_TEST_SIGNALS', str(path))
     return path
+
+
+def outside() -> None:
+    """A module-level function of a module carrot runs no task from."""
 
 
 def make_task(func: Callable[..., Any], backend: str = 'default', **fields: Any) -> Any:
@@ -205,11 +209,12 @@ def test_aenqueue_and_aget_result(queue: str, start_worker: StartWorker) -> None
 
 @pytest.mark.parametrize('name', ['flaky', 'flaky_by_task'])
 def test_takes_context_sees_the_attempt_number_after_a_retry(
-        name: str, queue: str, start_worker: StartWorker, tmp_path: Path) -> None:
+        name: str, queue: str, start_worker: StartWorker, tmp_path: Path,
+        signals: Path) -> None:
     if not hasattr(tasks, name):
         pytest.skip('Django 6.0 refuses extra @task arguments: options via @task_options')
     task = getattr(tasks, name)
-    worker = start_worker(carrot_settings(queue))
+    worker = start_worker(carrot_settings(queue), env={'CARROT_TEST_SIGNALS': str(signals)})
     attempts = tmp_path / 'attempts'
     result = finished(task.enqueue(str(attempts), 1).id)
     assert attempts.read_text().split() == ['1', '2']
@@ -217,6 +222,12 @@ def test_takes_context_sees_the_attempt_number_after_a_retry(
     assert result.return_value == {'attempt': 2, 'id': result.id}
     assert [e.exception_class_path for e in result.errors] == ['builtins.ConnectionError']
     assert result.worker_ids == [f'{socket.gethostname()}:{worker.pid}'] * 2
+    # Each attempt starts; only the last one finishes the task.
+    wait_for(lambda: any(s['signal'] == 'finished' for s in sent(signals)),
+             what='task_finished')
+    assert [(s['signal'], s['status']) for s in sent(signals) if s['id'] == result.id] == [
+        ('enqueued', 'READY'), ('started', 'RUNNING'), ('started', 'RUNNING'),
+        ('finished', 'SUCCESSFUL')]
 
     exhausted = finished(task.enqueue(str(tmp_path / 'more'), 5).id)  # max_retries=2
     assert exhausted.status == TaskResultStatus.FAILED
@@ -252,6 +263,11 @@ def test_each_validate_task_refusal_says_what_to_fix() -> None:
         tasks.add.using(run_after=datetime.datetime.now())
     with pytest.raises(InvalidTask, match="Unknown queue 'nowhere'"):
         tasks.add.using(queue_name='nowhere')
+    with pytest.raises(InvalidTask, match="Unknown queue 'nowhere'"):
+        tasks.add.using(queue_name='nowhere', priority=5)  # the queue first: it has no settings
+    with pytest.raises(InvalidTask, match="worker would refuse it: tests.test_task_backend.outside "
+                                          "is not a registered task"):
+        make_task(outside)
     with pytest.raises(InvalidTask, match='max_retries must be a whole number'):
         make_task(tasks.add.func, max_retries=-1)
     with override_settings(CARROT={**carrot_settings('default'),
@@ -283,6 +299,52 @@ def test_the_result_of_a_plain_carrot_task_is_not_a_framework_result(
     log = publish_message(carrot_tasks.add, 1, 2)
     with pytest.raises(TaskResultDoesNotExist, match='a plain carrot task'):
         task_backends['default'].get_result(log.uuid)
+
+
+def _row(**fields: Any) -> MessageLog:
+    """A MessageLog row of tests.taskapp.tasks.add, as the worker leaves it (not saved)."""
+    return MessageLog(uuid='row-1', task='tests.taskapp.tasks.add', task_args='[1, 2]',
+                      content='{}', publish_time=timezone.now(), **fields)
+
+
+def test_result_of_reads_a_running_a_delayed_a_requeued_and_a_failed_row() -> None:
+    from carrot.task_results import result_of
+
+    first = timezone.now() - datetime.timedelta(seconds=5)
+    later = first + datetime.timedelta(seconds=3)
+    attempt_1 = {'attempt': 1, 'exception': 'ValueError: no', 'traceback': 'tb 1',
+                 'worker': 'host:1', 'started_at': first.isoformat()}
+    attempt_2 = {'attempt': 2, 'exception': 'ConnectionError: gone', 'traceback': 'tb 2',
+                 'worker': 'host:2', 'started_at': later.isoformat()}
+
+    running = result_of(_row(status='IN_PROGRESS', attempts=1, worker='host:1',
+                             start_time=first), 'default')
+    assert running.status == TaskResultStatus.RUNNING
+    assert (running.worker_ids, running.started_at, running.last_attempted_at,
+            running.finished_at, running.errors) == (['host:1'], first, first, None, [])
+
+    delayed = result_of(_row(status='DELAYED', attempts=1, worker='host:1', start_time=first,
+                             errors=[attempt_1]), 'default')
+    assert delayed.status == TaskResultStatus.READY and delayed.finished_at is None
+    assert delayed.worker_ids == ['host:1'] and delayed.attempts == 1
+    assert [(e.exception_class_path, e.traceback) for e in delayed.errors] == [
+        ('builtins.ValueError', 'tb 1')]
+
+    requeued = result_of(_row(status='PUBLISHED', attempts=2, errors=[
+        attempt_1, attempt_2, {'requeued_at': later.isoformat()}]), 'default')
+    assert requeued.status == TaskResultStatus.READY
+    assert (requeued.errors, requeued.worker_ids) == ([], [])  # counted afresh
+
+    failed = result_of(_row(status='FAILED', attempts=2, worker='host:2', start_time=later,
+                            failure_time=later, completion_time=first,
+                            exception=attempt_2['exception'], traceback='tb 2',
+                            errors=[attempt_1, attempt_2]), 'default')
+    assert failed.status == TaskResultStatus.FAILED
+    assert failed.worker_ids == ['host:1', 'host:2'] and failed.attempts == 2
+    assert [e.exception_class_path for e in failed.errors] == [
+        'builtins.ValueError', 'builtins.ConnectionError']
+    assert (failed.started_at, failed.last_attempted_at, failed.finished_at) == (
+        first, later, later)  # the failure's time, whatever else the row holds
 
 
 def test_only_task_objects_run_from_an_apps_tasks_module() -> None:
@@ -330,6 +392,26 @@ def test_the_worker_refuses_a_plain_function_of_an_apps_tasks_module(
     assert 'only tasks of Django\'s task framework (@task) run' in row.exception
     assert exception_class_path(row.exception) == 'carrot.exceptions.CarrotError'
     assert broker.message_count(f'{queue}.dead') == 1
+
+
+@pytest.mark.parametrize(('text', 'path'), [
+    ('ValueError: boom', 'builtins.ValueError'),
+    ('tests.taskapp.tasks.Declined: no thanks', 'tests.taskapp.tasks.Declined'),
+    ('somewhere.unloaded.Failure: out of reach', 'somewhere.unloaded.Failure'),
+    ('TimeLimitExceeded: past 5 s', 'carrot.exceptions.TimeLimitExceeded'),  # before 0010
+    # Refusals, whose reasons start with the task's path or another word:
+    ('tests.taskapp.tasks.gone: tests.taskapp.tasks has no function called gone.',
+     REFUSED_CLASS_PATH),
+    ('tests.taskapp.tasks.Gone: tests.taskapp.tasks has no function called Gone.',
+     REFUSED_CLASS_PATH),
+    ("'x' is not a dotted path such as \"myapp.tasks.send_mail\".", REFUSED_CLASS_PATH),
+    ('Nothing: a bare name that is no exception', REFUSED_CLASS_PATH),
+    ('', REFUSED_CLASS_PATH),
+    (None, REFUSED_CLASS_PATH),
+])
+def test_exception_class_path_reads_the_class_and_never_a_task_path(
+        text: str | None, path: str) -> None:
+    assert exception_class_path(text) == path
 
 
 # -- enqueue on commit -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from carrot import _tasks_framework as framework
+from carrot import _django_tasks as framework
 
 
 def _write(signal: str, sender: type, task_result: Any, **_: Any) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import django
 
-from carrot._tasks_framework import SOURCE
+from carrot._django_tasks import SOURCE
 from carrot.options import task_options
 
 if SOURCE == 'django.tasks':
