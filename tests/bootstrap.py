@@ -120,3 +120,23 @@ def ensure_postgresql() -> bool:
                            check=False)
         return wait_until_answering(POSTGRESQL, 60)
     return False
+
+
+CHROMIUM = Path('/usr/bin/chromium')
+
+
+def ensure_chromium() -> bool:
+    """Whether Debian's Chromium is at /usr/bin/chromium for the browser tests, installing it
+    with apt-get (as root) when it is missing."""
+    if CHROMIUM.exists():
+        return True
+    apt = shutil.which('apt-get')
+    if apt is None or os.geteuid() != 0:
+        say('Chromium is not installed and cannot be installed here: the browser tests are '
+            'skipped (as root on Debian or Ubuntu: apt-get install chromium)')
+        return False
+    say('Installing Chromium for the browser tests (apt-get install chromium)')
+    env = {**os.environ, 'DEBIAN_FRONTEND': 'noninteractive'}
+    subprocess.run([apt, 'update', '-qq'], check=False, env=env)
+    subprocess.run([apt, 'install', '-y', '-qq', 'chromium'], check=False, env=env)
+    return CHROMIUM.exists()

@@ -2,8 +2,9 @@
 """Run the whole test suite: ``python3 tests/run.py`` (extra arguments go to pytest).
 
 Installs what the tests need into .venv, makes sure RabbitMQ (and, for the PostgreSQL leg,
-PostgreSQL) answers, then runs pytest on SQLite (everything, with lint, type check, docs
-build and migrations check) and the database-bound tests again on PostgreSQL.
+PostgreSQL) answers and that Chromium is installed for the browser tests, then runs pytest
+on SQLite (everything, with lint, type check, docs build and migrations check) and the
+database-bound tests again on PostgreSQL.
 
 CARROT_TEST_DJANGO (a requirement such as ``django>=6.0,<6.1``) and CARROT_VENV (another
 virtualenv folder) run the suite against another Django.
@@ -18,7 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.bootstrap import ROOT, ensure_postgresql, ensure_rabbitmq, say, venv_python  # noqa: E402
+from tests.bootstrap import (  # noqa: E402
+    ROOT,
+    ensure_chromium,
+    ensure_postgresql,
+    ensure_rabbitmq,
+    say,
+    venv_python,
+)
 
 POSTGRESQL_LEG = ['tests/test_publish.py', 'tests/test_worker.py', 'tests/test_database.py',
                   'tests/test_registry.py', 'tests/test_schedules.py', 'tests/test_scheduler.py',
@@ -32,6 +40,7 @@ def main() -> int:
     django = os.environ.get('CARROT_TEST_DJANGO')
     python = venv_python([ROOT / 'tests' / 'requirements.txt'], [django] if django else [])
     ensure_rabbitmq()
+    ensure_chromium()
     pytest = [str(python), '-m', 'pytest', *sys.argv[1:]]
 
     say('Tests on SQLite')
