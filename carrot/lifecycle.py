@@ -161,13 +161,15 @@ def mark_publish_failed(log: MessageLog, error: BaseException) -> None:
     mark_not_sent([log], reason)
 
 
-def mark_requeued(alias: str, message_ids: Sequence[str]) -> list[str]:
+def mark_requeued(alias: str, message_ids: Sequence[str],
+                  statuses: Sequence[str] = (Status.FAILED,)) -> list[str]:
     """PUBLISHED again, their failure cleared, for the FAILED rows of messages about to be
     sent again (from the monitor or the dead-letter queue); the message ids of the rows that
     moved. Their attempts count from 1 again: a row that retried keeps its ``errors``, closed
-    by a ``requeued_at`` entry."""
+    by a ``requeued_at`` entry. ``statuses`` adds the monitor's orphaned (IN_PROGRESS) and
+    stuck (PUBLISHED) rows, which it has checked."""
     now = timezone.now()
-    rows = MessageLog.objects.using(alias).filter(uuid__in=message_ids, status=Status.FAILED)
+    rows = MessageLog.objects.using(alias).filter(uuid__in=message_ids, status__in=statuses)
     with transaction.atomic(using=alias):
         retried = list(rows.filter(errors__isnull=False).select_for_update()
                        .values_list('pk', 'errors'))

@@ -354,3 +354,28 @@ class MonitorAction(models.Model):
 
     def __str__(self) -> str:
         return f'{self.username or "?"} {self.action} {self.target}'
+
+
+class WorkerHeartbeat(models.Model):
+    """A carrot service process that says, every few seconds, that it is alive.
+
+    Written by the service (``carrot.heartbeats``) and deleted when it stops cleanly; the
+    monitor tells from it which workers are alive, and so which IN_PROGRESS rows lost theirs.
+    """
+
+    #: The process as MessageLog.worker names it: ``host:pid``.
+    worker = models.CharField(max_length=200, unique=True)
+    #: The queues it consumes, each ``name×concurrency``.
+    queues = models.JSONField(default=list)
+    #: Whether it runs the scheduler.
+    scheduler = models.BooleanField(default=False)
+    started_at = models.DateTimeField(default=timezone.now)
+    #: When it last said it was alive.
+    seen_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ('worker',)
+        verbose_name = 'worker heartbeat'
+
+    def __str__(self) -> str:
+        return self.worker

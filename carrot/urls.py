@@ -58,6 +58,7 @@ urlpatterns = [
     path('schedules/<int:pk>/', views.schedule_detail, name='schedule-detail'),
     path('schedules/<carrot_schedule_action:action>/', views.schedule_action,
          name='schedule-action'),
+    path('health/', views.health_page, name='health'),
     path('audit/', views.audit_list, name='audit'),
     path('assets/<str:name>', views.asset, name='asset'),
     path('api/', api.root, name='api-root'),
@@ -69,5 +70,6 @@ urlpatterns = [
     path('api/schedules/<int:pk>/', api.schedule_detail, name='api-schedule-detail'),
     path('api/schedules/<carrot_schedule_action:action>/', api.schedule_action,
          name='api-schedule-action'),
+    path('api/health/', api.health_report, name='api-health'),
     path('api/audit/', api.audit, name='api-audit'),
 ]

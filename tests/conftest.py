@@ -43,7 +43,7 @@ from django.test.utils import override_settings  # noqa: E402
 
 from carrot.broker import declare, get_publisher  # noqa: E402
 from carrot.conf import get_settings  # noqa: E402
-from carrot.models import MessageLog, ScheduledTask  # noqa: E402
+from carrot.models import MessageLog, ScheduledTask, WorkerHeartbeat  # noqa: E402
 
 
 def _create_postgres_database() -> None:
@@ -82,11 +82,11 @@ def database() -> Iterator[str]:
 
 @pytest.fixture(autouse=True)
 def empty_tables() -> Iterator[None]:
-    MessageLog.objects.all().delete()
-    ScheduledTask.objects.all().delete()
+    for model in (MessageLog, ScheduledTask, WorkerHeartbeat):
+        model.objects.all().delete()
     yield
-    MessageLog.objects.all().delete()
-    ScheduledTask.objects.all().delete()
+    for model in (MessageLog, ScheduledTask, WorkerHeartbeat):
+        model.objects.all().delete()
     connection.close()
 
 

@@ -124,7 +124,7 @@ def _row(**filters: Any) -> MessageLog | None:
 
 def test_a_staff_user_watches_a_task_arrive_and_reads_its_log(
         queue: str, start_worker: StartWorker, page: Page, screenshots: Path) -> None:
-    start_worker(carrot_settings(queue))
+    worker = start_worker(carrot_settings(queue))
     rows = page.locator('#rows')
     assert 'No completed tasks' in rows.inner_text()
     log = publish_message(tasks.log_lines, 'browser-seen', 3)
@@ -148,6 +148,13 @@ def test_a_staff_user_watches_a_task_arrive_and_reads_its_log(
     page.wait_for_url('**q=line+1+of*')
     found = page.locator('#log li').all_inner_texts()
     assert len(found) == 1 and 'line 1 of browser-seen' in found[0], found
+
+    # The health page lists the worker, alive.
+    page.get_by_role('link', name='Health').click()
+    page.wait_for_url('**/monitor/health/')
+    workers = page.locator('#health table').first.inner_text()
+    assert f'{socket.gethostname()}:{worker.pid}' in workers and 'alive' in workers
+    page.screenshot(path=str(screenshots / 'health.png'), full_page=True)
 
 
 def test_a_failed_task_is_requeued_from_its_page_and_seen_to_complete(

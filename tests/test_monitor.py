@@ -29,7 +29,7 @@ from tests.monitoring import (
 
 PAGES = ['', 'tasks/queued/', 'tasks/running/', 'tasks/failed/', 'tasks/completed/',
          'tasks/{task}/', 'tasks/find/?id={uuid}', 'schedules/', 'schedules/{schedule}/',
-         'audit/', 'assets/monitor.css', 'assets/monitor.js',
+         'audit/', 'health/', 'assets/monitor.css', 'assets/monitor.js',
          'tasks/requeue/?status=failed&all=1', 'tasks/delete/?status=failed&all=1']
 
 
@@ -222,14 +222,16 @@ def test_a_requeued_task_runs_again_in_the_worker(
     assert MessageLog.objects.count() == 1
 
 
-def test_only_failed_tasks_are_requeued(users: dict[str, User], queue: str,
-                                        broker: Broker) -> None:
+def test_only_failed_orphaned_and_stuck_tasks_are_requeued(
+        users: dict[str, User], queue: str, broker: Broker) -> None:
+    # A fresh IN_PROGRESS row (not orphaned) and a fresh PUBLISHED one (not stuck).
     rows = [*make_rows(1, MessageLog.COMPLETED, queue=queue),
             *make_rows(1, MessageLog.IN_PROGRESS, queue=queue),
             *make_rows(1, MessageLog.PUBLISHED, queue=queue)]
     result = actions.requeue([row.pk for row in rows] + [999_999])
     assert (result.count, result.skipped) == (0, 4)
-    assert any('it is completed; only failed tasks are requeued' in r for r in result.reasons)
+    assert any('it is completed; only failed, orphaned and stuck tasks are requeued' in r
+               for r in result.reasons)
     assert any('no such task' in r for r in result.reasons)
     assert broker.get_all(queue) == []
     assert sorted(MessageLog.objects.values_list('status', flat=True)) == sorted(

@@ -32,7 +32,7 @@ def _post(client: Any, path: str, body: dict[str, Any], token: str = '') -> Any:
 
 
 @pytest.mark.parametrize('path', ['', 'tasks/failed/', 'tasks/{task}/', 'tasks/find/?id={uuid}',
-                                  'schedules/', 'schedules/{schedule}/', 'audit/'])
+                                  'schedules/', 'schedules/{schedule}/', 'audit/', 'health/'])
 def test_every_answer_follows_the_access_rules(path: str, users: dict[str, User]) -> None:
     [row] = make_rows(1)
     url = API + path.format(task=row.pk, uuid=row.uuid, schedule=make_schedule().pk)
@@ -132,7 +132,8 @@ def test_an_action_for_all_matching_a_filter(users: dict[str, User]) -> None:
     assert MonitorAction.objects.get().target == 'all completed tasks matching queue=other'
     wrong = _post(client_for(users, 'staff'), 'tasks/requeue/',
                   {'all': True, 'status': 'completed'})
-    assert wrong.status_code == 400 and 'requeue takes failed tasks' in wrong.json()['error']
+    assert wrong.status_code == 400
+    assert 'requeue takes failed or running or queued tasks' in wrong.json()['error']
 
 
 def test_a_form_encoded_post_works_too(users: dict[str, User]) -> None:

@@ -7,15 +7,20 @@ rows, so one click never holds a lock on a million rows nor runs past a request'
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from django.db import connections, transaction
+from django.utils import timezone
 
-from carrot import lifecycle, oncommit
+from carrot import heartbeats, lifecycle, oncommit
 from carrot.models import MessageLog, MonitorAction, ScheduledTask, _parse_arguments
+from carrot.monitor import health
 from carrot.publishing import Message, create_message
 
+#: The statuses a requeued row may be in: failed, orphaned (IN_PROGRESS), stuck (PUBLISHED).
+REQUEUED_FROM = (MessageLog.FAILED, MessageLog.IN_PROGRESS, MessageLog.PUBLISHED)
 #: The most rows one action changes; the rest wait for the next one.
 MAX_ROWS = 1000
 #: Rows per transaction.
@@ -90,29 +95,50 @@ def requeue(pks: Iterable[int]) -> Result:
     log cleared, their publish time now) and their messages are sent when it commits,
     through carrot's own publishing path: a worker that receives one finds its row
     PUBLISHED and runs it. A message that cannot be sent leaves its row FAILED, saying why.
-    Rows that are not FAILED are skipped: a queued or running task will run, a completed one
+    Orphaned and stuck rows (``carrot.monitor.health``) are requeued too, once checked
+    again here. Other rows are skipped: a queued or running task will run, a completed one
     has run (publish it anew if it should run again).
     """
     result = Result(MonitorAction.REQUEUE)
     alias = lifecycle.database()
+    now = timezone.now()
+    live = set(heartbeats.live_workers(now))
+    thresholds: dict[str, datetime.timedelta] = {}
+    ready: dict[str, int | None] = {}
+
+    def why_not(row: MessageLog) -> str | None:
+        """None when ``row`` may be requeued, else why not."""
+        if row.status == MessageLog.FAILED:
+            return None
+        if heartbeats.is_orphaned(row, live, now):
+            return None  # its worker stopped reporting
+        if health.is_stuck_age(row, now, thresholds):
+            queue = row.queue or ''
+            if queue not in ready:
+                ready.update(health.ready_counts([queue]))
+            if ready[queue] == 0:
+                return None  # stuck: its message is not in its queue
+        return (f'it is {row.get_status_display().lower()}; only failed, orphaned and stuck '
+                f'tasks are requeued')
+
     for batch in _batches(_unique(pks, result)):
         sends: list[oncommit.Send] = []
         with transaction.atomic(using=alias):
             rows = _locked(alias, batch)
             for missing in sorted(set(batch) - {row.pk for row in rows}):
                 result.skip(missing, 'no such task (deleted?)')
-            ready = []
+            chosen = []
             for row in rows:
-                if row.status != MessageLog.FAILED:
-                    result.skip(row.pk, f'it is {row.get_status_display().lower()}; only '
-                                        f'failed tasks are requeued')
+                refused = why_not(row)
+                if refused is not None:
+                    result.skip(row.pk, refused)
                     continue
                 try:
-                    ready.append((row, message_of(row)))
+                    chosen.append((row, message_of(row)))
                 except Exception as error:
                     result.skip(row.pk, f'cannot be published again: {error}')
-            lifecycle.mark_requeued(alias, [row.uuid for row, _ in ready])
-            for row, task_message in ready:
+            lifecycle.mark_requeued(alias, [row.uuid for row, _ in chosen], REQUEUED_FROM)
+            for row, task_message in chosen:
                 expires_at = task_message.task_message.expires_at
                 if expires_at != row.expires_at:  # a new expiry, counted from now
                     MessageLog.objects.using(alias).filter(pk=row.pk).update(

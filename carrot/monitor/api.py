@@ -17,7 +17,7 @@ from django.views.decorators.csrf import ensure_csrf_cookie
 
 from carrot.conf import get_settings
 from carrot.models import MessageLog, MonitorAction, ScheduledTask
-from carrot.monitor import access, actions, queries
+from carrot.monitor import access, actions, health, queries
 from carrot.monitor.access import monitor_view
 from carrot.monitor.views import url
 
@@ -114,6 +114,7 @@ def root(request: HttpRequest) -> HttpResponse:
             **{f'tasks_{name}': url(request, 'api-task-list', name) for name in queries.STATUSES},
             'schedules': url(request, 'api-schedule-list'),
             'audit': url(request, 'api-audit'),
+            'health': url(request, 'api-health'),
             'requeue': url(request, 'api-task-action', 'requeue'),
             'delete': url(request, 'api-task-action', 'delete'),
             'run': url(request, 'api-schedule-action', 'run'),
@@ -184,6 +185,21 @@ def schedule_detail(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @monitor_view
+def health_report(request: HttpRequest) -> HttpResponse:
+    """Workers, orphaned and stuck tasks, late schedules (``carrot.monitor.health``)."""
+    found = health.report()
+    return JsonResponse({
+        'workers': [{'worker': beat.worker, 'queues': beat.queues, 'scheduler': beat.scheduler,
+                     'started_at': _time(beat.started_at), 'seen_at': _time(beat.seen_at),
+                     'alive': beat.seen_at >= found.stale_before} for beat in found.workers],
+        'orphaned': [task_json(request, row) for row in found.orphaned],
+        'stuck': [task_json(request, row) for row in found.stuck],
+        'late': [schedule_json(request, row) for row in found.late],
+        'ready': found.ready,
+    })
+
+
+@monitor_view
 def audit(request: HttpRequest) -> HttpResponse:
     try:
         page = queries.keyset(MonitorAction.objects.all(),
@@ -228,7 +244,7 @@ def _acting(request: HttpRequest) -> HttpResponse | None:
 
 
 TASK_ACTIONS: dict[str, tuple[Callable[[list[int]], actions.Result], tuple[str, ...]]] = {
-    'requeue': (actions.requeue, ('failed',)),
+    'requeue': (actions.requeue, ('failed', 'running', 'queued')),
     'delete': (actions.delete, ('failed', 'completed', 'delayed')),
 }
 

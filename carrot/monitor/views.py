@@ -24,7 +24,7 @@ from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 
 from carrot.models import MessageLog, MonitorAction, ScheduledTask
-from carrot.monitor import access, actions, queries
+from carrot.monitor import access, actions, health, queries
 from carrot.monitor.access import monitor_view
 
 #: Seconds between live refreshes of a page's changing regions.
@@ -145,7 +145,9 @@ def _done(request: HttpRequest, result: actions.Result, fallback: str) -> HttpRe
     return HttpResponseRedirect(back)
 
 
-TASK_ACTIONS = {'requeue': (actions.requeue, ('failed',)),
+#: Each action, and the lists it takes "all matching" from. Requeue takes queued and running
+#: rows too: the stuck and orphaned ones among them (``health``), the rest skipped.
+TASK_ACTIONS = {'requeue': (actions.requeue, ('failed', 'running', 'queued')),
                 'delete': (actions.delete, ('failed', 'completed'))}
 
 
@@ -235,6 +237,15 @@ def schedule_action(request: HttpRequest, action: str) -> HttpResponse:
     result = actions.SCHEDULE_ACTIONS[action](pks)
     actions.record(result, access.who(request), actions.describe_ids('scheduled tasks', pks))
     return _done(request, result, url(request, 'schedule-list'))
+
+
+@monitor_view
+def health_page(request: HttpRequest) -> HttpResponse:
+    """Workers and their heartbeats, orphaned and stuck tasks, late schedules."""
+    return _page(request, 'health.html', {
+        'title': 'Health', 'section': 'health', 'report': health.report(),
+        'refresh_seconds': REFRESH_SECONDS, 'back': request.get_full_path(),
+    })
 
 
 @monitor_view

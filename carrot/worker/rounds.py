@@ -1,13 +1,14 @@
-"""The service's greenlets that work in rounds over the database: the resender, the releaser
-and the pruner.
+"""The service's greenlets that work in rounds over the database: the resender, the releaser,
+the pruner and the heartbeat.
 
 The resender sends again what a dead publisher left: a row still PUBLISHED and awaiting its
 confirm ``CARROT['resend_unconfirmed_after']`` seconds after it was sent
 (``carrot.outbox.resend_unconfirmed``). The releaser sends delayed tasks whose time has come
 (``carrot.delays.release_due``), about once a second. The pruner, when
 ``CARROT['retention']['prune_hourly']`` says so, deletes old finished rows once an hour
-(``carrot.retention.prune``). A round that filled its batch is
-followed at once; a failing round is logged and tried again after a backoff.
+(``carrot.retention.prune``). The heartbeat says every 10 s that this service is alive
+(``carrot.heartbeats.beat``), from its start. A round that filled its batch is followed at
+once; a failing round is logged and tried again after a backoff.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 from gevent.event import Event
 
-from carrot import conf, delays, lifecycle, outbox, retention
+from carrot import conf, delays, heartbeats, lifecycle, outbox, retention
 from carrot.worker.recorder import close_connection
 
 logger = logging.getLogger('carrot.worker')
@@ -36,11 +37,13 @@ class Rounds:
     """Call ``work()`` every ``pause`` seconds until the service stops.
 
     ``work`` returns how many rows it handled; ``batch`` of them means more are waiting.
+    ``at_once``: the first round runs at the start rather than after a pause.
     """
 
     def __init__(self, stopping: Event, work: Callable[[], int], batch: int, pause: float,
-                 what: str) -> None:
+                 what: str, at_once: bool = False) -> None:
         self.stopping = stopping
+        self.at_once = at_once
         self.work = work
         self.batch = batch
         self.pause = pause
@@ -48,16 +51,21 @@ class Rounds:
         self.failures = 0
 
     def run(self) -> None:
+        if self.at_once:
+            self._round()
         while not self.stopping.wait(self.pause if not self.failures else
                                      min(MAX_BACKOFF_SECONDS, 2.0 ** (self.failures - 1))):
-            try:
-                while self.work() == self.batch and not self.stopping.is_set():
-                    pass  # more are waiting
-                self.failures = 0
-            except Exception:
-                self.failures += 1
-                logger.exception('%s failed; retrying', self.what)
-            close_connection(lifecycle.database())
+            self._round()
+
+    def _round(self) -> None:
+        try:
+            while self.work() == self.batch and not self.stopping.is_set():
+                pass  # more are waiting
+            self.failures = 0
+        except Exception:
+            self.failures += 1
+            logger.exception('%s failed; retrying', self.what)
+        close_connection(lifecycle.database())
 
 
 def resender(stopping: Event) -> Rounds:
@@ -80,3 +88,9 @@ def pruner(stopping: Event) -> Rounds:
         return 0
 
     return Rounds(stopping, prune, 1, PRUNE_POLL_SECONDS, 'Pruning old task rows')
+
+
+def heartbeat(stopping: Event, queues: list[str], scheduler: bool) -> Rounds:
+    return Rounds(stopping, lambda: heartbeats.beat(queues, scheduler), 1,
+                  heartbeats.HEARTBEAT_SECONDS, 'Writing this service\'s heartbeat',
+                  at_once=True)

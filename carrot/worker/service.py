@@ -1,6 +1,6 @@
 """The carrot service: a gevent pool of consumer greenlets, the scheduler greenlet, the resender,
-the releaser of delayed tasks and the pruner (``carrot.worker.rounds``), their lifecycle and
-signals.
+the releaser of delayed tasks, the pruner and the heartbeat (``carrot.worker.rounds``), their
+lifecycle and signals.
 
 TERM or INT: stop taking messages, let running tasks finish within the shutdown timeout,
 hand back the rest, exit 0. A second signal stops at once; RabbitMQ redelivers whatever was
@@ -15,18 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
-from django.db import connections
+from django.db import DatabaseError, connections
 from gevent import events
 from gevent.event import Event
 from gevent.pool import Group, Pool
 
-from carrot import conf, outbox
+from carrot import conf, heartbeats, outbox
 from carrot.broker import get_publisher
 from carrot.consumer import load_consumer_class
 from carrot.worker.consumer import Consumer, Runtime
 from carrot.worker.link import QueueLink
 from carrot.worker.recorder import Recorder
-from carrot.worker.rounds import pruner, releaser, resender
+from carrot.worker.rounds import heartbeat, pruner, releaser, resender
 from carrot.worker.scheduler import Scheduler
 
 logger = logging.getLogger('carrot.worker')
@@ -51,6 +51,7 @@ class Service:
         self.resender: gevent.Greenlet | None = None
         self.releaser: gevent.Greenlet | None = None
         self.pruner: gevent.Greenlet | None = None
+        self.heartbeat: gevent.Greenlet | None = None
         self.on_ready = on_ready  # told the ready line (carrot_daemon start waits for it)
         self.stopping = Event()
         self.stop_now = Event()
@@ -85,6 +86,9 @@ class Service:
                 self.workers.append(_Worker(consumer, self.pool.spawn(consumer.run)))
         if self.with_scheduler:
             self.scheduler = gevent.spawn(Scheduler(self.stopping).run)
+        self.heartbeat = gevent.spawn(heartbeat(
+            self.stopping, [f'{q.name}×{q.concurrency}' for q in self.settings.queues
+                            if q.consumable], self.with_scheduler).run)
         self.resender = gevent.spawn(resender(self.stopping).run)
         self.releaser = gevent.spawn(releaser(self.stopping).run)
         if self.settings.retention.prune_hourly:
@@ -137,12 +141,20 @@ class Service:
             return None, 'the releaser of delayed tasks'
         if greenlet is self.pruner:
             return None, 'the pruner of old task rows'
+        if greenlet is self.heartbeat:
+            return None, 'the heartbeat'
         if greenlet is self.recorder.greenlet:
             return None, 'the recorder, writing task rows to the database'
         if greenlet in self.followups:
             return None, ('the follow-up of a task\'s end (on_retries_exhausted, a failure '
                           'callback or a task_finished receiver)')
         return None, 'a greenlet'
+
+    def _forget_heartbeat(self) -> None:
+        try:
+            heartbeats.forget()
+        except DatabaseError as error:  # it goes stale, and the monitor says so
+            logger.warning('Could not delete this service\'s heartbeat: %s', error)
 
     def request_stop(self) -> None:
         if self.stopping.is_set():
@@ -178,9 +190,10 @@ class Service:
         self.followups.kill(block=True, timeout=5)
         for link in self.links:
             link.close()  # what is still unacknowledged goes back to its queue
-        for rounds in (self.resender, self.releaser, self.pruner):
+        for rounds in (self.resender, self.releaser, self.pruner, self.heartbeat):
             if rounds is not None:
                 rounds.kill(block=True, timeout=5)
+        self._forget_heartbeat()
         # Tasks the tasks published: their confirms recorded before the connection closes.
         if not outbox.drain(1.0 if self.stop_now.is_set() else 10.0):
             logger.warning('Some tasks published by this service are not confirmed yet; '
