@@ -382,6 +382,27 @@ class Publisher:
             raise
         link.checkin(channel)
 
+    def ready_counts(self, broker: conf.Broker, names: Sequence[str]) -> dict[str, int]:
+        """The messages ready in each queue of ``names``, by passive declares on this
+        process's connection to ``broker`` (0 for a queue that does not exist). Raises
+        BrokerUnavailable or amqpstorm's error when the broker cannot say."""
+        link = self._link(broker)
+        counts: dict[str, int] = {}
+        channel = link.connection.channel()
+        try:
+            for name in names:
+                try:
+                    counts[name] = int(channel.queue.declare(name, passive=True)['message_count'])
+                except AMQPChannelError as error:
+                    if 'NOT_FOUND' not in str(error):
+                        raise
+                    counts[name] = 0  # RabbitMQ closed the channel: open another
+                    close_quietly(channel)
+                    channel = link.connection.channel()
+        finally:
+            close_quietly(channel)
+        return counts
+
     @staticmethod
     def _missing_exchanges(link: _BrokerLink, exchanges: set[str]) -> dict[str, CarrotError]:
         """The error of each of ``exchanges`` that does not exist, looked up once a connection.

@@ -136,3 +136,15 @@ def test_a_read_only_viewer_sees_the_health_page_without_requeue(
     make_rows(1, status=MessageLog.IN_PROGRESS, worker='gone:1', start_time=_ago(minutes=5))
     page = client_for(users, 'viewer').get(PREFIX + 'health/').content.decode()
     assert 'gone:1' in page and 'Requeue selected' not in page
+
+
+def test_ready_counts_are_asked_once_in_a_while_unless_fresh(
+        queue: str, broker: Broker) -> None:
+    from carrot.monitor import health
+
+    assert health.ready_counts([queue, 'not-in-carrot-settings']) == {
+        queue: 0, 'not-in-carrot-settings': None}
+    broker.publish_raw(queue, b'{}', {'message_id': 'someone-else'})
+    wait_for(lambda: broker.message_count(queue) == 1, what='the message to be ready')
+    assert health.ready_counts([queue]) == {queue: 0}  # as asked a moment ago
+    assert health.ready_counts([queue], fresh=True) == {queue: 1}

@@ -115,7 +115,7 @@ def requeue(pks: Iterable[int]) -> Result:
         if health.is_stuck_age(row, now, thresholds):
             queue = row.queue or ''
             if queue not in ready:
-                ready.update(health.ready_counts([queue]))
+                ready.update(health.ready_counts([queue], fresh=True))
             if ready[queue] == 0:
                 return None  # stuck: its message is not in its queue
         return (f'it is {row.get_status_display().lower()}; only failed, orphaned and stuck '
