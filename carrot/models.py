@@ -292,7 +292,8 @@ class ScheduledTask(TaskArguments, models.Model):
         except ValueError as error:
             errors['crontab' if self.crontab else 'interval_count'] = str(error)
         try:
-            registry.resolve(self.task)
+            if self.task:  # a blank one is refused as blank, by the field
+                registry.resolve(self.task)
         except Exception as error:
             errors['task'] = str(error)
         try:
@@ -328,12 +329,22 @@ class MonitorAction(models.Model):
     RUN_NOW = 'run_now'
     PAUSE = 'pause'
     RESUME = 'resume'
+    CREATE = 'create'
+    EDIT = 'edit'
+    PURGE = 'purge'
+    REQUEUE_DEAD = 'requeue_dead'
+    PURGE_DEAD = 'purge_dead'
     ACTION_CHOICES = (
         (REQUEUE, 'Requeue'),
         (DELETE, 'Delete'),
         (RUN_NOW, 'Run now'),
         (PAUSE, 'Pause'),
         (RESUME, 'Resume'),
+        (CREATE, 'Create schedule'),
+        (EDIT, 'Edit schedule'),
+        (PURGE, 'Purge queue'),
+        (REQUEUE_DEAD, 'Requeue dead letters'),
+        (PURGE_DEAD, 'Purge dead letters'),
     )
 
     #: Who acted: the user name (a name, not a foreign key, so that the record outlives the
@@ -379,3 +390,41 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return self.worker
+
+
+class QueueStats(models.Model):
+    """What ended in one queue in one minute or hour, as one worker process counted it.
+
+    Written only by its ``writer`` (``carrot.rollups.flush``), so no two processes update the
+    same row; the monitor's overview merges the writers' rows. ``wait`` and ``run`` are
+    histograms of the wait from publish to start and of the run time, counts over the buckets
+    of ``carrot.rollups.EDGES`` (trailing zeros left out).
+    """
+
+    MINUTE = 'minute'
+    HOUR = 'hour'
+    RESOLUTION_CHOICES = ((MINUTE, 'Minute'), (HOUR, 'Hour'))
+
+    queue = models.CharField(max_length=200)
+    #: The start of the minute or hour.
+    period = models.DateTimeField()
+    resolution = models.CharField(max_length=6, choices=RESOLUTION_CHOICES)
+    #: The process that counted: ``host:pid``, as MessageLog.worker names it.
+    writer = models.CharField(max_length=200)
+    #: Attempts that returned, and attempts that raised (a retried one too) or expired.
+    succeeded = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    wait = models.JSONField(default=list)
+    run = models.JSONField(default=list)
+
+    class Meta:
+        verbose_name = 'queue statistics'
+        verbose_name_plural = 'queue statistics'
+        constraints = [
+            # Also the index of the overview's "queue, resolution, period >= since".
+            models.UniqueConstraint(fields=['queue', 'resolution', 'period', 'writer'],
+                                    name='carrot_queuestats_unique'),
+        ]
+
+    def __str__(self) -> str:
+        return f'{self.queue} {self.resolution} {self.period:%Y-%m-%d %H:%M} {self.writer}'

@@ -137,6 +137,43 @@ def _framework_task(path: str, module_name: str, task: Any) -> FrameworkTask:
     return FrameworkTask(task)
 
 
+def registered_tasks() -> list[tuple[str, str]]:
+    """Every task path that may run, sorted, each with '' or why its module does not import.
+
+    For choosing a task (the monitor's schedule form): the functions and ``@task`` objects
+    that :func:`resolve` accepts, found by importing each task module. A module that does
+    not import is listed by its name with the error, so the form can say why it is missing.
+    """
+    found: list[tuple[str, str]] = []
+    modules = [*get_settings().task_modules]
+    if framework_task_class() is not None:
+        modules += sorted(app_task_modules() - set(modules))
+    for module_name in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except (Exception, SystemExit) as error:
+            found.append((module_name, f'does not import: {type(error).__name__}: {error}'))
+            continue
+        for name in sorted(vars(module)):
+            path = f'{module_name}.{name}'
+            if name.startswith('_') or not _is_task_value(vars(module)[name], module_name):
+                continue
+            try:
+                resolve(path)
+            except (TaskNotRegistered, TaskImportError):
+                continue
+            found.append((path, ''))
+    return sorted(found)
+
+
+def _is_task_value(value: object, module_name: str) -> bool:
+    """Worth trying to resolve: a function defined in the module, or a ``@task`` object."""
+    framework = framework_task_class()
+    if framework is not None and isinstance(value, framework):
+        return True
+    return inspect.isfunction(value) and value.__module__ == module_name
+
+
 def framework_task_class() -> type[Any] | None:
     """Django's ``Task`` class (6.0 or the backport); None when neither is installed."""
     try:

@@ -67,6 +67,21 @@ class Cron:
 Schedule = Interval | Cron
 
 
+def upcoming(schedule: Schedule, now: datetime, next_run: datetime | None = None,
+             count: int = 5) -> list[datetime]:
+    """The next ``count`` run times of ``schedule`` after ``now``.
+
+    ``next_run`` is a saved row's next run time, which an interval's grid steps from (a new
+    row's first run is one interval after ``now``).
+    """
+    if isinstance(schedule, Interval):
+        first = schedule.next_run(next_run, now) if next_run is not None else \
+            schedule.first_run(now)
+        return [first + step * schedule.length for step in range(count)]
+    runs = CronSim(schedule.expression, _to_local(now))
+    return [_from_local(moment) for moment, _ in zip(runs, range(count), strict=False)]
+
+
 def parse_interval(interval: Any) -> Interval:
     """An Interval from upstream's one-item dict such as ``{'minutes': 5}``."""
     if not isinstance(interval, dict) or len(interval) != 1:

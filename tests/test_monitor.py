@@ -30,7 +30,10 @@ from tests.monitoring import (
 PAGES = ['', 'tasks/queued/', 'tasks/running/', 'tasks/failed/', 'tasks/completed/',
          'tasks/{task}/', 'tasks/find/?id={uuid}', 'schedules/', 'schedules/{schedule}/',
          'audit/', 'health/', 'assets/monitor.css', 'assets/monitor.js',
-         'tasks/requeue/?status=failed&all=1', 'tasks/delete/?status=failed&all=1']
+         'tasks/requeue/?status=failed&all=1', 'tasks/delete/?status=failed&all=1',
+         'schedules/new/', 'schedules/{schedule}/edit/']
+#: The pages that only those who may act see: each is a form that changes something.
+FORMS = ('/requeue/', '/delete/', '/new/', '/edit/')
 
 
 def _fill(page: str) -> str:
@@ -68,8 +71,7 @@ def test_staff_see_every_page(page: str, users: dict[str, User]) -> None:
     assert answer.status_code == expected, answer.content[:500]
 
 
-@pytest.mark.parametrize('page', [p for p in PAGES if '/requeue/' not in p
-                                  and '/delete/' not in p])
+@pytest.mark.parametrize('page', [p for p in PAGES if not any(f in p for f in FORMS)])
 def test_read_only_staff_see_every_page_and_no_action(page: str, users: dict[str, User]
                                                       ) -> None:
     make_rows(2, MessageLog.FAILED)
@@ -84,9 +86,10 @@ def test_read_only_staff_see_every_page_and_no_action(page: str, users: dict[str
         assert 'read-only' in text
 
 
-def test_the_confirmation_of_an_action_is_refused_to_read_only_staff(
-        users: dict[str, User]) -> None:
-    answer = client_for(users, 'viewer').get(PREFIX + 'tasks/requeue/?status=failed&all=1')
+@pytest.mark.parametrize('page', [p for p in PAGES if any(f in p for f in FORMS)])
+def test_the_confirmations_and_forms_are_refused_to_read_only_staff(
+        page: str, users: dict[str, User]) -> None:
+    answer = client_for(users, 'viewer').get(_fill(page))
     assert answer.status_code == 403
     assert b'carrot.change_messagelog' in answer.content
 
@@ -122,7 +125,22 @@ def _resume(queue: str) -> tuple[str, dict[str, Any]]:
     return 'schedules/resume/', {'ids': [make_schedule(queue=queue, active=False).pk]}
 
 
-ACTIONS = [_requeue, _delete, _run, _pause, _resume]
+def _schedule_form(**changes: Any) -> dict[str, Any]:
+    return {'task_name': 'created', 'task': 'tests.project.tasks.echo', 'crontab': '*/5 * * * *',
+            'interval_type': 'seconds', 'interval_count': '1', 'queue': '', 'priority': '0',
+            'task_args': '[1]', 'content': '{"key": "value"}', 'active': 'on', **changes}
+
+
+def _create(queue: str) -> tuple[str, dict[str, Any]]:
+    return 'schedules/new/', _schedule_form(queue=queue)
+
+
+def _edit(queue: str) -> tuple[str, dict[str, Any]]:
+    schedule = make_schedule(queue=queue)
+    return f'schedules/{schedule.pk}/edit/', _schedule_form(task_name='nightly', queue=queue)
+
+
+ACTIONS = [_requeue, _delete, _run, _pause, _resume, _create, _edit]
 
 
 @pytest.mark.parametrize('action', ACTIONS, ids=lambda a: a.__name__[1:])
@@ -162,7 +180,8 @@ def test_an_action_with_its_csrf_token_is_done_and_audited(
     assert entry.username == 'actor' and entry.count == 1
     assert entry.action == {'tasks/requeue/': 'requeue', 'tasks/delete/': 'delete',
                             'schedules/run/': 'run_now', 'schedules/pause/': 'pause',
-                            'schedules/resume/': 'resume'}[path]
+                            'schedules/resume/': 'resume', 'schedules/new/': 'create'
+                            }.get(path, 'edit' if path.endswith('/edit/') else '?')
 
 
 @pytest.mark.parametrize('action', ACTIONS, ids=lambda a: a.__name__[1:])
@@ -171,7 +190,8 @@ def test_a_get_of_an_action_changes_nothing(action: Any, users: dict[str, User],
     path, form = action(queue)
     before = _everything()
     answer = client_for(users, 'staff').get(PREFIX + path, form)
-    assert answer.status_code in (302, 405)
+    # A form's page shows the form (and ignores what the query says); an action redirects.
+    assert answer.status_code in ((200,) if path.endswith(('/new/', '/edit/')) else (302, 405))
     assert _everything() == before
 
 

@@ -17,6 +17,7 @@ from django.utils import timezone
 from carrot import heartbeats, lifecycle, oncommit
 from carrot.models import MessageLog, MonitorAction, ScheduledTask, _parse_arguments
 from carrot.monitor import health
+from carrot.monitor.forms import ScheduleForm
 from carrot.publishing import Message, create_message
 
 #: The statuses a requeued row may be in: failed, orphaned (IN_PROGRESS), stuck (PUBLISHED).
@@ -27,6 +28,14 @@ MAX_ROWS = 1000
 BATCH = 100
 #: Skipped rows whose reason is kept in the audit record and shown.
 MAX_REASONS = 20
+
+
+#: How a summary says what each action did.
+VERBS = {MonitorAction.REQUEUE: 'Requeued', MonitorAction.DELETE: 'Deleted',
+         MonitorAction.RUN_NOW: 'Published', MonitorAction.PAUSE: 'Paused',
+         MonitorAction.RESUME: 'Resumed', MonitorAction.CREATE: 'Created',
+         MonitorAction.EDIT: 'Saved', MonitorAction.PURGE: 'Purged',
+         MonitorAction.REQUEUE_DEAD: 'Sent back', MonitorAction.PURGE_DEAD: 'Purged'}
 
 
 @dataclass
@@ -43,6 +52,8 @@ class Result:
     audit_id: int | None = None
     #: run_now: (scheduled task name, message id) of each task published.
     published: list[tuple[str, str]] = field(default_factory=list)
+    #: What else the audit record says (a schedule's changed fields, a purge's queue).
+    notes: list[str] = field(default_factory=list)
 
     def skip(self, pk: int, why: str) -> None:
         self.skipped += 1
@@ -51,10 +62,7 @@ class Result:
 
     @property
     def summary(self) -> str:
-        verbs = {MonitorAction.REQUEUE: 'Requeued', MonitorAction.DELETE: 'Deleted',
-                 MonitorAction.RUN_NOW: 'Published', MonitorAction.PAUSE: 'Paused',
-                 MonitorAction.RESUME: 'Resumed'}
-        text = f'{verbs[self.action]} {self.count}'
+        text = f'{VERBS[self.action]} {self.count}'
         if self.skipped:
             text += f', skipped {self.skipped}'
         if self.capped:
@@ -66,7 +74,7 @@ class Result:
                 'reasons': self.reasons, 'capped': self.capped, 'audit_id': self.audit_id,
                 'published': [{'task_name': name, 'message_id': message_id}
                               for name, message_id in self.published],
-                'summary': self.summary}
+                'notes': self.notes, 'summary': self.summary}
 
 
 def _batches(pks: Sequence[int]) -> Iterable[list[int]]:
@@ -244,9 +252,20 @@ def set_active(pks: Iterable[int], active: bool) -> Result:
     return result
 
 
+def save_schedule(form: ScheduleForm) -> Result:
+    """Save a valid schedule form: a new scheduled task, or the changes to one."""
+    creating = form.instance.pk is None
+    result = Result(MonitorAction.CREATE if creating else MonitorAction.EDIT)
+    result.notes.append(f'changed {form.changes()}' if not creating else
+                        f'{form.instance.task} {form.instance.interval_display}')
+    form.save()
+    result.count = 1
+    return result
+
+
 def record(result: Result, username: str, target: str) -> Result:
     """Write the audit record of ``result``."""
-    detail = '; '.join([*result.reasons,
+    detail = '; '.join([*result.notes, *result.reasons,
                         *(f'{name} published as message {message_id}'
                           for name, message_id in result.published[:MAX_REASONS])])
     if result.skipped:
@@ -266,6 +285,14 @@ def describe_ids(noun: str, pks: Sequence[int]) -> str:
     more = f' and {len(pks) - 20} more' if len(pks) > 20 else ''
     return f'{noun} {shown}{more}' if pks else f'no {noun}'
 
+
+#: The task actions of the monitor's pages and API, by the name in their URLs, each with
+#: the lists it takes "all matching" from. Requeue takes queued and running rows too: the
+#: stuck and orphaned ones among them (``health``), the rest skipped.
+TASK_ACTIONS: dict[str, tuple[Callable[[list[int]], Result], tuple[str, ...]]] = {
+    'requeue': (requeue, ('failed', 'running', 'queued')),
+    'delete': (delete, ('failed', 'completed', 'delayed')),
+}
 
 #: The schedule actions of the monitor's pages and API, by the name in their URLs.
 SCHEDULE_ACTIONS: dict[str, Callable[[list[int]], Result]] = {

@@ -9,7 +9,7 @@ broker password: brokers appear as ``Broker.display``, the password masked.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -17,7 +17,7 @@ from django.views.decorators.csrf import ensure_csrf_cookie
 
 from carrot.conf import get_settings
 from carrot.models import MessageLog, MonitorAction, ScheduledTask
-from carrot.monitor import access, actions, health, queries
+from carrot.monitor import access, actions, forms, health, queries
 from carrot.monitor.access import monitor_view
 from carrot.monitor.views import url
 
@@ -166,6 +166,9 @@ def task_find(request: HttpRequest) -> HttpResponse:
 
 @monitor_view
 def schedule_list(request: HttpRequest) -> HttpResponse:
+    """GET: a page of scheduled tasks. POST: create one (the fields of ``schedule_json``)."""
+    if request.method == 'POST':
+        return _save_schedule(request, ScheduledTask())
     try:
         page = queries.keyset(ScheduledTask.objects.all(),
                               queries.cursor(request.GET.get('after')),
@@ -178,10 +181,50 @@ def schedule_list(request: HttpRequest) -> HttpResponse:
 
 @monitor_view
 def schedule_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET: one scheduled task. POST: change the fields given, keep the others."""
     row = ScheduledTask.objects.filter(pk=pk).first()
     if row is None:
         return _error(f'No scheduled task has the id {pk}.', 404)
+    if request.method == 'POST':
+        return _save_schedule(request, row)
     return JsonResponse(schedule_json(request, row))
+
+
+#: The API's names for the form's fields, where they differ.
+_SCHEDULE_FIELDS = {'args': 'task_args', 'kwargs': 'content'}
+
+
+def _save_schedule(request: HttpRequest, row: ScheduledTask) -> HttpResponse:
+    refused = _acting(request)
+    if refused is not None:
+        return refused
+    try:
+        body = _body(request)
+    except queries.FilterError as error:
+        return _error(str(error))
+    known = sorted({*forms.FIELDS, *_SCHEDULE_FIELDS} - set(_SCHEDULE_FIELDS.values()))
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        return _error(f'Unknown fields {", ".join(unknown)}: a scheduled task has '
+                      f'{", ".join(known)}.')
+    data = {name: value for name, value in forms.ScheduleForm(instance=row).initial.items()
+            if name in forms.FIELDS}
+    for name, value in body.items():
+        field = _SCHEDULE_FIELDS.get(name, name)
+        data[field] = json.dumps(value) if field in ('task_args', 'content') else value
+    if not data.get('active'):
+        data.pop('active', None)  # an unchecked box: a form leaves it out
+    form = forms.ScheduleForm({key: '' if value is None else value
+                               for key, value in data.items()}, instance=row)
+    if not form.is_valid():
+        return JsonResponse({'error': 'The scheduled task was not saved.',
+                             'errors': {name: [str(text) for text in texts]
+                                        for name, texts in form.errors.items()}}, status=400)
+    target = f'scheduled task {form.cleaned_data["task_name"]}'
+    result = actions.record(actions.save_schedule(form), access.who(request), target)
+    return JsonResponse({**result.as_json(), 'schedule': schedule_json(request, form.instance),
+                         'next_runs': [moment.isoformat() for moment in form.upcoming]},
+                        status=201 if result.action == MonitorAction.CREATE else 200)
 
 
 @monitor_view
@@ -243,19 +286,13 @@ def _acting(request: HttpRequest) -> HttpResponse | None:
     return None
 
 
-TASK_ACTIONS: dict[str, tuple[Callable[[list[int]], actions.Result], tuple[str, ...]]] = {
-    'requeue': (actions.requeue, ('failed', 'running', 'queued')),
-    'delete': (actions.delete, ('failed', 'completed', 'delayed')),
-}
-
-
 @monitor_view
 def task_action(request: HttpRequest, action: str) -> HttpResponse:
     """POST ``{"ids": [...]}``, or ``{"all": true, "status": ..., <filters>}``."""
     refused = _acting(request)
     if refused is not None:
         return refused
-    perform, statuses = TASK_ACTIONS[action]
+    perform, statuses = actions.TASK_ACTIONS[action]
     try:
         body = _body(request)
         if body.get('all') in (True, '1', 'true'):

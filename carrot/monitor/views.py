@@ -21,11 +21,14 @@ from django.http import (
 )
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 
+from carrot import schedules
 from carrot.models import MessageLog, MonitorAction, ScheduledTask
 from carrot.monitor import access, actions, health, queries
 from carrot.monitor.access import monitor_view
+from carrot.monitor.forms import ScheduleForm
 
 #: Seconds between live refreshes of a page's changing regions.
 REFRESH_SECONDS = 5
@@ -145,19 +148,13 @@ def _done(request: HttpRequest, result: actions.Result, fallback: str) -> HttpRe
     return HttpResponseRedirect(back)
 
 
-#: Each action, and the lists it takes "all matching" from. Requeue takes queued and running
-#: rows too: the stuck and orphaned ones among them (``health``), the rest skipped.
-TASK_ACTIONS = {'requeue': (actions.requeue, ('failed', 'running', 'queued')),
-                'delete': (actions.delete, ('failed', 'completed'))}
-
-
 @monitor_view
 def task_action(request: HttpRequest, action: str) -> HttpResponse:
     """Requeue or delete: the chosen rows (``ids``), or every row matching a filter.
 
     GET shows the confirmation of "every row matching" (and changes nothing); POST acts.
     """
-    perform, statuses = TASK_ACTIONS[action]
+    perform, statuses = actions.TASK_ACTIONS[action]
     source = request.POST if request.method == 'POST' else request.GET
     status = str(source.get('status', statuses[0]))
     if status not in statuses:
@@ -221,10 +218,41 @@ def schedule_detail(request: HttpRequest, pk: int) -> HttpResponse:
     row = get_object_or_404(ScheduledTask, pk=pk)
     recent = list(MessageLog.objects.filter(task=row.task).defer(*queries.LIST_DEFERRED)
                   .order_by('-id')[:10])
+    try:
+        upcoming = (schedules.upcoming(row.schedule, timezone.now(), row.next_run_at)
+                    if row.active else [])
+    except ValueError:
+        upcoming = []
     return _page(request, 'schedule_detail.html', {
         'title': row.task_name, 'section': 'schedules', 'row': row, 'recent': recent,
+        'upcoming': upcoming,
         'back': request.get_full_path(),
     })
+
+
+@monitor_view
+def schedule_form(request: HttpRequest, pk: int | None = None) -> HttpResponse:
+    """Create (``pk`` None) or edit a scheduled task; GET shows the form, POST saves it.
+
+    A POST with ``preview`` shows the next five runs of what was typed and saves nothing.
+    """
+    row = get_object_or_404(ScheduledTask, pk=pk) if pk is not None else ScheduledTask()
+    if access.read_only(request):
+        return access.refuse(request, access.why_read_only(request))
+    if request.method not in ('GET', 'POST'):
+        return HttpResponseNotAllowed(['GET', 'POST'])
+    form = ScheduleForm(request.POST if request.method == 'POST' else None, instance=row)
+    if request.method == 'POST' and 'preview' not in request.POST and form.is_valid():
+        target = f'scheduled task {form.cleaned_data["task_name"]}'
+        result = actions.record(actions.save_schedule(form), access.who(request), target)
+        messages.success(request, f'{result.summary} {target}.', fail_silently=True)
+        return HttpResponseRedirect(url(request, 'schedule-detail', form.instance.pk))
+    if request.method == 'POST':
+        form.is_valid()  # a preview: the errors and the next runs, nothing saved
+    return _page(request, 'schedule_form.html', {
+        'title': f'Edit {row.task_name}' if pk is not None else 'New scheduled task',
+        'section': 'schedules', 'form': form, 'row': row,
+    }, status=400 if request.method == 'POST' and form.errors else 200)
 
 
 @monitor_view
