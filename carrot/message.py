@@ -7,7 +7,9 @@ carrot adds an ``x-carrot-attempt`` header, which other producers may leave out,
 MessageLog row when it succeeds, and ``x-carrot-resent`` (true) on a copy sent again because
 its first send was never confirmed: that copy runs only if no other has started the task.
 A call's own task options travel as a JSON object in ``x-carrot-options``, and the time past
-which the task is not run as an ISO 8601 text in ``x-carrot-expires``.
+which the task is not run as an ISO 8601 text in ``x-carrot-expires``. ``x-carrot-published-at``
+says when the message was sent (ISO 8601, UTC; a requeued dead letter's says when it was sent
+back): the worker's rollups (``carrot.rollups``) measure each task's wait from it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ TRACKED_HEADER = 'x-carrot-tracked'
 RESENT_HEADER = 'x-carrot-resent'
 OPTIONS_HEADER = 'x-carrot-options'
 EXPIRES_HEADER = 'x-carrot-expires'
+PUBLISHED_HEADER = 'x-carrot-published-at'
 CONTENT_TYPE = 'application/json'
 MESSAGE_TYPE = 'django-carrot message'
 PERSISTENT = 2
@@ -102,7 +105,8 @@ def encode(message: TaskMessage, arguments_json: tuple[str, str] | None = None,
     args_json, kwargs_json = arguments_json or (json.dumps(message.args),
                                                 json.dumps(message.kwargs))
     body = f'{{"args": {args_json}, "kwargs": {kwargs_json}}}'.encode()
-    headers: dict[str, Any] = {TYPE_HEADER: message.task, ATTEMPT_HEADER: message.attempt}
+    headers: dict[str, Any] = {TYPE_HEADER: message.task, ATTEMPT_HEADER: message.attempt,
+                               PUBLISHED_HEADER: _now()}
     if message.tracked is not None:
         headers[TRACKED_HEADER] = message.tracked
     if message.resent:
@@ -259,6 +263,7 @@ def requeued_properties(dead: Mapping[str, Any]) -> dict[str, Any]:
     headers = {key: value for key, value in (dead.get('headers') or {}).items()
                if key not in (DEAD_REASON_HEADER, DEAD_AT_HEADER, RESENT_HEADER)}
     headers[ATTEMPT_HEADER] = 1
+    headers[PUBLISHED_HEADER] = _now()  # its wait counts from now, not from its first send
     return {**dead, 'headers': headers}
 
 
@@ -266,6 +271,18 @@ def dead_at_of(properties: Mapping[str, Any]) -> datetime.datetime | None:
     """When a dead letter was dead-lettered; None when it does not say (or not clearly)."""
     try:
         return _time_of((properties.get('headers') or {}).get(DEAD_AT_HEADER), DEAD_AT_HEADER)
+    except BadMessage:
+        return None
+
+
+def published_at_of(properties: Mapping[str, Any]) -> datetime.datetime | None:
+    """When a message was sent, by its ``x-carrot-published-at``; None when it does not say
+    (another producer's message, or one sent before carrot wrote the header) or not clearly."""
+    header = (properties.get('headers') or {}).get(PUBLISHED_HEADER)
+    if header is None:
+        return None
+    try:
+        return _time_of(header, PUBLISHED_HEADER)
     except BadMessage:
         return None
 

@@ -43,7 +43,7 @@ from django.test.utils import override_settings  # noqa: E402
 
 from carrot.broker import declare, get_publisher  # noqa: E402
 from carrot.conf import get_settings  # noqa: E402
-from carrot.models import MessageLog, ScheduledTask, WorkerHeartbeat  # noqa: E402
+from carrot.models import MessageLog, QueueStats, ScheduledTask, WorkerHeartbeat  # noqa: E402
 
 
 def _create_postgres_database() -> None:
@@ -82,10 +82,10 @@ def database() -> Iterator[str]:
 
 @pytest.fixture(autouse=True)
 def empty_tables() -> Iterator[None]:
-    for model in (MessageLog, ScheduledTask, WorkerHeartbeat):
+    for model in (MessageLog, ScheduledTask, WorkerHeartbeat, QueueStats):
         model.objects.all().delete()
     yield
-    for model in (MessageLog, ScheduledTask, WorkerHeartbeat):
+    for model in (MessageLog, ScheduledTask, WorkerHeartbeat, QueueStats):
         model.objects.all().delete()
     connection.close()
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from django.utils import timezone
 
 from carrot import conf, heartbeats, lifecycle
-from carrot.broker import get_publisher
+from carrot.broker import QueueCounts, get_publisher
 from carrot.exceptions import CarrotConfigException
 from carrot.models import MessageLog, ScheduledTask, WorkerHeartbeat
 
@@ -114,28 +114,35 @@ def stuck_candidates(now: datetime.datetime) -> list[MessageLog]:
 
 
 def ready_counts(queues: Iterable[str], fresh: bool = False) -> dict[str, int | None]:
-    """Messages ready in each queue, by passive declares on this process's publishing
-    connection (None where the queue is not in CARROT's settings or its broker cannot be
-    asked; 0 where the queue does not exist). A count asked for less than READY_CACHE_SECONDS
-    ago is not asked again, unless ``fresh``: each declare is a round trip of ~10 ms, and
-    every viewer's page refreshes every five seconds."""
+    """Messages ready in each queue (None where it cannot be asked; 0 where the queue does
+    not exist): ``queue_counts`` without the consumers."""
+    return {name: counts.ready if counts is not None else None
+            for name, counts in queue_counts(queues, fresh).items()}
+
+
+def queue_counts(queues: Iterable[str], fresh: bool = False) -> dict[str, QueueCounts | None]:
+    """Messages ready in each queue and its consumers, by passive declares on this process's
+    publishing connection (None where the queue is not in CARROT's settings or its broker
+    cannot be asked). Counts asked for less than READY_CACHE_SECONDS ago are not asked again,
+    unless ``fresh``: each declare is a round trip of ~10 ms, and every viewer's page
+    refreshes every five seconds."""
     now = time.monotonic()
-    wanted = sorted(queues)
+    wanted = sorted(set(queues))
     cached = {name: _ready_cache[name] for name in wanted if not fresh
               and name in _ready_cache and now - _ready_cache[name][0] < READY_CACHE_SECONDS}
-    counts: dict[str, int | None] = {name: count for name, (_, count) in cached.items()}
+    counts: dict[str, QueueCounts | None] = {name: found for name, (_, found) in cached.items()}
     asked = [name for name in wanted if name not in cached]
     _ask(asked, counts)
     _ready_cache.update({name: (now, counts[name]) for name in asked})
     return {name: counts[name] for name in wanted}
 
 
-#: Queue name → (when asked, by time.monotonic(), messages ready).
-_ready_cache: dict[str, tuple[float, int | None]] = {}
+#: Queue name → (when asked, by time.monotonic(), what the passive declare said).
+_ready_cache: dict[str, tuple[float, QueueCounts | None]] = {}
 READY_CACHE_SECONDS = 4.0
 
 
-def _ask(queues: list[str], counts: dict[str, int | None]) -> None:
+def _ask(queues: list[str], counts: dict[str, QueueCounts | None]) -> None:
     by_broker: dict[conf.Broker, list[str]] = {}
     settings = conf.get_settings()
     for name in queues:
@@ -145,7 +152,7 @@ def _ask(queues: list[str], counts: dict[str, int | None]) -> None:
             counts[name] = None
     for broker, names in by_broker.items():
         try:
-            counts.update(get_publisher().ready_counts(broker, names))
+            counts.update(get_publisher().queue_counts(broker, names))
         except Exception as error:  # the broker down: the page says it could not ask
             logger.warning('The monitor could not ask %s for its queues: %s', broker.display,
                            error)

@@ -22,7 +22,7 @@ from django.db import DataError, IntegrityError, close_old_connections
 from django.db import Error as DatabaseFault
 from gevent.event import AsyncResult
 
-from carrot import lifecycle, message, registry
+from carrot import lifecycle, message, registry, rollups
 from carrot import options as task_options
 from carrot.amqp import SignallingChannel
 from carrot.broker import get_publisher
@@ -204,6 +204,7 @@ class Delivery:
         expired = expired_outcome(task_message)
         outcome = expired or self.consumer.run_task(function, task_message, options.time_limit)
         if outcome.exception is None:
+            self._count(start, outcome, ran=True)
             self.ack()
             return
         self.started = AsyncResult()
@@ -269,6 +270,7 @@ class Delivery:
 
         ``options`` None: the task did not run (it expired), and is not retried.
         """
+        self._count(start, outcome, ran=options is not None)
         started = cast(AsyncResult, self.started)
         attempt = self.task_message.attempt if self.task_message else 1
         end = end_of(start.message_id, outcome, options, attempt)
@@ -289,6 +291,15 @@ class Delivery:
         if hook is not None or callbacks or framework_task is not None:
             self._runtime().followups.spawn(self._follow_up, self.recorded, start.message_id,
                                             outcome, hook, framework_task)
+
+    def _count(self, start: lifecycle.Start, outcome: Outcome, ran: bool) -> None:
+        """Count this attempt's end in the queue's rollups (``carrot.rollups``): every end,
+        tracked or not, passes here. ``ran`` False: it expired, and has no run time."""
+        published = message.published_at_of(self.properties)
+        started, ended = start.at.timestamp(), outcome.ended_at.timestamp()
+        rollups.tally.add(start.queue, ended,
+                          started - published.timestamp() if published is not None else None,
+                          ended - started if ran else None, outcome.exception is None)
 
     def _follow_up(self, recorded: AsyncResult, message_id: str, outcome: Outcome,
                    hook: task_options.OnRetriesExhausted | None,

@@ -1,5 +1,5 @@
 """The service's greenlets that work in rounds over the database: the resender, the releaser,
-the pruner and the heartbeat.
+the pruner, the heartbeat and the rollups.
 
 The resender sends again what a dead publisher left: a row still PUBLISHED and awaiting its
 confirm ``CARROT['resend_unconfirmed_after']`` seconds after it was sent
@@ -7,18 +7,23 @@ confirm ``CARROT['resend_unconfirmed_after']`` seconds after it was sent
 (``carrot.delays.release_due``), about once a second. The pruner, when
 ``CARROT['retention']['prune_hourly']`` says so, deletes old finished rows once an hour
 (``carrot.retention.prune``). The heartbeat says every 10 s that this service is alive
-(``carrot.heartbeats.beat``), from its start. A round that filled its batch is followed at
+(``carrot.heartbeats.beat``), from its start. The rollups round writes every 10 s what the
+consumers counted of the tasks that ended (``carrot.rollups.flush``: a SIGKILL loses at most
+those 10 s of counts; the service flushes once more at a clean stop), and once an hour deletes
+old rollup rows (``carrot.rollups.prune``). A round that filled its batch is followed at
 once; a failing round is logged and tried again after a backoff.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 
 from gevent.event import Event
 
-from carrot import conf, delays, heartbeats, lifecycle, outbox, retention
+from carrot import conf, delays, heartbeats, lifecycle, outbox, retention, rollups
 from carrot.worker.recorder import close_connection
 
 logger = logging.getLogger('carrot.worker')
@@ -94,3 +99,20 @@ def heartbeat(stopping: Event, queues: list[str], scheduler: bool) -> Rounds:
     return Rounds(stopping, lambda: heartbeats.beat(queues, scheduler), 1,
                   heartbeats.HEARTBEAT_SECONDS, 'Writing this service\'s heartbeat',
                   at_once=True)
+
+
+def rollup(stopping: Event) -> Rounds:
+    """Write the tally of task ends every FLUSH_SECONDS; delete old rollups every hour."""
+    pruned = [-math.inf]  # when, by time.monotonic()
+
+    def work() -> int:
+        rollups.flush()
+        if time.monotonic() - pruned[0] >= rollups.PRUNE_SECONDS:
+            deleted = rollups.prune()
+            pruned[0] = time.monotonic()
+            if deleted:
+                logger.info('Deleted %d old rollup row(s)', deleted)
+        return 0
+
+    return Rounds(stopping, work, 1, rollups.FLUSH_SECONDS,
+                  'Writing the queues\' counts of task ends')

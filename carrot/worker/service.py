@@ -1,6 +1,6 @@
 """The carrot service: a gevent pool of consumer greenlets, the scheduler greenlet, the resender,
-the releaser of delayed tasks, the pruner and the heartbeat (``carrot.worker.rounds``), their
-lifecycle and signals.
+the releaser of delayed tasks, the pruner, the heartbeat and the rollups
+(``carrot.worker.rounds``), their lifecycle and signals.
 
 TERM or INT: stop taking messages, let running tasks finish within the shutdown timeout,
 hand back the rest, exit 0. A second signal stops at once; RabbitMQ redelivers whatever was
@@ -20,13 +20,13 @@ from gevent import events
 from gevent.event import Event
 from gevent.pool import Group, Pool
 
-from carrot import conf, heartbeats, outbox
+from carrot import conf, heartbeats, outbox, rollups
 from carrot.broker import get_publisher
 from carrot.consumer import load_consumer_class
 from carrot.worker.consumer import Consumer, Runtime
 from carrot.worker.link import QueueLink
 from carrot.worker.recorder import Recorder
-from carrot.worker.rounds import heartbeat, pruner, releaser, resender
+from carrot.worker.rounds import heartbeat, pruner, releaser, resender, rollup
 from carrot.worker.scheduler import Scheduler
 
 logger = logging.getLogger('carrot.worker')
@@ -52,6 +52,7 @@ class Service:
         self.releaser: gevent.Greenlet | None = None
         self.pruner: gevent.Greenlet | None = None
         self.heartbeat: gevent.Greenlet | None = None
+        self.rollups: gevent.Greenlet | None = None
         self.on_ready = on_ready  # told the ready line (carrot_daemon start waits for it)
         self.stopping = Event()
         self.stop_now = Event()
@@ -89,6 +90,7 @@ class Service:
         self.heartbeat = gevent.spawn(heartbeat(
             self.stopping, [f'{q.name}×{q.concurrency}' for q in self.settings.queues
                             if q.consumable], self.with_scheduler).run)
+        self.rollups = gevent.spawn(rollup(self.stopping).run)
         self.resender = gevent.spawn(resender(self.stopping).run)
         self.releaser = gevent.spawn(releaser(self.stopping).run)
         if self.settings.retention.prune_hourly:
@@ -143,6 +145,8 @@ class Service:
             return None, 'the pruner of old task rows'
         if greenlet is self.heartbeat:
             return None, 'the heartbeat'
+        if greenlet is self.rollups:
+            return None, 'the rollups, writing the queues\' counts of task ends'
         if greenlet is self.recorder.greenlet:
             return None, 'the recorder, writing task rows to the database'
         if greenlet in self.followups:
@@ -155,6 +159,12 @@ class Service:
             heartbeats.forget()
         except DatabaseError as error:  # it goes stale, and the monitor says so
             logger.warning('Could not delete this service\'s heartbeat: %s', error)
+
+    def _flush_rollups(self) -> None:
+        try:
+            rollups.flush()  # the counts of the tasks that ended since the last round
+        except DatabaseError as error:
+            logger.warning('Could not write the last counts of task ends: %s', error)
 
     def request_stop(self) -> None:
         if self.stopping.is_set():
@@ -190,9 +200,14 @@ class Service:
         self.followups.kill(block=True, timeout=5)
         for link in self.links:
             link.close()  # what is still unacknowledged goes back to its queue
-        for rounds in (self.resender, self.releaser, self.pruner, self.heartbeat):
+        if self.rollups is not None:
+            # It ends by itself once its flush is done; killed inside it, its transaction
+            # could keep the rows locked that the last flush below writes.
+            self.rollups.join(timeout=1.0 if self.stop_now.is_set() else 10.0)
+        for rounds in (self.resender, self.releaser, self.pruner, self.heartbeat, self.rollups):
             if rounds is not None:
                 rounds.kill(block=True, timeout=5)
+        self._flush_rollups()
         self._forget_heartbeat()
         # Tasks the tasks published: their confirms recorded before the connection closes.
         if not outbox.drain(1.0 if self.stop_now.is_set() else 10.0):
