@@ -12,7 +12,8 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -71,6 +72,22 @@ def connect(broker: conf.Broker, purpose: str) -> Connection:
 def _safe(error: BaseException, broker: conf.Broker) -> str:
     text = str(error) or type(error).__name__
     return text.replace(broker.password, '***') if broker.password else text
+
+
+@contextmanager
+def queue_channel(queue: conf.Queue, purpose: str, declare_queue: bool = True
+                  ) -> Iterator[Channel]:
+    """A channel on a connection of its own to ``queue``'s broker, ``queue`` declared unless
+    ``declare_queue`` is False; closed, connection and all, on the way out (its
+    unacknowledged messages go back to their queue)."""
+    connection = connect(queue.broker, purpose)
+    try:
+        channel = connection.channel()
+        if declare_queue:
+            declare(channel, queue)
+        yield channel
+    finally:
+        close_quietly(connection)
 
 
 def declare(channel: Channel, queue: conf.Queue) -> None:
@@ -382,22 +399,25 @@ class Publisher:
             raise
         link.checkin(channel)
 
-    def ready_counts(self, broker: conf.Broker, names: Sequence[str]) -> dict[str, int]:
-        """The messages ready in each queue of ``names``, by passive declares on this
-        process's connection to ``broker`` (0 for a queue that does not exist). Raises
-        BrokerUnavailable or amqpstorm's error when the broker cannot say."""
+    def queue_counts(self, broker: conf.Broker, names: Sequence[str]) -> dict[str, QueueCounts]:
+        """The messages ready in each queue of ``names`` and its consumers, by passive
+        declares on this process's connection to ``broker`` (zeros, ``exists`` False, for a
+        queue that does not exist). Raises BrokerUnavailable or amqpstorm's error when the
+        broker cannot say."""
         link = self._link(broker)
-        counts: dict[str, int] = {}
+        counts: dict[str, QueueCounts] = {}
         channel = link.connection.channel()
         try:
             for name in names:
                 try:
-                    counts[name] = int(channel.queue.declare(name, passive=True)['message_count'])
+                    declared = channel.queue.declare(name, passive=True)
+                    counts[name] = QueueCounts(int(declared['message_count']),
+                                               int(declared['consumer_count']))
                 except AMQPChannelError as error:
                     if 'NOT_FOUND' not in str(error):
                         raise
-                    counts[name] = 0  # RabbitMQ closed the channel: open another
-                    close_quietly(channel)
+                    counts[name] = QueueCounts(0, 0, exists=False)
+                    close_quietly(channel)  # RabbitMQ closed the channel: open another
                     channel = link.connection.channel()
         finally:
             close_quietly(channel)
@@ -439,6 +459,16 @@ class Publisher:
             links, self._links = list(self._links.values()), {}
         for link in links:
             link.close()
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """What a passive declare tells of a queue: its messages ready (not those delivered and
+    unacknowledged) and its consumers."""
+
+    ready: int
+    consumers: int
+    exists: bool = True
 
 
 # What pamqp raises for a value it cannot encode.

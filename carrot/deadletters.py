@@ -13,17 +13,15 @@ stay unacknowledged until the channel closes, and RabbitMQ puts them back where 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from amqpstorm.channel import Channel
+from amqpstorm.exception import AMQPChannelError
 from amqpstorm.message import Message as Received
 from django.utils import timezone
 
 from carrot import conf, lifecycle, message
-from carrot.amqp import close_quietly
-from carrot.broker import connect, declare, get_publisher
+from carrot.broker import get_publisher, queue_channel
 from carrot.models import MessageLog
 
 
@@ -55,6 +53,8 @@ class Selection:
     """Only those dead-lettered longer ago than this (not those that do not say when)."""
     limit: int | None = None
     """At most this many."""
+    read_limit: int | None = None
+    """Read at most this many (the rest are not looked at)."""
 
     def matches(self, letter: DeadLetter, now: datetime.datetime) -> bool:
         if self.task is not None and letter.task != self.task:
@@ -66,20 +66,21 @@ class Selection:
 
 @dataclass
 class Found:
-    """What a call found: the dead letters it acted on (or listed), how many it read, and
-    how many it left because their rows had moved on."""
+    """What a call found: the dead letters it acted on (or listed), how many it read, how
+    many it left because their rows had moved on, and how many the queue held."""
 
     letters: list[DeadLetter]
     read: int
     skipped: int = 0
+    waiting: int = 0
 
 
 def inspect(selection: Selection) -> Found:
     """The dead letters that match, left where they are."""
-    return _walk(selection, None)
+    return _walk(selection, None, Found(letters=[], read=0))
 
 
-def requeue(selection: Selection) -> Found:
+def requeue(selection: Selection, into: Found | None = None) -> Found:
     """Send the matching dead letters back to their queue, their attempts counted afresh;
     each is removed once RabbitMQ has confirmed its copy.
 
@@ -107,27 +108,38 @@ def requeue(selection: Selection) -> Found:
             raise
         return True
 
-    return _walk(selection, send_back)
+    return _walk(selection, send_back, into or Found(letters=[], read=0))
 
 
-def purge(selection: Selection) -> Found:
+def purge(selection: Selection, into: Found | None = None) -> Found:
     """Remove the matching dead letters (their rows stay, FAILED, saying why)."""
-    return _walk(selection, lambda received, letter: True)
+    return _walk(selection, lambda received, letter: True, into or Found(letters=[], read=0))
 
 
 #: Acts on one dead letter; False leaves it where it is.
 Act = Callable[[Received, DeadLetter], bool]
 
 
-def _walk(selection: Selection, act: Act | None) -> Found:
+def _walk(selection: Selection, act: Act | None, found: Found) -> Found:
+    """Read the dead-letter queue from its head, acting on the letters that match.
+
+    ``found`` is filled as it goes: a caller that passed it in knows what was done before
+    an error."""
     queue = conf.get_settings().queue(selection.queue)
     now = timezone.now()
-    found = Found(letters=[], read=0)
-    with _channel(queue) as channel:
-        waiting = int(channel.queue.declare(queue.dead_letter_queue, durable=True)
-                      ['message_count'])
+    # Only acting declares: a look leaves RabbitMQ as it is (no queue there, no letters).
+    with queue_channel(queue, 'dead letters', declare_queue=act is not None) as channel:
+        try:
+            waiting = found.waiting = int(channel.queue.declare(
+                queue.dead_letter_queue, durable=True, passive=act is None)['message_count'])
+        except AMQPChannelError as error:
+            if act is None and 'NOT_FOUND' in str(error):
+                return found
+            raise
         while found.read < waiting:
             if selection.limit is not None and len(found.letters) >= selection.limit:
+                break
+            if selection.read_limit is not None and found.read >= selection.read_limit:
                 break
             received = channel.basic.get(queue.dead_letter_queue, no_ack=False)
             if not isinstance(received, Received):
@@ -143,17 +155,6 @@ def _walk(selection: Selection, act: Act | None) -> Found:
                 received.ack()
             found.letters.append(letter)
     return found
-
-
-@contextmanager
-def _channel(queue: conf.Queue) -> Iterator[Channel]:
-    connection = connect(queue.broker, 'dead letters')
-    try:
-        channel = connection.channel()
-        declare(channel, queue)
-        yield channel
-    finally:
-        close_quietly(connection)
 
 
 def _letter(received: Received, queue: str) -> DeadLetter:

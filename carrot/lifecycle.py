@@ -184,6 +184,25 @@ def mark_requeued(alias: str, message_ids: Sequence[str],
     return moved
 
 
+def mark_purged(alias: str, message_ids: Sequence[str], reason: str) -> list[str]:
+    """FAILED with ``reason`` for the PUBLISHED rows of messages about to be purged from
+    their queue (they will not run unless requeued); the message ids of the rows moved."""
+    rows = MessageLog.objects.using(alias).filter(uuid__in=message_ids, status=Status.PUBLISHED)
+    moved = list(rows.select_for_update().values_list('uuid', flat=True))
+    MessageLog.objects.using(alias).filter(uuid__in=moved, status=Status.PUBLISHED).update(
+        status=Status.FAILED, failure_time=timezone.now(), exception=reason,
+        awaiting_confirm=False)
+    return moved
+
+
+def unmark_purged(alias: str, message_ids: Sequence[str], reason: str) -> None:
+    """PUBLISHED again for rows :func:`mark_purged` moved whose messages stayed in the queue
+    after all (the acknowledgement failed)."""
+    MessageLog.objects.using(alias).filter(
+        uuid__in=message_ids, status=Status.FAILED, exception=reason,
+    ).update(status=Status.PUBLISHED, failure_time=None, exception=None)
+
+
 def mark_not_sent(logs: Sequence[MessageLog], reason: str) -> None:
     """FAILED with ``reason`` for the rows of messages that were not (surely) sent.
 

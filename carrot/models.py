@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import copy
+import datetime
 import json
 from typing import Any
 
@@ -262,6 +264,12 @@ class ScheduledTask(TaskArguments, models.Model):
             kwargs['update_fields'] = {*kwargs['update_fields'], 'next_run_at'}
         super().save(*args, **kwargs)
         self._loaded = self._schedule_fields()
+
+    def planned_next_run(self) -> datetime.datetime | None:
+        """The ``next_run_at`` a save of this row as it stands would set (nothing saved)."""
+        planned = copy.copy(self)
+        planned._plan_next_run()
+        return planned.next_run_at
 
     def _plan_next_run(self) -> None:
         """Set ``next_run_at`` for a new schedule, an edited one or a reactivated one."""

@@ -69,17 +69,13 @@ Schedule = Interval | Cron
 
 def upcoming(schedule: Schedule, now: datetime, next_run: datetime | None = None,
              count: int = 5) -> list[datetime]:
-    """The next ``count`` run times of ``schedule`` after ``now``.
-
-    ``next_run`` is a saved row's next run time, which an interval's grid steps from (a new
-    row's first run is one interval after ``now``).
-    """
-    if isinstance(schedule, Interval):
-        first = schedule.next_run(next_run, now) if next_run is not None else \
-            schedule.first_run(now)
-        return [first + step * schedule.length for step in range(count)]
-    runs = CronSim(schedule.expression, _to_local(now))
-    return [_from_local(moment) for moment, _ in zip(runs, range(count), strict=False)]
+    """The next ``count`` run times of ``schedule``: ``next_run`` (a row's planned next run,
+    which runs at once when past) and those after it, as the scheduler steps on; from
+    ``schedule.first_run(now)`` when ``next_run`` is None."""
+    runs = [next_run if next_run is not None else schedule.first_run(now)]
+    while len(runs) < count:
+        runs.append(schedule.next_run(runs[-1], max(now, runs[-1])))
+    return runs
 
 
 def parse_interval(interval: Any) -> Interval:

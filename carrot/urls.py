@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from django.urls import path, register_converter
 
-from carrot.monitor import api, queries, views
+from carrot.monitor import api, queries, queue_views, views
 
 
 class _Choice:
@@ -42,7 +42,13 @@ class _ScheduleAction(_Choice):
     regex = '|'.join(names)
 
 
+class _DeadLetterAction(_Choice):
+    names = ('requeue', 'purge')
+    regex = '|'.join(names)
+
+
 register_converter(_Status, 'carrot_status')
+register_converter(_DeadLetterAction, 'carrot_dead_letter_action')
 register_converter(_TaskAction, 'carrot_task_action')
 register_converter(_ScheduleAction, 'carrot_schedule_action')
 
@@ -60,10 +66,17 @@ urlpatterns = [
     path('schedules/<int:pk>/edit/', views.schedule_form, name='schedule-edit'),
     path('schedules/<carrot_schedule_action:action>/', views.schedule_action,
          name='schedule-action'),
+    path('overview/', views.overview_page, name='overview'),
     path('health/', views.health_page, name='health'),
+    path('deadletters/', queue_views.dead_letter_queues, name='dead-letter-queues'),
+    path('deadletters/<str:name>/', queue_views.dead_letters, name='dead-letters'),
+    path('deadletters/<str:name>/<carrot_dead_letter_action:action>/',
+         queue_views.dead_letter_action, name='dead-letter-action'),
+    path('queues/<str:name>/purge/', queue_views.purge_queue, name='queue-purge'),
     path('audit/', views.audit_list, name='audit'),
     path('assets/<str:name>', views.asset, name='asset'),
     path('api/', api.root, name='api-root'),
+    path('api/openapi.json', api.openapi_document, name='api-openapi'),
     path('api/tasks/<carrot_status:status>/', api.task_list, name='api-task-list'),
     path('api/tasks/find/', api.task_find, name='api-task-find'),
     path('api/tasks/<int:pk>/', api.task_detail, name='api-task-detail'),
@@ -72,6 +85,12 @@ urlpatterns = [
     path('api/schedules/<int:pk>/', api.schedule_detail, name='api-schedule-detail'),
     path('api/schedules/<carrot_schedule_action:action>/', api.schedule_action,
          name='api-schedule-action'),
+    path('api/overview/', api.overview_report, name='api-overview'),
     path('api/health/', api.health_report, name='api-health'),
+    path('api/deadletters/', queue_views.dead_letter_queues, name='api-dead-letter-queues'),
+    path('api/deadletters/<str:name>/', queue_views.dead_letters, name='api-dead-letters'),
+    path('api/deadletters/<str:name>/<carrot_dead_letter_action:action>/',
+         queue_views.dead_letter_action, name='api-dead-letter-action'),
+    path('api/queues/<str:name>/purge/', queue_views.purge_queue, name='api-queue-purge'),
     path('api/audit/', api.audit, name='api-audit'),
 ]

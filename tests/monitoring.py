@@ -56,15 +56,14 @@ def make_rows(count: int, status: str = MessageLog.FAILED, task: str = 'tests.pr
               queue: str = 'default', args: list[Any] | None = None,
               **fields: Any) -> list[MessageLog]:
     now = timezone.now()
-    rows = [MessageLog(uuid=str(uuid.uuid4()), status=status, task=task, queue=queue,
-                       routing_key=queue,
-                       task_args=json.dumps([index] if args is None else args),
-                       content='{}', publish_time=now,
-                       failure_time=now if status == MessageLog.FAILED else None,
-                       completion_time=now if status == MessageLog.COMPLETED else None,
-                       exception='ValueError: boom' if status == MessageLog.FAILED else None,
-                       **fields)
-            for index in range(count)]
+    rows = [MessageLog(**{
+        'uuid': str(uuid.uuid4()), 'status': status, 'task': task, 'queue': queue,
+        'routing_key': queue, 'task_args': json.dumps([index] if args is None else args),
+        'content': '{}', 'publish_time': now,
+        'failure_time': now if status == MessageLog.FAILED else None,
+        'completion_time': now if status == MessageLog.COMPLETED else None,
+        'exception': 'ValueError: boom' if status == MessageLog.FAILED else None,
+        **fields}) for index in range(count)]
     MessageLog.objects.bulk_create(rows)
     return list(MessageLog.objects.filter(uuid__in=[r.uuid for r in rows]).order_by('pk'))
 

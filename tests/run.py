@@ -33,7 +33,8 @@ POSTGRESQL_LEG = ['tests/test_publish.py', 'tests/test_worker.py', 'tests/test_d
                   'tests/test_monitor.py', 'tests/test_monitor_api.py', 'tests/test_outage.py',
                   'tests/test_delivery.py', 'tests/test_outbox.py', 'tests/test_retries.py',
                   'tests/test_delays.py', 'tests/test_deadletters.py', 'tests/test_prune.py',
-                  'tests/test_task_backend.py', 'tests/test_health.py']
+                  'tests/test_task_backend.py', 'tests/test_health.py', 'tests/test_overview.py',
+                  'tests/test_monitor_queues.py', 'tests/test_monitor_schedules.py']
 
 
 def main() -> int:

@@ -24,9 +24,10 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import User
 
+from carrot import message
 from carrot.models import MessageLog, ScheduledTask
 from carrot.utilities import publish_message
-from tests.conftest import MANAGE, Worker, carrot_settings, wait_for
+from tests.conftest import MANAGE, Broker, Worker, carrot_settings, wait_for
 from tests.project import tasks
 
 CHROMIUM = os.environ.get('CARROT_CHROMIUM', '/usr/bin/chromium')
@@ -198,3 +199,74 @@ def test_a_scheduled_task_is_run_now_from_the_monitor(
     assert json.loads(ran.output or '{}') == {'args': ['from the browser'], 'kwargs': {}}
     page.goto(f'{site}/monitor/schedules/{schedule.pk}/')
     assert str(ran.pk) in page.locator('main').inner_text()
+
+
+def test_a_scheduled_task_is_created_in_the_form_its_errors_shown_and_its_runs_previewed(
+        queue: str, page: Page, site: str, screenshots: Path) -> None:
+    name = f'report-{uuid.uuid4().hex[:6]}'
+    page.goto(f'{site}/monitor/schedules/')
+    page.get_by_role('link', name='New scheduled task').click()
+    page.wait_for_url('**/monitor/schedules/new/')
+    page.fill('#id_task_name', name)
+    page.select_option('#id_task', 'tests.project.tasks.echo')
+    page.fill('#id_crontab', '61 * * * *')
+    page.fill('#id_task_args', '["weekly", ')
+    page.get_by_role('button', name='Save').click()
+    assert 'is not a valid cron expression' in page.locator('#crontab-error').inner_text()
+    assert 'This is not JSON' in page.locator('#task_args-error').inner_text()
+    assert not ScheduledTask.objects.filter(task_name=name).exists()
+
+    page.fill('#id_crontab', '30 6 * * MON-FRI')
+    page.fill('#id_task_args', '["weekly"]')
+    page.get_by_role('button', name='Show the next runs').click()
+    runs = page.locator('ol.upcoming li').all_inner_texts()
+    assert len(runs) == 5 and all('06:30:00' in run or '07:30:00' in run for run in runs), runs
+    page.screenshot(path=str(screenshots / 'schedule-form.png'), full_page=True)
+    assert not ScheduledTask.objects.filter(task_name=name).exists()
+
+    page.get_by_role('button', name='Save').click()
+    page.locator('h1', has_text=name).wait_for()
+    saved = ScheduledTask.objects.get(task_name=name)
+    assert (saved.crontab, saved.call_arguments()) == ('30 6 * * MON-FRI', (['weekly'], {}))
+    assert len(page.locator('ol.upcoming li').all_inner_texts()) == 5
+
+
+def test_a_dead_letter_is_sent_back_from_the_monitor_and_runs(
+        queue: str, start_worker: StartWorker, page: Page, site: str, screenshots: Path,
+        broker: Broker) -> None:
+    body, properties = message.encode(message.TaskMessage(
+        task='tests.project.tasks.echo', args=['back from the dead']))
+    broker.publish_raw(f'{queue}.dead', body, message.dead_letter_properties(
+        properties, 'retries exhausted: ConnectionError: the mail server did not answer'))
+    start_worker(carrot_settings(queue))
+    page.goto(f'{site}/monitor/deadletters/')
+    page.get_by_role('link', name=queue).click()
+    page.get_by_text('the mail server did not answer').wait_for()
+    page.screenshot(path=str(screenshots / 'dead-letters.png'), full_page=True)
+    page.get_by_role('button', name='Send back all…').click()
+    assert '1 dead letter matches.' in page.locator('main').inner_text()
+    page.get_by_role('button', name='Send back 1').click()
+    assert 'Sent back 1.' in page.locator('.messages').inner_text()
+    ran = wait_for(lambda: _row(task='tests.project.tasks.echo', status='COMPLETED'),
+                   what='the dead letter, sent back, to run')
+    assert ran.uuid == properties['message_id']
+    assert broker.message_count(f'{queue}.dead') == 0
+
+
+def test_the_overview_shows_what_a_queue_did_without_a_reload(
+        queue: str, start_worker: StartWorker, page: Page, site: str,
+        screenshots: Path) -> None:
+    start_worker(carrot_settings(queue))
+    page.goto(f'{site}/monitor/overview/')
+    section = page.locator('section.queue', has_text=queue)
+    assert 'No task ended in this queue' in section.inner_text()
+    logs = [publish_message(tasks.sleep, 0.01 * (n % 7)) for n in range(30)]
+    logs += [publish_message(tasks.fail, 'for the chart') for _ in range(3)]
+    wait_for(lambda: MessageLog.objects.filter(
+        pk__in=[log.pk for log in logs], status__in=['COMPLETED', 'FAILED']).count() == 33,
+        what='the 33 tasks to end')
+    # The worker writes its counts every 10 s, and the page refreshes itself every 5 s.
+    section.get_by_text('30 ok').first.wait_for()  # the last hour's row and the days'
+    assert '3 failed' in section.inner_text()
+    assert section.locator('svg').count() >= 4
+    page.screenshot(path=str(screenshots / 'overview.png'), full_page=True)

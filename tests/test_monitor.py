@@ -12,10 +12,12 @@ from django.core import checks
 from django.test.utils import override_settings
 from django.utils import timezone
 
-from carrot import conf
+from carrot import conf, message, outbox
+from carrot.broker import declare
 from carrot.exceptions import CarrotConfigException
 from carrot.models import MessageLog, MonitorAction, ScheduledTask
 from carrot.monitor import actions, queries
+from carrot.utilities import publish_message
 from tests.conftest import BROKER_URL, Broker, carrot_settings, wait_for
 from tests.monitoring import (
     LOG,
@@ -26,14 +28,16 @@ from tests.monitoring import (
     make_schedule,
     users_fixture,  # noqa: F401  (the users fixture)
 )
+from tests.project import tasks
 
 PAGES = ['', 'tasks/queued/', 'tasks/running/', 'tasks/failed/', 'tasks/completed/',
          'tasks/{task}/', 'tasks/find/?id={uuid}', 'schedules/', 'schedules/{schedule}/',
-         'audit/', 'health/', 'assets/monitor.css', 'assets/monitor.js',
+         'audit/', 'health/', 'overview/', 'assets/monitor.css', 'assets/monitor.js',
          'tasks/requeue/?status=failed&all=1', 'tasks/delete/?status=failed&all=1',
-         'schedules/new/', 'schedules/{schedule}/edit/']
+         'schedules/new/', 'schedules/{schedule}/edit/', 'deadletters/', 'deadletters/default/',
+         'queues/default/purge/', 'tasks/queued/?queue=default']
 #: The pages that only those who may act see: each is a form that changes something.
-FORMS = ('/requeue/', '/delete/', '/new/', '/edit/')
+FORMS = ('/requeue/', '/delete/', '/new/', '/edit/', '/purge/')
 
 
 def _fill(page: str) -> str:
@@ -72,10 +76,12 @@ def test_staff_see_every_page(page: str, users: dict[str, User]) -> None:
 
 
 @pytest.mark.parametrize('page', [p for p in PAGES if not any(f in p for f in FORMS)])
-def test_read_only_staff_see_every_page_and_no_action(page: str, users: dict[str, User]
-                                                      ) -> None:
+def test_read_only_staff_see_every_page_and_no_action(page: str, users: dict[str, User],
+                                                      broker: Broker) -> None:
     make_rows(2, MessageLog.FAILED)
     make_rows(2, MessageLog.COMPLETED)
+    if page.startswith('deadletters/'):
+        _something_to_act_on(broker)  # so that an action would be offered, were it allowed
     url = _fill(page)
     answer = client_for(users, 'viewer').get(url, follow=True)
     assert answer.status_code == 200
@@ -84,6 +90,17 @@ def test_read_only_staff_see_every_page_and_no_action(page: str, users: dict[str
     assert 'Requeue' not in text and 'Run selected' not in text
     if 'assets' not in page:
         assert 'read-only' in text
+
+
+def _something_to_act_on(broker: Broker) -> None:
+    """A dead letter in the default queue's dead-letter queue (and none other)."""
+    default = conf.get_settings().queue('default')
+    body, properties = message.encode(message.TaskMessage(task='tests.project.tasks.echo'))
+    with broker.connection() as connection, connection.channel() as channel:
+        declare(channel, default)
+        channel.queue.purge(default.dead_letter_queue)
+    broker.publish_raw(default.dead_letter_queue, body,
+                       message.dead_letter_properties(properties, 'retries exhausted'))
 
 
 @pytest.mark.parametrize('page', [p for p in PAGES if any(f in p for f in FORMS)])
@@ -140,7 +157,13 @@ def _edit(queue: str) -> tuple[str, dict[str, Any]]:
     return f'schedules/{schedule.pk}/edit/', _schedule_form(task_name='nightly', queue=queue)
 
 
-ACTIONS = [_requeue, _delete, _run, _pause, _resume, _create, _edit]
+def _purge(queue: str) -> tuple[str, dict[str, Any]]:
+    publish_message(tasks.echo, queue=queue)
+    outbox.drain(10)  # its confirm recorded before the test looks at the rows
+    return f'queues/{queue}/purge/', {'confirm': '1'}
+
+
+ACTIONS = [_requeue, _delete, _run, _pause, _resume, _create, _edit, _purge]
 
 
 @pytest.mark.parametrize('action', ACTIONS, ids=lambda a: a.__name__[1:])
@@ -181,7 +204,7 @@ def test_an_action_with_its_csrf_token_is_done_and_audited(
     assert entry.action == {'tasks/requeue/': 'requeue', 'tasks/delete/': 'delete',
                             'schedules/run/': 'run_now', 'schedules/pause/': 'pause',
                             'schedules/resume/': 'resume', 'schedules/new/': 'create'
-                            }.get(path, 'edit' if path.endswith('/edit/') else '?')
+                            }.get(path, path.rsplit('/', 2)[1])
 
 
 @pytest.mark.parametrize('action', ACTIONS, ids=lambda a: a.__name__[1:])
@@ -191,7 +214,8 @@ def test_a_get_of_an_action_changes_nothing(action: Any, users: dict[str, User],
     before = _everything()
     answer = client_for(users, 'staff').get(PREFIX + path, form)
     # A form's page shows the form (and ignores what the query says); an action redirects.
-    assert answer.status_code in ((200,) if path.endswith(('/new/', '/edit/')) else (302, 405))
+    assert answer.status_code in ((200,) if path.endswith(('/new/', '/edit/', '/purge/'))
+                                  else (302, 405))
     assert _everything() == before
 
 
@@ -485,12 +509,12 @@ def test_every_link_and_form_follows_the_prefix(users: dict[str, User]) -> None:
     [row] = make_rows(1)
     make_schedule()
     client = client_for(users, 'staff')
-    for page in ('tasks/failed/', f'tasks/{row.pk}/', 'schedules/', 'audit/'):
+    for page in ('tasks/failed/', f'tasks/{row.pk}/', 'schedules/', 'audit/', 'overview/'):
         text = client.get(OTHER_PREFIX + page).content.decode()
         targets = re.findall(r'(?:href|action|formaction|src)="(/[^"]*)"', text)
         assert targets
         assert all(t.startswith(OTHER_PREFIX) for t in targets), targets
-    assert client.get(OTHER_PREFIX)['Location'] == OTHER_PREFIX + 'tasks/queued/'
+    assert client.get(OTHER_PREFIX)['Location'] == OTHER_PREFIX + 'overview/'
     answer = client.post(OTHER_PREFIX + 'tasks/delete/', {'ids': [row.pk], 'status': 'failed'})
     assert answer['Location'] == OTHER_PREFIX + 'tasks/failed/'
     assert not MessageLog.objects.exists()
@@ -508,7 +532,7 @@ def test_no_page_shows_the_broker_password(users: dict[str, User]) -> None:
         client = client_for(users, 'staff')
         urls = [_fill(p) for p in PAGES] + [
             PREFIX + f'api/tasks/{row.pk}/', PREFIX + 'api/tasks/failed/',
-            PREFIX + 'api/schedules/', PREFIX + 'api/audit/']
+            PREFIX + 'api/schedules/', PREFIX + 'api/audit/', PREFIX + 'api/overview/']
         for url in urls:
             answer = client.get(url, follow=True)
             assert secret.encode() not in answer.content, url
@@ -618,3 +642,12 @@ def test_delayed_tasks_have_their_list_and_a_retried_task_shows_each_failed_atte
     answer = staff.get(f'{PREFIX}api/tasks/{retrying.pk}/').json()
     assert answer['status'] == 'delayed' and answer['run_after'] == due.isoformat()
     assert [e['attempt'] for e in answer['errors']] == [1]
+
+
+def test_the_delayed_list_deletes_what_it_offers_to_delete(users: dict[str, User]) -> None:
+    [row] = make_rows(1, MessageLog.DELAYED, run_after=timezone.now() + datetime.timedelta(hours=1))
+    client = client_for(users, 'staff')
+    assert 'Delete selected' in client.get(PREFIX + 'tasks/delayed/').content.decode()
+    answer = client.post(PREFIX + 'tasks/delete/', {'ids': [row.pk], 'status': 'delayed'})
+    assert answer.status_code == 302
+    assert not MessageLog.objects.filter(pk=row.pk).exists()

@@ -12,6 +12,8 @@ from django.utils import timezone
 
 from carrot import registry, schedules
 from carrot.models import MonitorAction, ScheduledTask
+from carrot.monitor import actions
+from carrot.monitor.forms import ScheduleForm
 from tests.monitoring import (
     PREFIX,
     client_for,
@@ -29,8 +31,9 @@ def _form(**changes: Any) -> dict[str, Any]:
 
 def _errors(text: str) -> dict[str, str]:
     """Each field's error, by the id the template gives it."""
-    return {name: re.sub(r'&[#\w]+;', '', error)
-            for name, error in re.findall(r'<p class="error" id="(\w+)-error">([^<]*)', text)}
+    return {name: re.sub(r'&[#\w]+;', '', re.sub(r'<[^>]+>', ' ', errors)).strip()
+            for name, errors in re.findall(r'<div class="error" id="(\w+)-error">(.*?)</div>',
+                                           text)}
 
 
 def _mondays_at_three(count: int) -> list[datetime.datetime]:
@@ -70,7 +73,7 @@ def test_a_new_schedule_is_saved_audited_and_shows_its_next_runs(users: dict[str
     mondays = _mondays_at_three(5)
     assert row.next_run_at == mondays[0]
     text = answer.content.decode()
-    assert 'Created 1. scheduled task weekly report' in text
+    assert 'Created 1: weekly report.' in text
     assert text.count('<time datetime=') >= 5
     for moment in mondays:
         assert f'<time datetime="{moment.isoformat()}"' in text
@@ -126,7 +129,8 @@ def test_editing_keeps_the_planned_run_unless_the_schedule_changes(users: dict[s
     row.refresh_from_db()
     assert row.next_run_at > planned + datetime.timedelta(hours=1)
     details = list(MonitorAction.objects.order_by('pk').values_list('action', 'detail'))
-    assert details == [('edit', 'changed task_args'), ('edit', 'changed interval_count')]
+    assert details == [('edit', 'changed task_args: ["from-schedule"] → ["changed"]'),
+                       ('edit', 'changed interval_count: 1 → 3')]
     detail = client.get(PREFIX + f'schedules/{row.pk}/').content.decode()
     assert f'<time datetime="{row.next_run_at.isoformat()}"' in detail
     assert f'href="{PREFIX}schedules/{row.pk}/edit/"' in detail
@@ -175,13 +179,93 @@ def test_the_api_changes_only_the_fields_given(users: dict[str, User]) -> None:
 
 def test_the_api_says_what_is_wrong_field_by_field(users: dict[str, User]) -> None:
     row = make_schedule()
-    answer = _api(users, f'api/schedules/{row.pk}/', {'crontab': 'never', 'args': {'a': 1}})
+    answer = _api(users, f'api/schedules/{row.pk}/', {'crontab': 'never', 'queue': 'elsewhere'})
     assert answer.status_code == 400
     errors = answer.json()['errors']
-    assert set(errors) == {'crontab', 'task_args'}
-    assert 'not a list' in errors['task_args'][0]
-    unknown = _api(users, 'api/schedules/', {'task_name': 'x', 'schedule': 'daily'})
-    assert unknown.status_code == 400
-    assert 'Unknown fields schedule' in unknown.json()['error']
+    assert set(errors) == {'crontab', 'queue'}
+    assert 'is not a valid cron expression' in errors['crontab'][0]
+    refusals = {
+        'Unknown fields schedule': {'task_name': 'x', 'schedule': 'daily'},
+        'active must be true or false, not "no"': {'active': 'no'},
+        'args must be a JSON list, not {"a": 1}': {'args': {'a': 1}},
+        'task_name must be a string, not ["a", "b"]': {'task_name': ['a', 'b']},
+        'interval_count must be a whole number of at least 1, not true': {
+            'interval_count': True},
+        "A crontab of '' runs on the interval": {'crontab': ''},
+        'A crontab replaces the interval': {'crontab': '0 3 * * *', 'interval_type': 'days'},
+    }
+    for text, body in refusals.items():
+        answer = _api(users, f'api/schedules/{row.pk}/', body)
+        assert answer.status_code == 400 and text in answer.json()['error'], answer.content
+    created = _api(users, 'api/schedules/', {'task_name': 'x', 'task': 'tests.project.tasks.add'})
+    assert 'Give a schedule' in created.json()['error']
+    form_encoded = client_for(users, 'staff').post(PREFIX + 'api/schedules/', {'task_name': 'x'})
+    assert form_encoded.status_code == 400 and 'as a JSON object' in form_encoded.json()['error']
     assert _api(users, 'api/schedules/', {'task_name': 'x'}, who='viewer').status_code == 403
-    assert ScheduledTask.objects.get().crontab == '' and not MonitorAction.objects.exists()
+    row.refresh_from_db()
+    assert (row.crontab, row.active, row.task_name) == ('', True, 'nightly')
+    assert ScheduledTask.objects.count() == 1 and not MonitorAction.objects.exists()
+
+
+def test_an_edit_never_undoes_what_the_scheduler_did_meanwhile(users: dict[str, User]) -> None:
+    row = make_schedule()
+    form = ScheduleForm(_form(task_name='nightly', crontab='', interval_type='hours',
+                              task_args='["edited"]'), instance=row)
+    assert form.is_valid(), form.errors
+    # The scheduler runs the task between the form's load and its save.
+    ran_at = row.next_run_at
+    ScheduledTask.objects.filter(pk=row.pk).update(
+        last_run_at=ran_at, next_run_at=ran_at + datetime.timedelta(hours=1))
+    actions.save_schedule(form, 'staff')
+    row.refresh_from_db()
+    assert (row.last_run_at, row.next_run_at) == (ran_at, ran_at + datetime.timedelta(hours=1))
+    assert row.call_arguments() == (['edited'], {'key': 'value'})
+
+
+def test_the_preview_shows_the_runs_the_save_plans(users: dict[str, User]) -> None:
+    client = client_for(users, 'staff')
+    # An interval changed on a row that has run: the new interval counts from the last run.
+    row = make_schedule()
+    ScheduledTask.objects.filter(pk=row.pk).update(
+        last_run_at=timezone.now() - datetime.timedelta(minutes=50))
+    form = _form(task_name='nightly', crontab='', interval_type='hours', interval_count='2',
+                 task_args='["from-schedule"]', content='')
+    preview = client.post(PREFIX + f'schedules/{row.pk}/edit/', {**form, 'preview': '1'})
+    shown = re.findall(r'<li>[^<]*<small><time datetime="([^"]+)"', preview.content.decode())
+    client.post(PREFIX + f'schedules/{row.pk}/edit/', form)
+    row.refresh_from_db()
+    assert shown[0] == row.next_run_at.isoformat()
+    assert [datetime.datetime.fromisoformat(a) - datetime.datetime.fromisoformat(b)
+            for a, b in zip(shown[1:], shown, strict=False)] == [datetime.timedelta(hours=2)] * 4
+    # A paused interval row resumed: its next time on its own grid, not the missed ones.
+    paused = make_schedule(name='paused', active=False)
+    ScheduledTask.objects.filter(pk=paused.pk).update(
+        next_run_at=timezone.now() - datetime.timedelta(minutes=150))
+    form = {**form, 'task_name': 'paused', 'interval_count': '1'}
+    preview = client.post(PREFIX + f'schedules/{paused.pk}/edit/', {**form, 'preview': '1'})
+    shown = re.findall(r'<li>[^<]*<small><time datetime="([^"]+)"', preview.content.decode())
+    client.post(PREFIX + f'schedules/{paused.pk}/edit/', form)
+    paused.refresh_from_db()
+    assert paused.active and shown[0] == paused.next_run_at.isoformat()
+    assert paused.next_run_at > timezone.now()
+
+
+def test_rows_upstream_wrote_are_edited_through_the_api(users: dict[str, User]) -> None:
+    row = make_schedule()
+    ScheduledTask.objects.filter(pk=row.pk).update(task_args="(1, 'a')",
+                                                   content=json.dumps('{}'))
+    assert _api(users, f'api/schedules/{row.pk}/', {'active': False}).status_code == 200
+    row.refresh_from_db()
+    assert not row.active and row.call_arguments() == ([1, 'a'], {})
+
+
+def test_a_row_whose_queue_is_gone_says_so_instead_of_moving(users: dict[str, User]) -> None:
+    row = make_schedule(queue='retired')
+    page = client_for(users, 'staff').get(PREFIX + f'schedules/{row.pk}/edit/').content.decode()
+    assert '<option value="retired" selected>retired (not in CARROT' in page
+    answer = client_for(users, 'staff').post(PREFIX + f'schedules/{row.pk}/edit/',
+                                             _form(task_name='nightly', queue='retired'))
+    assert answer.status_code == 400
+    assert _errors(answer.content.decode())['queue'].startswith('Unknown queue retired:')
+    row.refresh_from_db()
+    assert row.queue == 'retired'

@@ -47,13 +47,22 @@ class Result:
     skipped: int = 0
     #: "row id: why", for the first MAX_REASONS rows skipped or not sent.
     reasons: list[str] = field(default_factory=list)
-    #: More rows matched than MAX_ROWS: the action took the first MAX_ROWS.
+    #: More rows (or messages) matched than ``cap``: the action took the first ``cap``.
     capped: bool = False
+    #: The most one action takes (None: MAX_ROWS rows), and what it counts.
+    cap: int | None = None
+    unit: str = 'rows'
     audit_id: int | None = None
     #: run_now: (scheduled task name, message id) of each task published.
     published: list[tuple[str, str]] = field(default_factory=list)
     #: What else the audit record says (a schedule's changed fields, a purge's queue).
     notes: list[str] = field(default_factory=list)
+    #: Why it stopped part of the way (the broker or the database failed); '' when it did not.
+    error: str = ''
+
+    @property
+    def limit(self) -> int:
+        return self.cap if self.cap is not None else MAX_ROWS
 
     def skip(self, pk: int, why: str) -> None:
         self.skipped += 1
@@ -66,7 +75,9 @@ class Result:
         if self.skipped:
             text += f', skipped {self.skipped}'
         if self.capped:
-            text += f' (the first {MAX_ROWS} of more: act again for the rest)'
+            text += f' (the first {self.limit} of more: act again for the rest)'
+        if self.error:
+            text += f', then stopped: {self.error}'
         return text + '.'
 
     def as_json(self) -> dict[str, object]:
@@ -74,7 +85,7 @@ class Result:
                 'reasons': self.reasons, 'capped': self.capped, 'audit_id': self.audit_id,
                 'published': [{'task_name': name, 'message_id': message_id}
                               for name, message_id in self.published],
-                'notes': self.notes, 'summary': self.summary}
+                'notes': self.notes, 'error': self.error or None, 'summary': self.summary}
 
 
 def _batches(pks: Sequence[int]) -> Iterable[list[int]]:
@@ -252,14 +263,30 @@ def set_active(pks: Iterable[int], active: bool) -> Result:
     return result
 
 
-def save_schedule(form: ScheduleForm) -> Result:
-    """Save a valid schedule form: a new scheduled task, or the changes to one."""
-    creating = form.instance.pk is None
-    result = Result(MonitorAction.CREATE if creating else MonitorAction.EDIT)
-    result.notes.append(f'changed {form.changes()}' if not creating else
-                        f'{form.instance.task} {form.instance.interval_display}')
-    form.save()
-    result.count = 1
+def save_schedule(form: ScheduleForm, username: str) -> Result:
+    """Save a valid schedule form, a new scheduled task or the fields changed of one, and
+    its audit record, in one transaction.
+
+    An edit writes only the fields it changed, onto the row locked afresh: the scheduler
+    may have moved ``next_run_at`` on since the form was loaded, and must not be undone.
+    """
+    row = form.instance
+    creating = row.pk is None
+    result = Result(MonitorAction.CREATE if creating else MonitorAction.EDIT, count=1)
+    with transaction.atomic():
+        if creating:
+            form.save()
+            result.notes.append(f'{row.task} {row.interval_display}')
+        else:
+            changed = form.changed_fields()
+            fresh = ScheduledTask.objects.select_for_update().get(pk=row.pk)
+            for name in changed:
+                setattr(fresh, name, getattr(row, name))
+            if changed:
+                fresh.save(update_fields=changed)
+            form.instance = fresh
+            result.notes.append(f'changed {form.changes()}')
+        record(result, username, f'scheduled task {form.instance.task_name}')
     return result
 
 
@@ -271,7 +298,9 @@ def record(result: Result, username: str, target: str) -> Result:
     if result.skipped:
         detail = f'skipped {result.skipped}: {detail}'
     if result.capped:
-        detail = f'capped at {MAX_ROWS} rows. {detail}'
+        detail = f'capped at {result.limit} {result.unit}. {detail}'
+    if result.error:
+        detail = f'stopped: {result.error}. {detail}'
     entry = MonitorAction.objects.create(
         username=username[:150], action=result.action, target=target, count=result.count,
         detail=detail)

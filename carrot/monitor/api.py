@@ -15,9 +15,10 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import ensure_csrf_cookie
 
+from carrot import __version__
 from carrot.conf import get_settings
 from carrot.models import MessageLog, MonitorAction, ScheduledTask
-from carrot.monitor import access, actions, forms, health, queries
+from carrot.monitor import access, actions, forms, health, openapi, overview, queries
 from carrot.monitor.access import monitor_view
 from carrot.monitor.views import url
 
@@ -115,6 +116,9 @@ def root(request: HttpRequest) -> HttpResponse:
             'schedules': url(request, 'api-schedule-list'),
             'audit': url(request, 'api-audit'),
             'health': url(request, 'api-health'),
+            'dead_letters': url(request, 'api-dead-letter-queues'),
+            'openapi': url(request, 'api-openapi'),
+            'overview': url(request, 'api-overview'),
             'requeue': url(request, 'api-task-action', 'requeue'),
             'delete': url(request, 'api-task-action', 'delete'),
             'run': url(request, 'api-schedule-action', 'run'),
@@ -123,6 +127,12 @@ def root(request: HttpRequest) -> HttpResponse:
         },
         'max_rows_per_action': actions.MAX_ROWS,
     })
+
+
+@monitor_view
+def openapi_document(request: HttpRequest) -> HttpResponse:
+    """The OpenAPI 3.1 document of this API, its server where this monitor is mounted."""
+    return JsonResponse(openapi.document(url(request, 'index'), __version__))
 
 
 @monitor_view
@@ -190,27 +200,63 @@ def schedule_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return JsonResponse(schedule_json(request, row))
 
 
-#: The API's names for the form's fields, where they differ.
-_SCHEDULE_FIELDS = {'args': 'task_args', 'kwargs': 'content'}
+#: The fields of a scheduled task in the API, with their JSON types, and the form's name of
+#: each where it differs.
+_SCHEDULE_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    'task_name': (str, 'a string'), 'task': (str, 'a dotted task path (a string)'),
+    'crontab': (str, "a cron expression, or '' for the interval"),
+    'interval_type': (str, 'seconds, minutes, hours or days'),
+    'interval_count': (int, 'a whole number of at least 1'),
+    'queue': ((str, type(None)), 'a queue name, or null for the default queue'),
+    'priority': (int, 'a whole number'), 'args': (list, 'a JSON list'),
+    'kwargs': (dict, 'a JSON object'), 'active': (bool, 'true or false'),
+}
+_FORM_NAMES = {'args': 'task_args', 'kwargs': 'content'}
+_API_NAMES = {form: api for api, form in _FORM_NAMES.items()}
+
+
+def _schedule_body(request: HttpRequest, creating: bool) -> dict[str, Any]:
+    """The fields a POST gives, each of its type; FilterError says what is wrong."""
+    if request.content_type != 'application/json':
+        raise queries.FilterError('Send the scheduled task as a JSON object '
+                                  '(Content-Type: application/json).')
+    body = dict(_body(request))
+    unknown = sorted(set(body) - set(_SCHEDULE_TYPES))
+    if unknown:
+        raise queries.FilterError(f'Unknown fields {", ".join(unknown)}: a scheduled task has '
+                                  f'{", ".join(_SCHEDULE_TYPES)}.')
+    for name, value in body.items():
+        kind, what = _SCHEDULE_TYPES[name]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            raise queries.FilterError(f'{name} must be {what}, not {json.dumps(value)}.')
+    interval = {'interval_type', 'interval_count'} & set(body)
+    if creating and not body.get('crontab') and len(interval) < 2:
+        raise queries.FilterError('Give a schedule: a crontab, or interval_type and '
+                                  'interval_count.')
+    if 'crontab' in body and not body['crontab'] and len(interval) < 2:
+        raise queries.FilterError("A crontab of '' runs on the interval: give interval_type "
+                                  "and interval_count with it.")
+    if body.get('crontab') and interval:
+        raise queries.FilterError("A crontab replaces the interval: send either, or crontab "
+                                  "'' with the interval.")
+    return body
 
 
 def _save_schedule(request: HttpRequest, row: ScheduledTask) -> HttpResponse:
     refused = _acting(request)
     if refused is not None:
         return refused
+    creating = row.pk is None
     try:
-        body = _body(request)
+        body = _schedule_body(request, creating)
     except queries.FilterError as error:
         return _error(str(error))
-    known = sorted({*forms.FIELDS, *_SCHEDULE_FIELDS} - set(_SCHEDULE_FIELDS.values()))
-    unknown = sorted(set(body) - set(known))
-    if unknown:
-        return _error(f'Unknown fields {", ".join(unknown)}: a scheduled task has '
-                      f'{", ".join(known)}.')
     data = {name: value for name, value in forms.ScheduleForm(instance=row).initial.items()
             if name in forms.FIELDS}
+    if creating:
+        data['active'] = True
     for name, value in body.items():
-        field = _SCHEDULE_FIELDS.get(name, name)
+        field = _FORM_NAMES.get(name, name)
         data[field] = json.dumps(value) if field in ('task_args', 'content') else value
     if not data.get('active'):
         data.pop('active', None)  # an unchecked box: a form leaves it out
@@ -218,13 +264,19 @@ def _save_schedule(request: HttpRequest, row: ScheduledTask) -> HttpResponse:
                                for key, value in data.items()}, instance=row)
     if not form.is_valid():
         return JsonResponse({'error': 'The scheduled task was not saved.',
-                             'errors': {name: [str(text) for text in texts]
+                             'errors': {_API_NAMES.get(name, name): [str(text) for text in texts]
                                         for name, texts in form.errors.items()}}, status=400)
-    target = f'scheduled task {form.cleaned_data["task_name"]}'
-    result = actions.record(actions.save_schedule(form), access.who(request), target)
+    result = actions.save_schedule(form, access.who(request))
     return JsonResponse({**result.as_json(), 'schedule': schedule_json(request, form.instance),
                          'next_runs': [moment.isoformat() for moment in form.upcoming]},
-                        status=201 if result.action == MonitorAction.CREATE else 200)
+                        status=201 if creating else 200)
+
+
+@monitor_view
+def overview_report(request: HttpRequest) -> HttpResponse:
+    """Per queue: ready, consumers, and the rollups of the last hour and days
+    (``carrot.monitor.overview``); times in seconds."""
+    return JsonResponse(overview.report().as_json())
 
 
 @monitor_view

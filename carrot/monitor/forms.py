@@ -40,24 +40,31 @@ class ScheduleForm(forms.ModelForm):  # type: ignore[type-arg]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        current = self.instance.task
+        row = self.instance
         tasks = registry.registered_tasks()
         choices = [(path, path) for path, broken in tasks if not broken]
-        if current and current not in dict(choices):
-            choices.insert(0, (current, f'{current} (not a registered task)'))
+        if row.task and row.task not in dict(choices):
+            choices.insert(0, (row.task, f'{row.task} (not a registered task)'))
         self.broken_modules = [f'{path} {broken}' for path, broken in tasks if broken]
         self.fields['task'] = forms.ChoiceField(
             choices=[('', 'Choose a task…'), *choices], label='Task',
             help_text='A registered task: a function of a module in CARROT["task_modules"], '
                       "or a @task of an installed app's tasks module.")
-        queues = [queue.name for queue in get_settings().queues]
+        queues = [(queue.name, queue.name) for queue in get_settings().queues]
+        if row.queue and row.queue not in dict(queues):
+            queues.insert(0, (row.queue, f"{row.queue} (not in CARROT['queues'])"))
         self.fields['queue'] = forms.ChoiceField(
-            choices=[('', 'The default queue'), *((name, name) for name in queues)],
-            required=False, label='Queue')
+            choices=[('', 'The default queue'), *queues], required=False, label='Queue')
         for name in ('task_args', 'content'):
             self.fields[name].required = False
-        self._before = {name: _comparable(name, getattr(self.instance, name)) for name in FIELDS}
-        self.upcoming: list[datetime.datetime] = [] if self.is_bound or self.instance.pk is None \
+        self._before = {name: getattr(row, name) for name in FIELDS}
+        try:  # as JSON, also for rows that upstream wrote as Python literals
+            args, kwargs = row.call_arguments()
+            self._before.update(task_args=list(args), content=kwargs)
+            self.initial.update(task_args=json.dumps(args), content=json.dumps(kwargs))
+        except ValueError:
+            pass  # shown as stored, to be corrected
+        self.upcoming: list[datetime.datetime] = [] if self.is_bound or row.pk is None \
             else self._upcoming()
 
     def clean_queue(self) -> str | None:
@@ -81,14 +88,12 @@ class ScheduleForm(forms.ModelForm):  # type: ignore[type-arg]
             self.upcoming = self._upcoming()
 
     def _upcoming(self) -> list[datetime.datetime]:
+        """The next five runs, from the next run a save would plan (the model's own rule)."""
         try:
             schedule = self.instance.schedule
         except ValueError:
             return []
-        unchanged = self.instance.pk is not None and not (
-            {'crontab', 'interval_type', 'interval_count', 'active'} & set(self.changed_fields()))
-        return schedules.upcoming(schedule, timezone.now(),
-                                  self.instance.next_run_at if unchanged else None)
+        return schedules.upcoming(schedule, timezone.now(), self.instance.planned_next_run())
 
     def changed_fields(self) -> list[str]:
         """The fields whose value differs from the row's (blank arguments equal none)."""
@@ -98,15 +103,22 @@ class ScheduleForm(forms.ModelForm):  # type: ignore[type-arg]
                 and _comparable(name, self.cleaned_data[name]) != self._before[name]]
 
     def changes(self) -> str:
-        """The fields this form changed, for the audit log."""
-        return ', '.join(self.changed_fields()) or 'nothing'
+        """What this form changed, for the audit log: each field, from and to."""
+        return '; '.join(f'{name}: {_short(self._before[name])} → '
+                         f'{_short(_comparable(name, self.cleaned_data[name]))}'
+                         for name in self.changed_fields()) or 'nothing'
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else repr(value)
+    return text if len(text) <= 80 else text[:77] + '...'
 
 
 def _comparable(name: str, value: Any) -> Any:
-    """A field's value as a comparison sees it: the arguments parsed, blank ones as none."""
-    if name in ('task_args', 'content'):
+    """A cleaned value as the row's is kept in ``_before``: the arguments parsed."""
+    if name in ('task_args', 'content') and isinstance(value, str):
         try:
-            return json.loads(value) if value else ([] if name == 'task_args' else {})
+            return json.loads(value)
         except ValueError:
             return value
     return value

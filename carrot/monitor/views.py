@@ -26,7 +26,7 @@ from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 
 from carrot import schedules
 from carrot.models import MessageLog, MonitorAction, ScheduledTask
-from carrot.monitor import access, actions, health, queries
+from carrot.monitor import access, actions, health, overview, queries
 from carrot.monitor.access import monitor_view
 from carrot.monitor.forms import ScheduleForm
 
@@ -62,7 +62,7 @@ def _bad_filter(request: HttpRequest, error: queries.FilterError) -> HttpRespons
 
 @monitor_view
 def index(request: HttpRequest) -> HttpResponse:
-    return HttpResponseRedirect(url(request, 'task-list', 'queued'))
+    return HttpResponseRedirect(url(request, 'overview'))
 
 
 @monitor_view
@@ -136,7 +136,8 @@ def _selected(request: HttpRequest) -> list[int]:
 
 
 def _done(request: HttpRequest, result: actions.Result, fallback: str) -> HttpResponse:
-    level = messages.SUCCESS if result.count or not result.skipped else messages.WARNING
+    level = (messages.SUCCESS if (result.count or not result.skipped) and not result.error
+             else messages.WARNING)
     text = result.summary
     if result.reasons and result.skipped:
         text += ' ' + '; '.join(result.reasons[:5])
@@ -236,16 +237,16 @@ def schedule_form(request: HttpRequest, pk: int | None = None) -> HttpResponse:
 
     A POST with ``preview`` shows the next five runs of what was typed and saves nothing.
     """
-    row = get_object_or_404(ScheduledTask, pk=pk) if pk is not None else ScheduledTask()
     if access.read_only(request):
         return access.refuse(request, access.why_read_only(request))
     if request.method not in ('GET', 'POST'):
         return HttpResponseNotAllowed(['GET', 'POST'])
+    row = get_object_or_404(ScheduledTask, pk=pk) if pk is not None else ScheduledTask()
     form = ScheduleForm(request.POST if request.method == 'POST' else None, instance=row)
     if request.method == 'POST' and 'preview' not in request.POST and form.is_valid():
-        target = f'scheduled task {form.cleaned_data["task_name"]}'
-        result = actions.record(actions.save_schedule(form), access.who(request), target)
-        messages.success(request, f'{result.summary} {target}.', fail_silently=True)
+        result = actions.save_schedule(form, access.who(request))
+        messages.success(request, f'{result.summary[:-1]}: {form.instance.task_name}.',
+                         fail_silently=True)
         return HttpResponseRedirect(url(request, 'schedule-detail', form.instance.pk))
     if request.method == 'POST':
         form.is_valid()  # a preview: the errors and the next runs, nothing saved
@@ -265,6 +266,16 @@ def schedule_action(request: HttpRequest, action: str) -> HttpResponse:
     result = actions.SCHEDULE_ACTIONS[action](pks)
     actions.record(result, access.who(request), actions.describe_ids('scheduled tasks', pks))
     return _done(request, result, url(request, 'schedule-list'))
+
+
+@monitor_view
+def overview_page(request: HttpRequest) -> HttpResponse:
+    """Per queue: ready, consumers, tasks per minute, failure rate, wait and run times, over
+    the last hour and the last days (``carrot.monitor.overview``)."""
+    return _page(request, 'overview.html', {
+        'title': 'Overview', 'section': 'overview', 'report': overview.report(),
+        'sources': overview.SOURCES, 'refresh_seconds': REFRESH_SECONDS,
+    })
 
 
 @monitor_view
