@@ -30,8 +30,8 @@ REPEAT = 15
 QUEUES = [f'queue_{n}' for n in range(5)]
 #: The targets, in ms: a list or API list, a task's page, the health page, the overview.
 LIST_MS, TASK_MS, HEALTH_MS, OVERVIEW_MS = 100, 50, 200, 200
-#: The workers whose rollups fill QueueStats.
-WRITERS = ('bench-host:1', 'bench-host:2')
+#: How many worker processes' rollups fill QueueStats, unless --writers says otherwise.
+WRITERS = 2
 
 
 def main() -> int:
@@ -39,6 +39,9 @@ def main() -> int:
     parser.add_argument('--rows', type=int, default=100_000 if SQLITE else 1_000_000)
     parser.add_argument('--repeat', type=int, default=REPEAT)
     parser.add_argument('--keep', action='store_true', help='keep the filled table')
+    parser.add_argument('--writers', type=int, default=WRITERS,
+                        help='worker processes whose rollups fill QueueStats (each ran the '
+                             'whole 30 days)')
     chosen = parser.parse_args()
     _configure()
     from django.core.management import call_command
@@ -50,8 +53,16 @@ def main() -> int:
     print(f'filled {chosen.rows:,} rows in {time.monotonic() - started:.1f} s '
           f'({connection.vendor})')
     started = time.monotonic()
-    stats = _fill_rollups()
+    stats = _fill_rollups([f'bench-host:{n}/0' for n in range(1, chosen.writers + 1)])
     print(f'filled {stats:,} QueueStats rows in {time.monotonic() - started:.1f} s')
+    # As the workers' rollups rounds do, a fold a minute: the finished periods' rows merged.
+    from carrot import rollups
+
+    started, folded = time.monotonic(), 0
+    while taken := rollups.fold():
+        folded += taken
+    print(f'folded {folded:,} of them in {time.monotonic() - started:.1f} s, as the workers '
+          f'would have')
     try:
         return _measure(chosen.repeat)
     finally:
@@ -128,8 +139,8 @@ def _fill(rows: int) -> None:
             cursor.execute('ANALYZE carrot_messagelog')  # as autovacuum would
 
 
-def _fill_rollups() -> int:
-    """The QueueStats rows of WRITERS on QUEUES: 30 days of hour rows and a day of minute
+def _fill_rollups(writers: list[str]) -> int:
+    """The QueueStats rows of ``writers`` on QUEUES: 30 days of hour rows and a day of minute
     rows (carrot.rollups keeps no more), with waits around 20 ms and run times around 80 ms
     over a dozen buckets each."""
     import random
@@ -147,9 +158,9 @@ def _fill_rollups() -> int:
                                     (QueueStats.MINUTE, 60, 24 * 60)):
         last = int(now) // step * step
         for number in range(count):
-            period = rollups.as_period(last - number * step)
+            period = last - number * step
             for queue in QUEUES:
-                for writer in WRITERS:
+                for writer in writers:
                     tasks = pick.randint(step // 2, step * 2)
                     wait, run = [0] * rollups.BUCKETS, [0] * rollups.BUCKETS
                     for _ in range(40):  # a sample of the tasks, weighted to their number

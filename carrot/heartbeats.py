@@ -10,6 +10,7 @@ deleted by the beats of the services still alive.
 
 from __future__ import annotations
 
+import collections
 import datetime
 
 from django.db.models import QuerySet
@@ -26,19 +27,35 @@ STALE_AFTER_SECONDS = 35.0
 #: A heartbeat this old is deleted.
 FORGET_AFTER = datetime.timedelta(days=7)
 
+#: By queue name, the deliveries this process has received and not yet settled: each
+#: ``carrot.worker.delivery.Delivery`` counts itself in when made and out when settled.
+held: collections.Counter[str] = collections.Counter()
+
 
 def beat(queues: list[str], scheduler: bool) -> int:
     """Write this process's heartbeat; forget long-silent ones. Returns 0 (a round's count)."""
     alias = lifecycle.database()
     now = timezone.now()
+    holding = {queue: count for queue, count in held.items() if count > 0}
     updated = WorkerHeartbeat.objects.using(alias).filter(worker=worker_id()).update(
-        seen_at=now, queues=queues, scheduler=scheduler)
+        seen_at=now, queues=queues, scheduler=scheduler, held=holding)
     if not updated:
         WorkerHeartbeat.objects.using(alias).create(
             worker=worker_id(), queues=queues, scheduler=scheduler, started_at=now,
-            seen_at=now)
+            seen_at=now, held=holding)
         WorkerHeartbeat.objects.using(alias).filter(seen_at__lt=now - FORGET_AFTER).delete()
     return 0
+
+
+def held_by_live_workers(now: datetime.datetime | None = None) -> dict[str, int]:
+    """By queue name, the deliveries the live services held at their last beats."""
+    total: collections.Counter[str] = collections.Counter()
+    for holding in WorkerHeartbeat.objects.using(lifecycle.database()).filter(
+            seen_at__gte=stale_before(now)).values_list('held', flat=True):
+        if isinstance(holding, dict):
+            total.update({str(queue): int(count) for queue, count in holding.items()
+                          if isinstance(count, int)})
+    return dict(total)
 
 
 def forget() -> None:

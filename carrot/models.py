@@ -388,6 +388,9 @@ class WorkerHeartbeat(models.Model):
     queues = models.JSONField(default=list)
     #: Whether it runs the scheduler.
     scheduler = models.BooleanField(default=False)
+    #: By queue name, the messages it had received and not yet settled (acknowledged,
+    #: requeued or dead-lettered) at its last beat.
+    held = models.JSONField(default=dict)
     started_at = models.DateTimeField(default=timezone.now)
     #: When it last said it was alive.
     seen_at = models.DateTimeField(default=timezone.now, db_index=True)
@@ -414,14 +417,19 @@ class QueueStats(models.Model):
     RESOLUTION_CHOICES = ((MINUTE, 'Minute'), (HOUR, 'Hour'))
 
     queue = models.CharField(max_length=200)
-    #: The start of the minute or hour.
-    period = models.DateTimeField()
+    #: The start of the minute or hour, in seconds since the epoch: a UTC instant whatever
+    #: USE_TZ says (a local time would name two periods alike when clocks go back).
+    period = models.BigIntegerField()
     resolution = models.CharField(max_length=6, choices=RESOLUTION_CHOICES)
-    #: The process that counted: ``host:pid``, as MessageLog.worker names it.
+    #: The process that counted: ``host:pid/<token>``, the token drawn at its start (two
+    #: containers may both be ``host:1``).
     writer = models.CharField(max_length=200)
     #: Attempts that returned, and attempts that raised (a retried one too) or expired.
     succeeded = models.PositiveIntegerField(default=0)
     failed = models.PositiveIntegerField(default=0)
+    #: Waits left out of ``wait``: negative, or over a day (the clocks of the publishing and
+    #: the working machine apart, or another producer's header).
+    skewed = models.PositiveIntegerField(default=0)
     wait = models.JSONField(default=list)
     run = models.JSONField(default=list)
 
@@ -435,4 +443,5 @@ class QueueStats(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f'{self.queue} {self.resolution} {self.period:%Y-%m-%d %H:%M} {self.writer}'
+        at = datetime.datetime.fromtimestamp(self.period, tz=datetime.UTC)
+        return f'{self.queue} {self.resolution} {at:%Y-%m-%d %H:%M}Z {self.writer}'

@@ -5,8 +5,9 @@ a few increments, no database work on the task's path): whether it succeeded, it
 publish to start, and its run time from start to end, the times in histograms over fixed
 log-scale buckets (EDGES). Every FLUSH_SECONDS, and once more at a clean stop, the service
 writes what it counted (``flush()``) to its own rows: one per queue, period and resolution
-(``minute``, ``hour``) and writer (the process's ``host:pid``), so no two processes ever
-write the same row. A SIGKILL loses at most the last FLUSH_SECONDS of counts. Each flush adds
+(``minute``, ``hour``) and writer (the process's ``host:pid`` and a token of its own), so
+no two processes ever write the same row. A SIGKILL loses what was counted since the last
+flush that the database took: FLUSH_SECONDS at most while it takes them. Each flush adds
 to the minute rows and to the hour rows at once, so no later pass folds one into the other
 (two workers folding the same rows would count them twice); ``prune()`` deletes minute rows
 older than MINUTES_KEPT and hour rows older than HOURS_KEPT.
@@ -15,8 +16,10 @@ What counts: every attempt that ended, tracked or untracked. ``failed`` counts t
 that raised, one that is retried included, and tasks that expired before they ran (those have
 a wait but no run time); a message that could not run at all (bad, or of an unknown task) is
 not a task's attempt, and is not counted. The wait is measured from the message's
-``x-carrot-published-at`` (a message of another producer has none, and no wait), across the
-clocks of the publishing and the working machine.
+``x-carrot-published-at`` (a message of another producer has none, and no wait) to the
+moment the task is called, across the clocks of the publishing and the working machine: a
+negative wait, or one past MAX_WAIT_SECONDS, is counted apart (``skewed``). The run time is
+measured by the monotonic clock.
 
 The monitor's overview reads ``series()``: the merged counts of every writer, never MessageLog.
 """
@@ -26,13 +29,18 @@ from __future__ import annotations
 import bisect
 import datetime
 import itertools
+import json
 import math
 import operator
+import os
+import secrets
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
 from carrot import lifecycle
@@ -44,11 +52,22 @@ from carrot.models import QueueStats
 EDGES: tuple[float, ...] = tuple(0.001 * 2 ** (step / 2) for step in range(45))
 BUCKETS = len(EDGES) + 1
 _LAST_MS = EDGES[-1] * 1000
-#: How often a worker writes what it counted; what a SIGKILL loses at most.
+#: How often a worker writes what it counted (what a SIGKILL loses, while the database
+#: takes the writes).
 FLUSH_SECONDS = 10.0
-#: How often a worker deletes old rows.
+#: How often a worker deletes old rows, and folds the rows of finished periods.
 PRUNE_SECONDS = 3600.0
+FOLD_SECONDS = 60.0
+#: The writer of the rows ``fold()`` merges the writers' rows of a finished period into.
+FOLDED = '*'
+#: How old a period is when its rows are folded (its writers flushed long since), and the
+#: most rows of a resolution one fold takes.
+FOLD_AFTER = {QueueStats.MINUTE: 300, QueueStats.HOUR: 7200}
+FOLD_BATCH = 900
 MINUTES_KEPT = datetime.timedelta(days=1)
+#: A wait longer than this (or negative) says more of the clocks than of the queue: counted
+#: apart, in ``skewed``. Delayed tasks are published when due, so their wait is short too.
+MAX_WAIT_SECONDS = 86400.0
 HOURS_KEPT = datetime.timedelta(days=30)
 _STEP = {QueueStats.MINUTE: 60, QueueStats.HOUR: 3600}
 
@@ -72,10 +91,13 @@ class Counts:
     failed: int = 0
     wait: list[int] = field(default_factory=lambda: [0] * BUCKETS)
     run: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+    #: Waits left out of ``wait``: negative or past MAX_WAIT (clocks apart).
+    skewed: int = 0
 
     def add(self, other: Counts) -> None:
         self.succeeded += other.succeeded
         self.failed += other.failed
+        self.skewed += other.skewed
         self.wait = list(map(operator.add, padded(self.wait), padded(other.wait)))
         self.run = list(map(operator.add, padded(self.run), padded(other.run)))
 
@@ -103,7 +125,10 @@ class Tally:
         else:
             counts.failed += 1
         if wait is not None:
-            counts.wait[bucket(wait)] += 1
+            if 0.0 <= wait <= MAX_WAIT_SECONDS:
+                counts.wait[bucket(wait)] += 1
+            else:
+                counts.skewed += 1
         if run is not None:
             counts.run[bucket(run)] += 1
 
@@ -113,8 +138,13 @@ class Tally:
         return taken
 
     def put_back(self, taken: dict[tuple[str, int], Counts]) -> None:
-        """Counts ``take`` gave that could not be written: kept for the next flush."""
+        """Counts ``take`` gave that could not be written: kept for the next flush, unless
+        their minute is older than MINUTES_KEPT (its rows would be pruned at once): a
+        database that refuses them for ever must not make the tally grow for ever."""
+        oldest = (time.time() - MINUTES_KEPT.total_seconds()) // 60
         for key, counts in taken.items():
+            if key[1] < oldest:
+                continue
             mine = self._counts.setdefault(key, Counts())
             mine.add(counts)
 
@@ -144,39 +174,112 @@ def _write(taken: dict[tuple[str, int], Counts]) -> int:
         for resolution, start in ((QueueStats.MINUTE, minute * 60),
                                   (QueueStats.HOUR, minute // 60 * 3600)):
             wanted.setdefault((queue, resolution, start), Counts()).add(counts)
-    alias, writer = lifecycle.database(), worker_id()
+    alias, writer = lifecycle.database(), this_writer()
     with transaction.atomic(using=alias):
         rows = QueueStats.objects.using(alias).filter(
             writer=writer, queue__in={queue for queue, _, _ in wanted},
-            period__in=[as_period(start) for start in {start for _, _, start in wanted}])
-        existing = {(row.queue, row.resolution, int(row.period.timestamp())): row
-                    for row in rows}
+            period__in={start for _, _, start in wanted})
+        existing = {(row.queue, row.resolution, row.period): row for row in rows}
         created = []
         for key, counts in wanted.items():
             row = existing.get(key)
             if row is None:
                 queue, resolution, start = key
                 created.append(QueueStats(
-                    queue=queue, resolution=resolution, period=as_period(start), writer=writer,
-                    succeeded=counts.succeeded, failed=counts.failed,
+                    queue=queue, resolution=resolution, period=start, writer=writer,
+                    succeeded=counts.succeeded, failed=counts.failed, skewed=counts.skewed,
                     wait=trimmed(counts.wait), run=trimmed(counts.run)))
                 continue
             QueueStats.objects.using(alias).filter(pk=row.pk).update(
                 succeeded=row.succeeded + counts.succeeded, failed=row.failed + counts.failed,
+                skewed=row.skewed + counts.skewed,
                 wait=trimmed(merge([row.wait, counts.wait])),
                 run=trimmed(merge([row.run, counts.run])))
         QueueStats.objects.using(alias).bulk_create(created)
     return len(wanted)
 
 
+def fold(now: datetime.datetime | None = None) -> int:
+    """Merge the writers' rows of finished periods into one row per queue and period (writer
+    FOLDED); the rows folded, at most FOLD_BATCH per resolution.
+
+    Every process that ran in a window adds its rows to what the overview reads; folding
+    keeps that to one row per period once its writers are done with it (FOLD_AFTER). Any
+    process may fold: each row is taken by a ``DELETE ... RETURNING``, which hands a row to
+    one transaction only, so no count is folded twice; a late flush to a folded period
+    writes a row of its own, which the next fold takes.
+    """
+    alias = lifecycle.database()
+    connection = connections[alias]
+    if not connection.features.can_return_rows_from_bulk_insert:
+        return 0  # no RETURNING (MySQL, SQLite before 3.35): the rows stay apart
+    at = (now or timezone.now()).timestamp()
+    folded = 0
+    for resolution, after in FOLD_AFTER.items():
+        with transaction.atomic(using=alias):
+            ids = list(QueueStats.objects.using(alias).filter(
+                resolution=resolution, period__lt=at - after).exclude(writer=FOLDED)
+                .values_list('pk', flat=True)[:FOLD_BATCH])
+            if not ids:
+                continue
+            taken = _take_rows(connection, ids)
+            merged: dict[tuple[str, int], Counts] = {}
+            for queue, period, counts in taken:
+                merged.setdefault((queue, period), Counts()).add(counts)
+            _add_to_folded(alias, resolution, merged)
+            folded += len(taken)
+    return folded
+
+
+def _take_rows(connection: BaseDatabaseWrapper, ids: list[int]
+               ) -> list[tuple[str, int, Counts]]:
+    """Delete the rows ``ids`` and return what they held (only those this call deleted)."""
+    table = connection.ops.quote_name(QueueStats._meta.db_table)
+    marks = ', '.join(['%s'] * len(ids))
+    with connection.cursor() as cursor:
+        cursor.execute(f'DELETE FROM {table} WHERE id IN ({marks}) RETURNING queue, period, '
+                       f'succeeded, failed, skewed, wait, run', ids)
+        rows = cursor.fetchall()
+    return [(queue, int(period), Counts(succeeded, failed, padded(_json(wait)),
+                                        padded(_json(run)), skewed))
+            for queue, period, succeeded, failed, skewed, wait, run in rows]
+
+
+def _json(value: object) -> list[int]:
+    found = json.loads(value) if isinstance(value, (str, bytes)) else value
+    return [int(count) for count in found] if isinstance(found, list) else []
+
+
+def _add_to_folded(alias: str, resolution: str, merged: dict[tuple[str, int], Counts]) -> None:
+    rows = {(row.queue, row.period): row for row in QueueStats.objects.using(alias)
+            .select_for_update().filter(writer=FOLDED, resolution=resolution,
+                                        queue__in={queue for queue, _ in merged},
+                                        period__in={period for _, period in merged})}
+    created = []
+    for (queue, period), counts in merged.items():
+        row = rows.get((queue, period))
+        if row is None:
+            created.append(QueueStats(
+                queue=queue, resolution=resolution, period=period, writer=FOLDED,
+                succeeded=counts.succeeded, failed=counts.failed, skewed=counts.skewed,
+                wait=trimmed(counts.wait), run=trimmed(counts.run)))
+            continue
+        QueueStats.objects.using(alias).filter(pk=row.pk).update(
+            succeeded=row.succeeded + counts.succeeded, failed=row.failed + counts.failed,
+            skewed=row.skewed + counts.skewed, wait=trimmed(merge([row.wait, counts.wait])),
+            run=trimmed(merge([row.run, counts.run])))
+    QueueStats.objects.using(alias).bulk_create(created)
+
+
 def prune(now: datetime.datetime | None = None) -> int:
     """Delete minute rows older than MINUTES_KEPT and hour rows older than HOURS_KEPT; the
     rows deleted. Any process may: rows past their time are nobody's to write."""
-    now = now or timezone.now()
+    at = (now or timezone.now()).timestamp()
     rows = QueueStats.objects.using(lifecycle.database())
     minutes, _ = rows.filter(resolution=QueueStats.MINUTE,
-                             period__lt=now - MINUTES_KEPT).delete()
-    hours, _ = rows.filter(resolution=QueueStats.HOUR, period__lt=now - HOURS_KEPT).delete()
+                             period__lt=at - MINUTES_KEPT.total_seconds()).delete()
+    hours, _ = rows.filter(resolution=QueueStats.HOUR,
+                           period__lt=at - HOURS_KEPT.total_seconds()).delete()
     return minutes + hours
 
 
@@ -237,17 +340,29 @@ def series(queues: Sequence[str], since: datetime.datetime, resolution: str,
     last = int((now or timezone.now()).timestamp()) // step * step
     merged: dict[tuple[str, int], Counts] = {}
     rows = QueueStats.objects.using(lifecycle.database()).filter(
-        queue__in=list(queues), resolution=resolution, period__gte=as_period(first)).values_list(
-        'queue', 'period', 'succeeded', 'failed', 'wait', 'run')
-    for queue, period, succeeded, failed, wait, run in rows:
-        key = (queue, int(period.timestamp()))
+        queue__in=list(queues), resolution=resolution, period__gte=first).values_list(
+        'queue', 'period', 'succeeded', 'failed', 'wait', 'run', 'skewed')
+    for queue, period, succeeded, failed, wait, run, skewed in rows:
+        key = (queue, period)
         counts = merged.get(key)
         if counts is None:
-            merged[key] = Counts(succeeded, failed, padded(wait), padded(run))
+            merged[key] = Counts(succeeded, failed, padded(wait), padded(run), skewed)
         else:
-            counts.add(Counts(succeeded, failed, wait, run))
+            counts.add(Counts(succeeded, failed, wait, run, skewed))
     return {queue: [Point(as_period(start), merged.get((queue, start)) or Counts())
                     for start in range(first, last + 1, step)] for queue in queues}
+
+
+def this_writer() -> str:
+    """This process's name as a writer of rows: ``host:pid`` and a token drawn once per
+    process (after a fork too), so two processes never share one."""
+    pid = os.getpid()
+    if pid not in _writers:
+        _writers[pid] = f'{worker_id()}/{secrets.token_hex(4)}'
+    return _writers[pid]
+
+
+_writers: dict[int, str] = {}
 
 
 def as_period(start: int) -> datetime.datetime:

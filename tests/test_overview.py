@@ -9,11 +9,12 @@ from __future__ import annotations
 import datetime
 import re
 import socket
+import time
 from collections.abc import Callable
 
 import pytest
 from django.contrib.auth.models import User
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.template import Context, Template
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -21,7 +22,7 @@ from django.utils import timezone
 from carrot import message, rollups
 from carrot._process import worker_id
 from carrot.broker import QueueCounts
-from carrot.models import QueueStats
+from carrot.models import QueueStats, WorkerHeartbeat
 from carrot.monitor import health, overview
 from carrot.utilities import publish_message
 from tests.conftest import Broker, Worker, carrot_settings, statuses, wait_for
@@ -93,12 +94,13 @@ def test_a_flush_adds_to_this_writers_minute_and_hour_rows() -> None:
     assert rollups.flush(tally) == 0  # nothing new
     rows = {(r.queue, r.resolution): r for r in QueueStats.objects.filter(queue='q1')}
     minute = rows['q1', QueueStats.MINUTE]
-    assert (minute.succeeded, minute.failed, minute.writer) == (1, 2, worker_id())
+    assert (minute.succeeded, minute.failed, minute.writer) == (1, 2, rollups.this_writer())
+    assert minute.writer.startswith(f'{worker_id()}/')
     assert sum(minute.wait) == 2 and sum(minute.run) == 2
     assert minute.wait[rollups.bucket(0.5)] == 1
-    assert minute.period.timestamp() == now // 60 * 60
+    assert minute.period == int(now) // 60 * 60
     hour = rows['q1', QueueStats.HOUR]
-    assert (hour.succeeded, hour.failed) == (1, 2) and hour.period.timestamp() == now // 3600 * 3600
+    assert (hour.succeeded, hour.failed) == (1, 2) and hour.period == int(now) // 3600 * 3600
 
     tally.add('q1', now, 0.002, 0.030, True)
     rollups.flush(tally)  # read, add, write: the same rows
@@ -107,15 +109,86 @@ def test_a_flush_adds_to_this_writers_minute_and_hour_rows() -> None:
     assert QueueStats.objects.get(queue='q1', resolution=QueueStats.HOUR).succeeded == 2
 
 
-def test_counts_that_could_not_be_written_wait_for_the_next_flush() -> None:
+def test_counts_a_failed_flush_took_are_written_by_the_next(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     tally = rollups.Tally()
-    tally.add('q', 600.0, 0.1, 0.2, True)
-    taken = tally.take()
-    tally.add('q', 601.0, 0.1, 0.2, False)
-    tally.put_back(taken)
-    [(key, counts)] = tally.take().items()
-    assert key == ('q', 10) and (counts.succeeded, counts.failed) == (1, 1)
-    assert sum(counts.wait) == 2 and not tally.take()
+    now = timezone.now().timestamp()
+    tally.add('q', now, 0.1, 0.2, True)
+    write = rollups._write
+
+    def refused(taken: object) -> int:
+        raise DatabaseError('the database went away')
+
+    monkeypatch.setattr(rollups, '_write', refused)
+    with pytest.raises(DatabaseError):
+        rollups.flush(tally)
+    tally.add('q', now, 0.1, 0.2, False)
+    monkeypatch.setattr(rollups, '_write', write)
+    assert rollups.flush(tally) == 2
+    row = QueueStats.objects.get(queue='q', resolution=QueueStats.MINUTE)
+    assert (row.succeeded, row.failed, sum(row.wait)) == (1, 1, 2)
+
+
+def test_counts_too_old_to_keep_are_not_kept_for_ever() -> None:
+    tally = rollups.Tally()
+    now = timezone.now().timestamp()
+    tally.add('q', now - 2 * 86400, 0.1, 0.2, True)
+    tally.add('q', now, 0.1, 0.2, True)
+    tally.put_back(tally.take())
+    assert list(tally.take()) == [('q', int(now) // 60)]
+
+
+def test_waits_of_clocks_apart_are_counted_apart() -> None:
+    tally = rollups.Tally()
+    now = timezone.now().timestamp()
+    for wait in (-0.5, 2 * 86400.0, 0.2):
+        tally.add('q', now, wait, 0.1, True)
+    rollups.flush(tally)
+    row = QueueStats.objects.get(queue='q', resolution=QueueStats.MINUTE)
+    assert (row.succeeded, row.skewed, sum(row.wait), sum(row.run)) == (3, 2, 1, 3)
+    [point] = rollups.series(['q'], timezone.now(), QueueStats.MINUTE)['q']
+    assert point.counts.skewed == 2
+
+
+def test_a_flush_writes_only_its_own_rows() -> None:
+    now = timezone.now().timestamp()
+    minute = int(now) // 60 * 60
+    other = QueueStats.objects.create(queue='q', resolution=QueueStats.MINUTE, period=minute,
+                                      writer=f'{worker_id()}/another', succeeded=5)
+    tally = rollups.Tally()
+    tally.add('q', now, 0.1, 0.2, True)
+    rollups.flush(tally)
+    other.refresh_from_db()
+    assert other.succeeded == 5
+    mine = QueueStats.objects.get(queue='q', resolution=QueueStats.MINUTE,
+                                  writer=rollups.this_writer())
+    assert mine.succeeded == 1 and mine.writer != other.writer
+
+
+def test_fold_merges_the_writers_rows_of_finished_periods_and_counts_each_once() -> None:
+    now = timezone.now()
+    minute = int(now.timestamp()) // 60 * 60
+    old, recent = minute - 600, minute - 60
+    for writer in ('a:1/x', 'b:2/y', 'c:3/z'):
+        for period in (old, recent):
+            QueueStats.objects.create(queue='q', resolution=QueueStats.MINUTE, period=period,
+                                      writer=writer, succeeded=2, failed=1, skewed=1,
+                                      wait=_histogram(0.01, 0.01), run=_histogram(0.5))
+    before = rollups.series(['q'], now - datetime.timedelta(minutes=11), QueueStats.MINUTE, now)
+    assert rollups.fold(now) == 3  # the old period's three rows; the recent one waits
+    assert rollups.fold(now) == 0  # nothing left to fold: nothing counted twice
+    [folded] = QueueStats.objects.filter(period=old)
+    assert (folded.writer, folded.succeeded, folded.failed, folded.skewed) == (
+        rollups.FOLDED, 6, 3, 3)
+    assert sum(folded.wait) == 6 and folded.wait[rollups.bucket(0.01)] == 6
+    assert QueueStats.objects.filter(period=recent).count() == 3
+    after = rollups.series(['q'], now - datetime.timedelta(minutes=11), QueueStats.MINUTE, now)
+    assert after == before
+    # A late flush to a folded period writes a row of its own; the next fold takes it.
+    QueueStats.objects.create(queue='q', resolution=QueueStats.MINUTE, period=old,
+                              writer='a:1/x', succeeded=1)
+    assert rollups.fold(now) == 1
+    assert QueueStats.objects.get(period=old).succeeded == 7
 
 
 def test_prune_keeps_a_day_of_minutes_and_thirty_days_of_hours() -> None:
@@ -124,10 +197,11 @@ def test_prune_keeps_a_day_of_minutes_and_thirty_days_of_hours() -> None:
                             (QueueStats.MINUTE, datetime.timedelta(days=2)),
                             (QueueStats.HOUR, datetime.timedelta(days=2)),
                             (QueueStats.HOUR, datetime.timedelta(days=31))):
-        QueueStats.objects.create(queue='q', resolution=resolution, period=now - age,
-                                  writer='w:1', succeeded=1)
+        QueueStats.objects.create(queue='q', resolution=resolution,
+                                  period=int((now - age).timestamp()), writer='w:1', succeeded=1)
     assert rollups.prune(now) == 2
-    assert sorted((r.resolution, (now - r.period).days) for r in QueueStats.objects.all()) == [
+    assert sorted((r.resolution, int(now.timestamp() - r.period) // 86400)
+                  for r in QueueStats.objects.all()) == [
         (QueueStats.HOUR, 2), (QueueStats.MINUTE, 0)]
 
 
@@ -135,7 +209,8 @@ def test_series_merges_the_writers_and_fills_the_empty_periods() -> None:
     now = timezone.now()
     start = _minute(now) - datetime.timedelta(minutes=2)
     for writer, succeeded, failed, wait in (('a:1', 3, 1, [0.01] * 4), ('b:2', 5, 0, [1.0])):
-        QueueStats.objects.create(queue='q', resolution=QueueStats.MINUTE, period=start,
+        QueueStats.objects.create(queue='q', resolution=QueueStats.MINUTE,
+                                  period=int(start.timestamp()),
                                   writer=writer, succeeded=succeeded, failed=failed,
                                   wait=_histogram(*wait), run=[])
     points = rollups.series(['q', 'other'], now - datetime.timedelta(minutes=4),
@@ -153,12 +228,13 @@ def test_the_overview_reads_the_rollups_and_never_message_log(
     now = timezone.now()
     this_hour = int(now.timestamp()) // 3600 * 3600  # hours of UTC, whatever the zone
     hour_rows = [QueueStats(queue=queue, resolution=QueueStats.HOUR, writer=writer,
-                            period=rollups.as_period(this_hour - d * 86400),
+                            period=this_hour - d * 86400,
                             succeeded=90, failed=10, wait=_histogram(*[0.05] * 100),
                             run=_histogram(*[0.2] * 100))
                  for d in (0, 2, 5) for writer in ('a:1', 'b:2')]
     QueueStats.objects.bulk_create(hour_rows)
-    QueueStats.objects.create(queue=queue, resolution=QueueStats.MINUTE, period=_minute(now),
+    QueueStats.objects.create(queue=queue, resolution=QueueStats.MINUTE,
+                              period=int(_minute(now).timestamp()),
                               writer='a:1', succeeded=30, failed=30,
                               wait=_histogram(*[0.003] * 60), run=_histogram(*[2.0] * 60))
     with CaptureQueriesContext(connection) as queries:
@@ -166,7 +242,7 @@ def test_the_overview_reads_the_rollups_and_never_message_log(
     assert not [q for q in queries.captured_queries if 'carrot_messagelog' in q['sql']]
     [seen] = found['queues']
     assert seen['name'] == queue and seen['ready'] == 0 and seen['consumers'] == 0
-    assert seen['unacknowledged'] is None and 'management API' in found['sources']['unacknowledged']
+    assert seen['unacknowledged'] == 0 and 'last heartbeats' in found['sources']['unacknowledged']
     hour, days = seen['last_hour'], seen['last_days']
     assert (hour['succeeded'], hour['failed'], hour['failure_rate']) == (30, 30, 0.5)
     assert 0.95 <= hour['per_minute'] <= 60 / 59 + 0.01  # 60 tasks in the last 59-60 minutes
@@ -226,7 +302,7 @@ def test_a_message_says_when_it_was_published_and_a_requeue_says_when_again() ->
 def test_a_worker_counts_every_end_and_the_overview_shows_it(
         queue: str, start_worker: StartWorker, broker: Broker, users: dict[str, User]) -> None:
     worker = start_worker(carrot_settings(queue, concurrency=4))
-    writer = f'{socket.gethostname()}:{worker.pid}'
+    host_pid = f'{socket.gethostname()}:{worker.pid}/'
     client = client_for(users, 'staff')
     assert client.get(API + 'overview/').json()['queues'][0]['consumers'] == 4
     for _ in range(6):
@@ -247,7 +323,8 @@ def test_a_worker_counts_every_end_and_the_overview_shows_it(
 
     for resolution in (QueueStats.MINUTE, QueueStats.HOUR):
         rows = QueueStats.objects.filter(queue=queue, resolution=resolution)
-        assert {row.writer for row in rows} == {writer}
+        [writer] = {row.writer for row in rows}
+        assert writer.startswith(host_pid)
         assert sum(r.succeeded for r in rows) == 11 and sum(r.failed for r in rows) == 2
         assert sum(sum(r.run) for r in rows) == 13 and sum(sum(r.wait) for r in rows) == 13
     assert health.queue_counts([queue], fresh=True)[queue] == QueueCounts(0, 0)
@@ -261,6 +338,38 @@ def test_a_worker_counts_every_end_and_the_overview_shows_it(
         assert window['wait']['p99'] < 30
     page = client.get(PREFIX + 'overview/').content.decode()
     assert '15.4 %' in page and re.search(r'11 ok, <a [^>]*>2 failed</a>', page)
+
+
+def test_a_worker_that_stops_writes_its_last_counts(
+        queue: str, start_worker: StartWorker) -> None:
+    began = time.monotonic()
+    worker = start_worker(carrot_settings(queue))
+    for _ in range(3):
+        publish_message(tasks.noop)
+    wait_for(lambda: statuses() == {'COMPLETED': 3}, what='the three tasks')
+    if time.monotonic() - began > rollups.FLUSH_SECONDS - 1:
+        pytest.skip('too slow to stop before the rollups round: it would prove nothing')
+    assert not QueueStats.objects.filter(queue=queue).exists()  # no round has run yet
+    assert worker.stop() == 0
+    rows = QueueStats.objects.filter(queue=queue, resolution=QueueStats.MINUTE)
+    assert sum(r.succeeded for r in rows) == 3
+
+
+def test_unacknowledged_counts_what_the_live_workers_hold(
+        queue: str, start_worker: StartWorker, users: dict[str, User]) -> None:
+    worker = start_worker(carrot_settings(queue, concurrency=4))
+    for _ in range(2):
+        publish_message(tasks.sleep, 20)
+    wait_for(lambda: statuses() == {'IN_PROGRESS': 2}, what='two tasks running')
+
+    def unacknowledged() -> int:
+        [seen] = client_for(users, 'viewer').get(API + 'overview/').json()['queues']
+        return int(seen['unacknowledged'])
+
+    wait_for(lambda: unacknowledged() == 2, timeout=25, what='the next heartbeat')
+    WorkerHeartbeat.objects.update(seen_at=timezone.now() - datetime.timedelta(minutes=5))
+    assert unacknowledged() == 0  # a worker that stopped reporting holds nothing known
+    worker.kill()  # rather than wait for the two sleeps
 
 
 def test_a_retried_attempt_counts_as_failed(

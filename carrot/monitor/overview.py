@@ -19,7 +19,7 @@ from typing import Any
 
 from django.utils import timezone
 
-from carrot import conf, rollups
+from carrot import conf, heartbeats, rollups
 from carrot.broker import QueueCounts
 from carrot.models import QueueStats
 from carrot.monitor import health
@@ -33,8 +33,11 @@ SOURCES = {
              'and unacknowledged), asked at most every '
              f'{health.READY_CACHE_SECONDS:g} s',
     'consumers': 'the same passive declare',
-    'unacknowledged': 'not shown: passive declares give ready and consumers; unacknowledged '
-                      'needs RabbitMQ\'s management API, which the monitor does not ask',
+    'unacknowledged': 'the messages carrot\'s live workers had received and not yet '
+                      'settled, as their last heartbeats (every '
+                      f'{heartbeats.HEARTBEAT_SECONDS:g} s) said; a passive declare does not '
+                      'tell, and the monitor does not ask RabbitMQ\'s management API, so '
+                      'other consumers\' are not counted',
     'tasks': 'the rollups every worker writes every 10 s (QueueStats: one row per queue, '
              'minute or hour, and worker), never MessageLog',
 }
@@ -89,6 +92,8 @@ class Window:
     failed: int
     wait: Times
     run: Times
+    skewed: int = 0
+    """Waits left out of ``wait``: negative or over a day (clocks apart)."""
 
     @property
     def total(self) -> int:
@@ -125,6 +130,7 @@ class Window:
             'succeeded': self.succeeded, 'failed': self.failed,
             'per_minute': round(self.per_minute, 3), 'failure_rate': self.failure_rate,
             'wait': self.wait.as_json(), 'run': self.run.as_json(),
+            'skewed_waits': self.skewed,
             # Columns, one value per period: a third of the size of an object per period.
             'series': {
                 'at': [p.at.isoformat() for p in self.periods],
@@ -145,6 +151,8 @@ class QueueOverview:
     counts: QueueCounts | None
     """What the passive declare said; None when RabbitMQ could not be asked."""
     windows: list[Window]
+    unacknowledged: int = 0
+    """What carrot's live workers hold (``heartbeats.held_by_live_workers``)."""
 
     def as_json(self) -> dict[str, Any]:
         hour, days = self.windows
@@ -153,7 +161,7 @@ class QueueOverview:
             'ready': self.counts.ready if self.counts else None,
             'consumers': self.counts.consumers if self.counts else None,
             'exists': self.counts.exists if self.counts else None,
-            'unacknowledged': None,
+            'unacknowledged': self.unacknowledged,
             'last_hour': hour.as_json(), 'last_days': days.as_json(),
         }
 
@@ -175,13 +183,14 @@ def report(now: datetime.datetime | None = None) -> Report:
     queues = conf.get_settings().queues
     names = [queue.name for queue in queues]
     counts = health.queue_counts(names)
+    held = heartbeats.held_by_live_workers(now)
     hour_since = now - datetime.timedelta(minutes=59)
     days_since = now - datetime.timedelta(days=DAYS) + datetime.timedelta(hours=1)
     by_minute = rollups.series(names, hour_since, QueueStats.MINUTE, now)
     by_hour = rollups.series(names, days_since, QueueStats.HOUR, now)
     return Report(queues=[QueueOverview(
         name=queue.name, consumable=queue.consumable, concurrency=queue.concurrency,
-        counts=counts.get(queue.name), windows=[
+        counts=counts.get(queue.name), unacknowledged=held.get(queue.name, 0), windows=[
             _window('Last hour', QueueStats.MINUTE, by_minute[queue.name], now),
             _window(f'Last {DAYS} days', QueueStats.HOUR, by_hour[queue.name], now)],
     ) for queue in queues], days=DAYS, at=now)
@@ -198,7 +207,8 @@ def _window(label: str, resolution: str, points: list[rollups.Point],
         succeeded=sum(p.counts.succeeded for p in points),
         failed=sum(p.counts.failed for p in points),
         wait=Times.of(rollups.merge(p.counts.wait for p in points)),
-        run=Times.of(rollups.merge(p.counts.run for p in points)))
+        run=Times.of(rollups.merge(p.counts.run for p in points)),
+        skewed=sum(p.counts.skewed for p in points))
 
 
 def _rounded(seconds: float | None) -> float | None:

@@ -22,7 +22,7 @@ from django.db import DataError, IntegrityError, close_old_connections
 from django.db import Error as DatabaseFault
 from gevent.event import AsyncResult
 
-from carrot import lifecycle, message, registry, rollups
+from carrot import heartbeats, lifecycle, message, registry, rollups
 from carrot import options as task_options
 from carrot.amqp import SignallingChannel
 from carrot.broker import get_publisher
@@ -82,6 +82,7 @@ class Delivery:
         self.settlement: Settlement | None = None
         #: The task it runs, once ``process()`` has resolved it.
         self.function: registry.Task | None = None
+        heartbeats.held[consumer.queue] += 1  # until it is settled
 
     @property
     def properties(self) -> dict[str, Any]:
@@ -142,6 +143,7 @@ class Delivery:
     def _settle(self, how: Settlement) -> None:
         self._check_unsettled(how)
         self.settlement = how
+        heartbeats.held[self.consumer.queue] -= 1
 
     def _check_unsettled(self, how: Settlement) -> None:
         if self.settlement is not None:
@@ -204,7 +206,7 @@ class Delivery:
         expired = expired_outcome(task_message)
         outcome = expired or self.consumer.run_task(function, task_message, options.time_limit)
         if outcome.exception is None:
-            self._count(start, outcome, ran=True)
+            self._count(start, outcome)
             self.ack()
             return
         self.started = AsyncResult()
@@ -270,7 +272,7 @@ class Delivery:
 
         ``options`` None: the task did not run (it expired), and is not retried.
         """
-        self._count(start, outcome, ran=options is not None)
+        self._count(start, outcome)
         started = cast(AsyncResult, self.started)
         attempt = self.task_message.attempt if self.task_message else 1
         end = end_of(start.message_id, outcome, options, attempt)
@@ -292,14 +294,15 @@ class Delivery:
             self._runtime().followups.spawn(self._follow_up, self.recorded, start.message_id,
                                             outcome, hook, framework_task)
 
-    def _count(self, start: lifecycle.Start, outcome: Outcome, ran: bool) -> None:
+    def _count(self, start: lifecycle.Start, outcome: Outcome) -> None:
         """Count this attempt's end in the queue's rollups (``carrot.rollups``): every end,
-        tracked or not, passes here. ``ran`` False: it expired, and has no run time."""
+        tracked or not, passes here. The wait runs from the message's publish time to the
+        task's run (not to the start's recording); an expired task has no run time."""
         published = message.published_at_of(self.properties)
-        started, ended = start.at.timestamp(), outcome.ended_at.timestamp()
-        rollups.tally.add(start.queue, ended,
-                          started - published.timestamp() if published is not None else None,
-                          ended - started if ran else None, outcome.exception is None)
+        began = outcome.ran_from if outcome.ran_from is not None else outcome.ended_at.timestamp()
+        wait = began - published.timestamp() if published is not None else None
+        rollups.tally.add(start.queue, outcome.ended_at.timestamp(), wait, outcome.ran_for,
+                          outcome.exception is None)
 
     def _follow_up(self, recorded: AsyncResult, message_id: str, outcome: Outcome,
                    hook: task_options.OnRetriesExhausted | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -32,6 +33,10 @@ class Outcome:
     traceback: str | None = None
     #: When the task ended (its row is written a little later, in a batch).
     ended_at: datetime.datetime = field(default_factory=timezone.now)
+    #: When it began to run (seconds since the epoch) and for how long it ran (by the
+    #: monotonic clock); None for a task that did not run (it expired).
+    ran_from: float | None = None
+    ran_for: float | None = None
 
     @property
     def exception_text(self) -> str | None:
@@ -54,6 +59,7 @@ def execute(function: registry.Task, task_message: TaskMessage, time_limit: floa
     Past ``time_limit`` seconds TimeLimitExceeded is raised inside the task (at its next
     wait: a task that never yields to the gevent hub cannot be stopped).
     """
+    ran_from, began = time.time(), time.monotonic()
     with logcapture.capture() as lines:
         # The database connections of this greenlet are opened by the task if it needs them
         # and closed (as Django's request cycle would) around it.
@@ -76,8 +82,10 @@ def execute(function: registry.Task, task_message: TaskMessage, time_limit: floa
             logger.error('Task %s failed: %s: %s', task_message.task,
                          type(error).__name__, error)
             return Outcome(output=None, log='\n'.join(lines), exception=error,
-                           traceback=traceback.format_exc())
+                           traceback=traceback.format_exc(), ran_from=ran_from,
+                           ran_for=time.monotonic() - began)
         finally:
             close_old_connections()
         logger.info('Task %s completed', task_message.task)
-        return Outcome(output=lifecycle.output_text(result), log='\n'.join(lines))
+        return Outcome(output=lifecycle.output_text(result), log='\n'.join(lines),
+                       ran_from=ran_from, ran_for=time.monotonic() - began)

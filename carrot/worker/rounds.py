@@ -8,8 +8,9 @@ confirm ``CARROT['resend_unconfirmed_after']`` seconds after it was sent
 ``CARROT['retention']['prune_hourly']`` says so, deletes old finished rows once an hour
 (``carrot.retention.prune``). The heartbeat says every 10 s that this service is alive
 (``carrot.heartbeats.beat``), from its start. The rollups round writes every 10 s what the
-consumers counted of the tasks that ended (``carrot.rollups.flush``: a SIGKILL loses at most
-those 10 s of counts; the service flushes once more at a clean stop), and once an hour deletes
+consumers counted of the tasks that ended (``carrot.rollups.flush``: a SIGKILL loses what
+was counted since the last flush the database took; the service flushes once more when its
+tasks have ended at a stop), and once an hour deletes
 old rollup rows (``carrot.rollups.prune``). A round that filled its batch is followed at
 once; a failing round is logged and tried again after a backoff.
 """
@@ -102,14 +103,18 @@ def heartbeat(stopping: Event, queues: list[str], scheduler: bool) -> Rounds:
 
 
 def rollup(stopping: Event) -> Rounds:
-    """Write the tally of task ends every FLUSH_SECONDS; delete old rollups every hour."""
-    pruned = [-math.inf]  # when, by time.monotonic()
+    """Write the tally of task ends every FLUSH_SECONDS; fold the rows of finished periods
+    every FOLD_SECONDS; delete old rollups every PRUNE_SECONDS."""
+    last = {'fold': -math.inf, 'prune': -math.inf}  # when, by time.monotonic()
 
     def work() -> int:
         rollups.flush()
-        if time.monotonic() - pruned[0] >= rollups.PRUNE_SECONDS:
+        if time.monotonic() - last['fold'] >= rollups.FOLD_SECONDS:
+            rollups.fold()
+            last['fold'] = time.monotonic()
+        if time.monotonic() - last['prune'] >= rollups.PRUNE_SECONDS:
             deleted = rollups.prune()
-            pruned[0] = time.monotonic()
+            last['prune'] = time.monotonic()
             if deleted:
                 logger.info('Deleted %d old rollup row(s)', deleted)
         return 0

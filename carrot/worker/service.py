@@ -160,9 +160,21 @@ class Service:
         except DatabaseError as error:  # it goes stale, and the monitor says so
             logger.warning('Could not delete this service\'s heartbeat: %s', error)
 
-    def _flush_rollups(self) -> None:
+    def _last_rollups(self) -> None:
+        """Write the counts of the tasks that ended since the rollups round's last flush.
+
+        The round ends by itself once its flush in progress is done (killed inside it, its
+        transaction could hold the rows this flush writes, or write its counts twice); one
+        still stuck in the database after the wait is left alone, its counts with it.
+        """
+        if self.rollups is not None:
+            self.rollups.join(timeout=1.0 if self.stop_now.is_set() else 10.0)
+            if not self.rollups.dead:
+                logger.warning('The counts of the last task ends are not written: the '
+                               'database did not answer')
+                return
         try:
-            rollups.flush()  # the counts of the tasks that ended since the last round
+            rollups.flush()
         except DatabaseError as error:
             logger.warning('Could not write the last counts of task ends: %s', error)
 
@@ -188,6 +200,7 @@ class Service:
                 logger.warning('%d task(s) did not finish in time; handing them back to '
                                'RabbitMQ', running)
             self.pool.kill(block=True, timeout=5)
+        self._last_rollups()  # every end is counted now: write them before anything else
         if self.scheduler is not None:
             # It stops between rounds; a round in progress finishes sending its messages or,
             # killed, hands back to their schedules the runs it did not send.
@@ -200,14 +213,9 @@ class Service:
         self.followups.kill(block=True, timeout=5)
         for link in self.links:
             link.close()  # what is still unacknowledged goes back to its queue
-        if self.rollups is not None:
-            # It ends by itself once its flush is done; killed inside it, its transaction
-            # could keep the rows locked that the last flush below writes.
-            self.rollups.join(timeout=1.0 if self.stop_now.is_set() else 10.0)
         for rounds in (self.resender, self.releaser, self.pruner, self.heartbeat, self.rollups):
             if rounds is not None:
                 rounds.kill(block=True, timeout=5)
-        self._flush_rollups()
         self._forget_heartbeat()
         # Tasks the tasks published: their confirms recorded before the connection closes.
         if not outbox.drain(1.0 if self.stop_now.is_set() else 10.0):
