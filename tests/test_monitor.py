@@ -509,7 +509,9 @@ def test_every_link_and_form_follows_the_prefix(users: dict[str, User]) -> None:
     [row] = make_rows(1)
     make_schedule()
     client = client_for(users, 'staff')
-    for page in ('tasks/failed/', f'tasks/{row.pk}/', 'schedules/', 'audit/', 'overview/'):
+    for page in ('tasks/failed/', f'tasks/{row.pk}/', 'schedules/', 'audit/', 'overview/',
+                 'schedules/new/', 'health/', 'deadletters/', 'deadletters/default/',
+                 'queues/default/purge/', 'tasks/queued/?queue=default'):
         text = client.get(OTHER_PREFIX + page).content.decode()
         targets = re.findall(r'(?:href|action|formaction|src)="(/[^"]*)"', text)
         assert targets
