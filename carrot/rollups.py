@@ -174,29 +174,36 @@ def _write(taken: dict[tuple[str, int], Counts]) -> int:
         for resolution, start in ((QueueStats.MINUTE, minute * 60),
                                   (QueueStats.HOUR, minute // 60 * 3600)):
             wanted.setdefault((queue, resolution, start), Counts()).add(counts)
-    alias, writer = lifecycle.database(), this_writer()
+    alias = lifecycle.database()
     with transaction.atomic(using=alias):
-        rows = QueueStats.objects.using(alias).filter(
-            writer=writer, queue__in={queue for queue, _, _ in wanted},
-            period__in={start for _, _, start in wanted})
-        existing = {(row.queue, row.resolution, row.period): row for row in rows}
-        created = []
-        for key, counts in wanted.items():
-            row = existing.get(key)
-            if row is None:
-                queue, resolution, start = key
-                created.append(QueueStats(
-                    queue=queue, resolution=resolution, period=start, writer=writer,
-                    succeeded=counts.succeeded, failed=counts.failed, skewed=counts.skewed,
-                    wait=trimmed(counts.wait), run=trimmed(counts.run)))
-                continue
-            QueueStats.objects.using(alias).filter(pk=row.pk).update(
-                succeeded=row.succeeded + counts.succeeded, failed=row.failed + counts.failed,
-                skewed=row.skewed + counts.skewed,
-                wait=trimmed(merge([row.wait, counts.wait])),
-                run=trimmed(merge([row.run, counts.run])))
-        QueueStats.objects.using(alias).bulk_create(created)
+        _add_to_rows(alias, this_writer(), wanted)
     return len(wanted)
+
+
+def _add_to_rows(alias: str, writer: str, wanted: dict[tuple[str, str, int], Counts],
+                 lock: bool = False) -> None:
+    """Add each (queue, resolution, period)'s counts to ``writer``'s row of it, made when
+    missing; ``lock``: the rows locked first (the folded rows, which any process writes)."""
+    rows = QueueStats.objects.using(alias).filter(
+        writer=writer, queue__in={queue for queue, _, _ in wanted},
+        resolution__in={resolution for _, resolution, _ in wanted},
+        period__in={period for _, _, period in wanted})
+    existing = {(row.queue, row.resolution, row.period): row
+                for row in (rows.select_for_update() if lock else rows)}
+    created = []
+    for (queue, resolution, period), counts in wanted.items():
+        row = existing.get((queue, resolution, period))
+        if row is None:
+            created.append(QueueStats(
+                queue=queue, resolution=resolution, period=period, writer=writer,
+                succeeded=counts.succeeded, failed=counts.failed, skewed=counts.skewed,
+                wait=trimmed(counts.wait), run=trimmed(counts.run)))
+            continue
+        QueueStats.objects.using(alias).filter(pk=row.pk).update(
+            succeeded=row.succeeded + counts.succeeded, failed=row.failed + counts.failed,
+            skewed=row.skewed + counts.skewed, wait=trimmed(merge([row.wait, counts.wait])),
+            run=trimmed(merge([row.run, counts.run])))
+    QueueStats.objects.using(alias).bulk_create(created)
 
 
 def fold(now: datetime.datetime | None = None) -> int:
@@ -223,10 +230,10 @@ def fold(now: datetime.datetime | None = None) -> int:
             if not ids:
                 continue
             taken = _take_rows(connection, ids)
-            merged: dict[tuple[str, int], Counts] = {}
+            merged: dict[tuple[str, str, int], Counts] = {}
             for queue, period, counts in taken:
-                merged.setdefault((queue, period), Counts()).add(counts)
-            _add_to_folded(alias, resolution, merged)
+                merged.setdefault((queue, resolution, period), Counts()).add(counts)
+            _add_to_rows(alias, FOLDED, merged, lock=True)
             folded += len(taken)
     return folded
 
@@ -248,27 +255,6 @@ def _take_rows(connection: BaseDatabaseWrapper, ids: list[int]
 def _json(value: object) -> list[int]:
     found = json.loads(value) if isinstance(value, (str, bytes)) else value
     return [int(count) for count in found] if isinstance(found, list) else []
-
-
-def _add_to_folded(alias: str, resolution: str, merged: dict[tuple[str, int], Counts]) -> None:
-    rows = {(row.queue, row.period): row for row in QueueStats.objects.using(alias)
-            .select_for_update().filter(writer=FOLDED, resolution=resolution,
-                                        queue__in={queue for queue, _ in merged},
-                                        period__in={period for _, period in merged})}
-    created = []
-    for (queue, period), counts in merged.items():
-        row = rows.get((queue, period))
-        if row is None:
-            created.append(QueueStats(
-                queue=queue, resolution=resolution, period=period, writer=FOLDED,
-                succeeded=counts.succeeded, failed=counts.failed, skewed=counts.skewed,
-                wait=trimmed(counts.wait), run=trimmed(counts.run)))
-            continue
-        QueueStats.objects.using(alias).filter(pk=row.pk).update(
-            succeeded=row.succeeded + counts.succeeded, failed=row.failed + counts.failed,
-            skewed=row.skewed + counts.skewed, wait=trimmed(merge([row.wait, counts.wait])),
-            run=trimmed(merge([row.run, counts.run])))
-    QueueStats.objects.using(alias).bulk_create(created)
 
 
 def prune(now: datetime.datetime | None = None) -> int:
