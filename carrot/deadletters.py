@@ -77,7 +77,7 @@ class Found:
 
 def inspect(selection: Selection) -> Found:
     """The dead letters that match, left where they are."""
-    return _walk(selection, None, Found(letters=[], read=0))
+    return _walk(selection, None)
 
 
 def requeue(selection: Selection, into: Found | None = None) -> Found:
@@ -108,23 +108,24 @@ def requeue(selection: Selection, into: Found | None = None) -> Found:
             raise
         return True
 
-    return _walk(selection, send_back, into or Found(letters=[], read=0))
+    return _walk(selection, send_back, into)
 
 
 def purge(selection: Selection, into: Found | None = None) -> Found:
     """Remove the matching dead letters (their rows stay, FAILED, saying why)."""
-    return _walk(selection, lambda received, letter: True, into or Found(letters=[], read=0))
+    return _walk(selection, lambda received, letter: True, into)
 
 
 #: Acts on one dead letter; False leaves it where it is.
 Act = Callable[[Received, DeadLetter], bool]
 
 
-def _walk(selection: Selection, act: Act | None, found: Found) -> Found:
+def _walk(selection: Selection, act: Act | None, into: Found | None = None) -> Found:
     """Read the dead-letter queue from its head, acting on the letters that match.
 
-    ``found`` is filled as it goes: a caller that passed it in knows what was done before
-    an error."""
+    What it finds is filled in as it goes (into ``into`` when given: a caller that passed it
+    knows what was done before an error)."""
+    found = into if into is not None else Found(letters=[], read=0)
     queue = conf.get_settings().queue(selection.queue)
     now = timezone.now()
     # Only acting declares: a look leaves RabbitMQ as it is (no queue there, no letters).

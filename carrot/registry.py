@@ -156,22 +156,12 @@ def registered_tasks() -> list[tuple[str, str]]:
             continue
         for name in sorted(vars(module)):
             path = f'{module_name}.{name}'
-            if name.startswith('_') or not _is_task_value(vars(module)[name], module_name):
-                continue
             try:
-                resolve(path)
+                resolve(path)  # its rules alone say what may run: not imports, not privates
             except (TaskNotRegistered, TaskImportError):
                 continue
             found.append((path, ''))
     return sorted(found)
-
-
-def _is_task_value(value: object, module_name: str) -> bool:
-    """Worth trying to resolve: a function defined in the module, or a ``@task`` object."""
-    framework = framework_task_class()
-    if framework is not None and isinstance(value, framework):
-        return True
-    return inspect.isfunction(value) and value.__module__ == module_name
 
 
 def framework_task_class() -> type[Any] | None:
