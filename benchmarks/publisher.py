@@ -20,6 +20,7 @@ if _GEVENT:
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -78,6 +79,12 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[index]
 
 
+def _cpu_seconds() -> float:
+    """CPU this process has used so far, all its threads, user and system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> dict[str, Any]:
     args = parse_args()
     adapter = importlib.import_module(f'{args.system}_adapter')
@@ -93,18 +100,21 @@ def main() -> dict[str, Any]:
         # The clock stops when the commit returns: carrot sends on commit and returns once
         # RabbitMQ has confirmed every message.
         with adapter.one_transaction():
+            cpu0 = _cpu_seconds()
             t0 = time.time()
             durations = run_calls(publish, args.count, 1)
         t1 = time.time()
     else:
+        cpu0 = _cpu_seconds()
         t0 = time.time()
         durations = run_calls(publish, args.count, args.concurrency)
         if finish is not None:
             finish()
         t1 = time.time()
+    cpu = _cpu_seconds() - cpu0
     result: dict[str, Any] = {
         't0': t0, 't1': t1, 'count': args.count, 'seconds': t1 - t0,
-        'rate': args.count / (t1 - t0), 'concurrency': args.concurrency,
+        'rate': args.count / (t1 - t0), 'concurrency': args.concurrency, 'cpu_seconds': cpu,
     }
     if args.mode == 'latency':
         durations_ms = [d * 1000 for d in durations]

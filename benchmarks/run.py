@@ -11,32 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
+if __name__ == '__main__':
+    from bootstrap import into_bench_venv
 
-def _bootstrap() -> None:
-    """Re-run in .venv-bench with the peers installed, once RabbitMQ, Redis and PostgreSQL answer.
-
-    So that ``python3 benchmarks/run.py`` is the one command, on a fresh machine too.
-    """
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))
-    from tests.bootstrap import ensure_postgresql, ensure_rabbitmq, ensure_redis, venv_python
-
-    folder = Path(os.environ.get('CARROT_BENCH_VENV', root / '.venv-bench'))
-    python = venv_python([root / 'benchmarks' / 'requirements.txt'], folder=folder)
-    ensure_rabbitmq()
-    if not ensure_redis():
-        sys.exit('Redis is not answering on 127.0.0.1:6379 (the peers count completions there).')
-    if not ensure_postgresql():
-        sys.exit('PostgreSQL is not answering on 127.0.0.1:5432 (carrot records tasks there; '
-                 'BENCH_DB=sqlite uses a SQLite file instead).')
-    if Path(sys.prefix).resolve() != folder.resolve():
-        os.execv(str(python), [str(python), __file__, *sys.argv[1:]])
-
-
-if __name__ == '__main__' and not os.environ.get('CARROT_BENCH_NO_BOOTSTRAP'):
-    _bootstrap()
+    into_bench_venv(__file__)
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402

@@ -51,9 +51,11 @@ CARROT = {
     # carrot's defaults but for the concurrency, which the peers also get: prefetch 1.
     # BENCH_CARROT_UNTRACKED=1 (carrot_untracked_adapter.py): the queue of untracked tasks.
     # BENCH_CARROT_PREFETCH=N: another prefetch, to measure what it changes (not the default).
-    'queues': [{**({'name': 'bench_carrot_untracked', 'concurrency': 100, 'tracked': False}
+    # BENCH_CARROT_CONCURRENCY=N: consumers per worker (benchmarks/scale.py varies it).
+    'queues': [{**({'name': 'bench_carrot_untracked', 'tracked': False}
                    if os.environ.get('BENCH_CARROT_UNTRACKED') == '1'
-                   else {'name': 'bench_carrot', 'concurrency': 100}),
+                   else {'name': 'bench_carrot'}),
+                'concurrency': int(os.environ.get('BENCH_CARROT_CONCURRENCY', '100')),
                 'prefetch': int(os.environ.get('BENCH_CARROT_PREFETCH', '1'))}],
     'task_modules': ['tasks'],
 }
