@@ -1,8 +1,8 @@
 """carrot: the system under test. All carrot-specific benchmark code lives here.
 
 Harness side (CarrotAdapter): creates the database, migrates, empties MessageLog, starts
-``manage.py carrot`` and counts COMPLETED rows. Publisher side (make_publisher): runs in a
-gevent-patched publisher subprocess and calls ``carrot.utilities.publish_message``.
+``manage.py carrot`` and counts COMPLETED rows. Publisher side (make_publisher): runs in the
+publisher subprocess (gevent-patched for 50 callers, as every system's is) and calls ``carrot.utilities.publish_message``.
 
 Environment: BENCH_DB=sqlite switches the benchmark project to SQLite (see settings.py).
 """
@@ -163,7 +163,7 @@ ADAPTER = CarrotAdapter()
 
 
 def make_publisher(task: str, confirm: bool) -> Callable[[], None]:
-    """Runs in the publisher subprocess, which publisher.py has gevent-patched already.
+    """Runs in the publisher subprocess (gevent-patched already for 50 callers).
 
     carrot always confirms, so ``confirm`` changes nothing here.
     """

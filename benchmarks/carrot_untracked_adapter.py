@@ -49,7 +49,7 @@ ADAPTER = CarrotUntrackedAdapter()
 
 
 def make_publisher(task: str, confirm: bool) -> Callable[[], None]:
-    """Runs in the publisher subprocess (gevent-patched already)."""
+    """Runs in the publisher subprocess (gevent-patched already for 50 callers)."""
     os.environ.update(ENV)
     return carrot_adapter.publisher_to(QUEUE, f'tasks.counted_{task}')
 

@@ -4,14 +4,15 @@
     publisher.py SYSTEM latency TASK COUNT [--concurrency N] [--confirm] [--warmup W]
     publisher.py carrot atomic TASK COUNT     (COUNT calls in one transaction.atomic())
 
-With --gevent (or for carrot, always) gevent patches everything before anything else is
-imported: carrot's publish_message must run under a patched interpreter.
+With --gevent (the 50-caller shape) gevent patches everything before anything else is
+imported; one caller runs unpatched for every system, as a management command or a web
+request publishes.
 """
 
 # Patch first: nothing may import socket/threading/ssl before this.
 import sys
 
-_GEVENT = '--gevent' in sys.argv or (len(sys.argv) > 1 and sys.argv[1] == 'carrot')
+_GEVENT = '--gevent' in sys.argv
 if _GEVENT:
     from gevent import monkey
 
