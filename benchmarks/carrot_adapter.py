@@ -2,7 +2,8 @@
 
 Harness side (CarrotAdapter): creates the database, migrates, empties MessageLog, starts
 ``manage.py carrot`` and counts COMPLETED rows. Publisher side (make_publisher): runs in the
-publisher subprocess (gevent-patched for 50 callers, as every system's is) and calls ``carrot.utilities.publish_message``.
+publisher subprocess (gevent-patched for 50 callers, as every system's is) and calls
+``carrot.utilities.publish_message``.
 
 Environment: BENCH_DB=sqlite switches the benchmark project to SQLite (see settings.py).
 """
