@@ -164,6 +164,7 @@ def registered_tasks() -> list[tuple[str, str]]:
     return sorted(found)
 
 
+@functools.cache  # a failed import is not remembered by Python: it would be retried a call
 def framework_task_class() -> type[Any] | None:
     """Django's ``Task`` class (6.0 or the backport); None when neither is installed."""
     try:
