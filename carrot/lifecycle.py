@@ -2,7 +2,8 @@
 
 ==============  ==========================================================================
 PUBLISHED       ``record_published``: the row of a message about to be sent, awaiting its
-                confirm until ``mark_confirmed`` (``discard_unpublished`` removes it
+                confirm until ``mark_confirmed`` (``record_published_together`` writes
+                the rows ``publish_together`` kept; ``discard_unpublished`` removes it
                 when the message never left;
                 ``unsaved_published`` is the row an untracked message does not write);
                 ``release_due``: a DELAYED row whose time has come, about to be sent;
@@ -37,7 +38,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from carrot import _sql, message
-from carrot._group_insert import group_insert
+from carrot._group_insert import GroupInsert, group_insert
 from carrot._process import worker_id
 from carrot._text import clean, fit
 from carrot.models import MessageLog, Status
@@ -67,8 +68,9 @@ def record_published(
                         args_json=args_json, kwargs_json=kwargs_json, queue=queue,
                         exchange=exchange, routing_key=routing_key, priority=priority,
                         awaiting_confirm=True, options=options or None, expires_at=expires_at)
-    values: list[Any] = [Status.PUBLISHED, message_id, task, args_json, kwargs_json, queue,
-                         exchange, routing_key, priority, timezone.now(), 0, True]
+    values = published_values(message_id=message_id, task=task, args_json=args_json,
+                              kwargs_json=kwargs_json, queue=queue, exchange=exchange,
+                              routing_key=routing_key, priority=priority)
     connection = transaction.get_connection(alias)
     if connection.in_atomic_block or not connection.get_autocommit():
         # Part of the caller's transaction (atomic, or autocommit turned off): grouped, its
@@ -77,6 +79,33 @@ def record_published(
     else:
         pk = group_insert.insert(alias, values)
     return _sql.loaded_row(alias, pk, values)
+
+
+def published_values(*, message_id: str, task: str, args_json: str, kwargs_json: str,
+                     queue: str, exchange: str, routing_key: str, priority: int) -> list[Any]:
+    """The columns (``carrot._sql.PUBLISHED_COLUMNS``) of a new PUBLISHED row awaiting its
+    confirm, one with no call options and no expiry."""
+    return [Status.PUBLISHED, message_id, task, args_json, kwargs_json, queue, exchange,
+            routing_key, priority, timezone.now(), 0, True]
+
+
+def record_published_together(alias: str, rows: Sequence[list[Any]]) -> list[int]:
+    """Write the PUBLISHED rows of ``published_values`` at once, in the transaction open on
+    ``alias``; their primary keys, in order.
+
+    As many rows a statement as the database takes parameters for (500 at most), and all
+    of them or none: a savepoint holds them when they take more than one statement.
+    """
+    limit = connections[alias].features.max_query_params
+    size = max(1, min(GroupInsert.BATCH,
+                      (limit or 2 ** 16) // len(_sql.PUBLISHED_COLUMNS)))
+    if len(rows) <= size:
+        return _sql.insert_rows(alias, list(rows))
+    pks: list[int] = []
+    with transaction.atomic(using=alias):
+        for start in range(0, len(rows), size):
+            pks.extend(_sql.insert_rows(alias, list(rows[start:start + size])))
+    return pks
 
 
 def unsaved_published(

@@ -17,16 +17,17 @@ from django.conf import settings as django_settings
 from django.db import transaction
 from django.utils import timezone
 
-from carrot import conf, frames, lifecycle, message, oncommit, outbox, registry
+from carrot import conf, frames, lifecycle, message, oncommit, outbox, registry, together
 from carrot import options as task_options
 from carrot._text import column_length
 from carrot._values import MAX_SECONDS, is_seconds
 from carrot.broker import Outgoing, get_publisher
 from carrot.exceptions import CarrotConfigException
 from carrot.models import MessageLog
+from carrot.together import publish_together
 
 __all__ = ['Message', 'create_message', 'get_host_from_name', 'publish_message',
-           'validate_task']
+           'publish_together', 'validate_task']
 
 TaskRef = Callable[..., Any] | str
 
@@ -87,6 +88,9 @@ class Message:
         for its confirm, as does one to another exchange or routing key, whose errors
         (unroutable, no such exchange) the caller must see.
 
+        Inside ``publish_together()`` a tracked message to its queue keeps its row to be
+        written with the others when the block ends (``carrot.together``).
+
         Raises TransactionManagementError, writing nothing, when autocommit is off outside
         ``atomic()``: carrot cannot know when such a transaction commits, and a message sent
         before its row is committed could run a task whose row is then rolled back.
@@ -101,6 +105,11 @@ class Message:
                 f'its row is committed, and cannot see when such a transaction commits. '
                 f'Publish inside transaction.atomic(), or with autocommit on.'
             )
+        group = together.open_on(connection) if in_transaction else None
+        if group is not None and group.takes(connection):
+            if self.keepable:
+                return group.keep(self, lifecycle.published_values(**self._row_fields()))
+            group.write()  # first the rows kept before this one: the calls' order holds
         log = self.record()
         if self.run_after is not None:
             return log  # sent by the carrot service when its time comes
@@ -120,17 +129,21 @@ class Message:
                 outbox.get_outbox().confirmed([(alias, log.uuid)])
         return log
 
+    @property
+    def keepable(self) -> bool:
+        """Whether ``publish_together`` may keep its row to write with others: tracked, sent
+        now to its queue, with no options of its own and no expiry."""
+        return (self.tracked and self.run_after is None and not self.exchange
+                and self.routing_key == self.queue.name and not self.task_message.options
+                and self.task_message.expires_at is None)
+
     def record(self) -> MessageLog:
         """Write the PUBLISHED row of this message, without sending it.
 
         An untracked message's row is not written: the instance is returned unsaved. A
         delayed one's row says DELAYED.
         """
-        fields: dict[str, Any] = dict(
-            message_id=self.uuid, task=self.task, args_json=self.args_json,
-            kwargs_json=self.kwargs_json, queue=self.queue.name, exchange=self.exchange,
-            routing_key=self.routing_key, priority=self.task_message.priority,
-        )
+        fields = self._row_fields()
         if not self.tracked:
             return lifecycle.unsaved_published(**fields)
         fields.update(options=self.task_message.options or None,
@@ -138,6 +151,12 @@ class Message:
         if self.run_after is not None:
             return lifecycle.record_delayed(**fields, run_after=self.run_after)
         return lifecycle.record_published(**fields)
+
+    def _row_fields(self) -> dict[str, Any]:
+        return dict(message_id=self.uuid, task=self.task, args_json=self.args_json,
+                    kwargs_json=self.kwargs_json, queue=self.queue.name,
+                    exchange=self.exchange, routing_key=self.routing_key,
+                    priority=self.task_message.priority)
 
     def send(self) -> None:
         """Send the message to RabbitMQ and wait for the broker's confirm."""

@@ -12,9 +12,10 @@ from carrot.publishing import (
     create_message,
     get_host_from_name,
     publish_message,
+    publish_together,
     validate_task,
 )
 from carrot.scheduling import create_scheduled_task, run_now
 
 __all__ = ['Message', 'create_message', 'create_scheduled_task', 'get_host_from_name',
-           'publish_message', 'run_now', 'validate_task']
+           'publish_message', 'publish_together', 'run_now', 'validate_task']

@@ -34,7 +34,8 @@ POSTGRESQL_LEG = ['tests/test_publish.py', 'tests/test_worker.py', 'tests/test_d
                   'tests/test_delivery.py', 'tests/test_outbox.py', 'tests/test_retries.py',
                   'tests/test_delays.py', 'tests/test_deadletters.py', 'tests/test_prune.py',
                   'tests/test_task_backend.py', 'tests/test_health.py', 'tests/test_overview.py',
-                  'tests/test_monitor_queues.py', 'tests/test_monitor_schedules.py']
+                  'tests/test_monitor_queues.py', 'tests/test_monitor_schedules.py',
+                  'tests/test_together.py']
 
 
 def main() -> int:
