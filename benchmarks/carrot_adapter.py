@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,13 @@ def publisher_to(queue: str, task: str) -> Callable[[], None]:
     return publish
 
 
-def one_transaction() -> Any:
-    """The ``transaction.atomic()`` that workload (e) publishes in."""
+@contextmanager
+def one_transaction(together: bool = False) -> Iterator[None]:
+    """The ``transaction.atomic()`` that workload (e) publishes in; ``together``: with
+    ``publish_together()`` inside it, as workload (e') does."""
     from django.db import transaction
 
-    return transaction.atomic()
+    from carrot.utilities import publish_together
+
+    with transaction.atomic(), (publish_together() if together else nullcontext()):
+        yield

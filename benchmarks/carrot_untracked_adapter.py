@@ -54,8 +54,8 @@ def make_publisher(task: str, confirm: bool) -> Callable[[], None]:
     return carrot_adapter.publisher_to(QUEUE, f'tasks.counted_{task}')
 
 
-def one_transaction() -> Any:
-    return carrot_adapter.one_transaction()
+def one_transaction(together: bool = False) -> Any:
+    return carrot_adapter.one_transaction(together)
 
 
 finish_publishing = carrot_adapter.finish_publishing

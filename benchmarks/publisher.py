@@ -2,7 +2,8 @@
 
     publisher.py SYSTEM bulk TASK COUNT [--concurrency N] [--confirm]
     publisher.py SYSTEM latency TASK COUNT [--concurrency N] [--confirm] [--warmup W]
-    publisher.py carrot atomic TASK COUNT     (COUNT calls in one transaction.atomic())
+    publisher.py carrot atomic TASK COUNT [--together]
+        (COUNT calls in one transaction.atomic(); --together: inside publish_together())
 
 With --gevent (the 50-caller shape) gevent patches everything before anything else is
 imported; one caller runs unpatched for every system, as a management command or a web
@@ -39,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--confirm', action='store_true')
     parser.add_argument('--warmup', type=int, default=0)
     parser.add_argument('--gevent', action='store_true')
+    parser.add_argument('--together', action='store_true')
     return parser.parse_args()
 
 
@@ -100,7 +102,7 @@ def main() -> dict[str, Any]:
     if args.mode == 'atomic':
         # The clock stops when the commit returns: carrot sends on commit and returns once
         # RabbitMQ has confirmed every message.
-        with adapter.one_transaction():
+        with adapter.one_transaction(together=args.together):
             cpu0 = _cpu_seconds()
             t0 = time.time()
             durations = run_calls(publish, args.count, 1)

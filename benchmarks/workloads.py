@@ -210,19 +210,23 @@ def confirmed_calls(adapter: Adapter, config: Config, tag: str) -> Figures:
             'confirm_p99': result['p99_ms']}
 
 
-def one_transaction(adapter: Adapter, tag: str) -> Figures:
+def one_transaction(adapter: Adapter, tag: str, together: bool = False) -> Figures:
     """carrot only: 10,000 publishes in one ``transaction.atomic()``, timed until the commit
-    returns, when every message is confirmed."""
+    returns, when every message is confirmed; ``together``: inside ``publish_together()``
+    (workload e')."""
     _fresh(adapter)
     args = [adapter.name, 'atomic', 'noop', str(TRANSACTION_TASKS)]
-    result = Publisher(args, f'{adapter.name}-publish-atomic-{tag}').result(timeout=300)
+    if together:
+        args.append('--together')
+    kind = 'together' if together else 'atomic'
+    result = Publisher(args, f'{adapter.name}-publish-{kind}-{tag}').result(timeout=300)
     stats = queue_stats(adapter.queues[0])
     if stats is None or stats[0] != TRANSACTION_TASKS:
         raise BenchError(f'{stats and stats[0]} messages queued after the commit, expected '
                          f'{TRANSACTION_TASKS}')
-    log(f'  {adapter.name}: {TRANSACTION_TASKS:,} publishes in one transaction at '
-        f'{result["rate"]:,.0f}/s')
-    return {'atomic_rate': result['rate']}
+    log(f'  {adapter.name}: {TRANSACTION_TASKS:,} publishes in one transaction'
+        f'{" with publish_together()" if together else ""} at {result["rate"]:,.0f}/s')
+    return {f'{kind}_rate': result['rate']}
 
 
 def idle_scheduler(adapter: Any, config: Config, tag: str) -> Figures:
@@ -264,5 +268,6 @@ def steps_for(adapter: Adapter, config: Config, tag: str) -> list[Callable[[], F
     steps.append(lambda: confirmed_calls(adapter, config, tag))
     if getattr(adapter, 'create_schedules', None) is not None:
         steps += [lambda: one_transaction(adapter, tag),
+                  lambda: one_transaction(adapter, tag, together=True),
                   lambda: idle_scheduler(adapter, config, tag)]
     return steps

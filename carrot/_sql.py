@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Field
+from django.db.models import Field, signals
+from django.db.models.base import ModelState
 from django.utils import timezone
 
 from carrot import _text
@@ -40,15 +41,34 @@ PUBLISHED_COLUMNS = ('status', 'uuid', 'task', 'task_args', 'content', 'queue', 
 def loaded_row(alias: str, pk: int | None, values: list[Any]) -> MessageLog:
     """The MessageLog instance of a row just inserted with ``values``, as if loaded.
 
-    Built from every column in order (``from_db``), which is several times cheaper than
-    ``MessageLog(**kwargs)`` on the publishing hot path.
+    Built as ``Model.from_db`` builds an instance from every column, without its
+    ``__init__`` (which is most of the cost on the publishing hot path) unless a receiver
+    of ``pre_init`` or ``post_init`` for MessageLog must see it.
     """
-    fields, names = concrete_fields()
-    given = dict(zip(PUBLISHED_COLUMNS, values, strict=True))
-    given[MessageLog._meta.pk.attname] = pk
+    if len(values) != len(PUBLISHED_COLUMNS):
+        raise ValueError(f'{len(values)} values for the {len(PUBLISHED_COLUMNS)} columns '
+                         f'{PUBLISHED_COLUMNS}')
+    _, names = concrete_fields()
     # Defaults are taken per row, as Model.__init__ takes them.
-    row = [given[f.attname] if f.attname in given else f.get_default() for f in fields]
-    return MessageLog.from_db(alias, names, row)
+    row = [values[index] if index is not None else pk if field.primary_key
+           else field.get_default() for index, field in _published_places()]
+    if signals.pre_init.has_listeners(MessageLog) or signals.post_init.has_listeners(MessageLog):
+        return MessageLog.from_db(alias, names, row)
+    log = MessageLog.__new__(MessageLog)  # as Django unpickles a model instance
+    log.__dict__.update(zip(names, row))
+    log._state = ModelState()
+    log._state.adding = False
+    log._state.db = alias
+    return log
+
+
+@functools.cache
+def _published_places() -> tuple[tuple[int | None, Field[Any, Any]], ...]:
+    """Per MessageLog column, in order: its index in PUBLISHED_COLUMNS (None: the primary key,
+    or a column its default fills), and its field."""
+    fields, _ = concrete_fields()
+    return tuple((PUBLISHED_COLUMNS.index(f.attname) if f.attname in PUBLISHED_COLUMNS
+                  else None, f) for f in fields)
 
 
 @functools.cache

@@ -151,6 +151,37 @@ def test_a_large_group_of_published_rows_is_written_in_one_statement_in_order() 
             (row[1], [int(row[1].split('-')[1])], row[8], MessageLog.PUBLISHED, True)
 
 
+def test_the_instance_of_a_row_just_written_is_the_one_a_query_loads() -> None:
+    """``loaded_row`` builds the instance without ``__init__``; it must hold what a query of
+    the same row loads, and a ``post_init`` receiver must still see it."""
+    from django.db.models import signals
+    from django.utils import timezone
+
+    values = [MessageLog.PUBLISHED, 'built-1', 'tests.project.tasks.add', '[1]', '{}', 'q', '',
+              'q', 3, timezone.now(), 0, True]
+    [pk] = _sql.insert_rows(lifecycle.database(), [values])
+    built = _sql.loaded_row(lifecycle.database(), pk, values)
+    loaded = MessageLog.objects.get(pk=pk)
+    names = [field.attname for field in MessageLog._meta.concrete_fields]
+    assert {name: getattr(built, name) for name in names} == \
+        {name: getattr(loaded, name) for name in names}
+    assert (built._state.adding, built._state.db) == (False, loaded._state.db)
+    built.status = MessageLog.COMPLETED
+    built.save(update_fields=['status'])  # saved as a loaded row is: an UPDATE of its row
+    assert MessageLog.objects.get(pk=pk).status == MessageLog.COMPLETED
+    seen: list[MessageLog] = []
+
+    def receiver(instance: MessageLog, **_: Any) -> None:
+        seen.append(instance)
+
+    signals.post_init.connect(receiver, sender=MessageLog)
+    try:
+        again = _sql.loaded_row(lifecycle.database(), pk, values)
+    finally:
+        signals.post_init.disconnect(receiver, sender=MessageLog)
+    assert seen == [again]
+
+
 def _start(message_id: str, again: bool = False) -> lifecycle.Start:
     """The start of a task whose row was published (``again``: a redelivery's)."""
     if not again:
