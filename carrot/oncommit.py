@@ -74,31 +74,40 @@ _waiting: weakref.WeakKeyDictionary[BaseDatabaseWrapper, list[Send]] = (
 
 def send_on_commit(message: Sendable, log: MessageLog, alias: str) -> Send:
     """Send ``message`` once the transaction on ``alias`` commits (nothing on a rollback)."""
+    return send_all_on_commit([(message, log)], alias)[0]
+
+
+def send_all_on_commit(messages: Sequence[tuple[Sendable, MessageLog]], alias: str
+                       ) -> list[Send]:
+    """Send each message (with its row) once the transaction on ``alias`` commits, with one
+    ``on_commit`` hook for them all: they stand or fall together, as the calls of one
+    savepoint do."""
     connection = transaction.get_connection(alias)
     waiting = _waiting.setdefault(connection, [])
     if waiting and not connection.run_on_commit:
         # No hook is pending on this connection: those sends belong to transactions or
         # savepoints that were rolled back, and will never run.
         waiting.clear()
-    send = Send(message, log, in_savepoint=bool(connection.savepoint_ids))
-    waiting.append(send)
-    transaction.on_commit(lambda: _run_hook(connection, send), using=alias, robust=True)
-    return send
+    in_savepoint = bool(connection.savepoint_ids)
+    sends = [Send(message, log, in_savepoint=in_savepoint) for message, log in messages]
+    waiting.extend(sends)
+    transaction.on_commit(lambda: _run_hook(connection, sends), using=alias, robust=True)
+    return sends
 
 
-def _run_hook(connection: BaseDatabaseWrapper, send: Send) -> None:
-    """Send ``send`` and, in the same pipelined run, every later send of the transaction
-    that is sure to be committed: one registered outside any savepoint."""
-    if send.outcome is not Outcome.WAITING:
-        return  # sent already, with an earlier hook's run
+def _run_hook(connection: BaseDatabaseWrapper, sends: list[Send]) -> None:
+    """Send ``sends`` (registered together) and, in the same pipelined run, every later send
+    of the transaction that is sure to be committed: one registered outside any savepoint."""
+    if sends[0].outcome is not Outcome.WAITING:
+        return  # sent already, with an earlier hook's run (a group is sent whole)
     waiting = _waiting.get(connection, [])
-    # Hooks run in the order they were registered: a send before this one still waiting
-    # had its savepoint rolled back. Those after it are this transaction's, still to come;
+    # Hooks run in the order they were registered: a send before these still waiting had
+    # its savepoint rolled back. Those after them are this transaction's, still to come;
     # one made inside a savepoint is left to its own hook, which runs only if the
     # savepoint was kept.
-    position = next((i for i, s in enumerate(waiting) if s is send), -1)
-    later = waiting[position + 1:] if position >= 0 else []
-    batch = [send, *(s for s in later if not s.in_savepoint)]
+    position = next((i for i, s in enumerate(waiting) if s is sends[0]), -1)
+    later = waiting[position + len(sends):] if position >= 0 else []
+    batch = [*sends, *(s for s in later if not s.in_savepoint)]
     waiting[:] = [s for s in later if s.in_savepoint]
     try:
         send_all(batch)

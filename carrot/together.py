@@ -70,8 +70,7 @@ class Together:
         pks = lifecycle.record_published_together(self.alias, [k.values for k in kept])
         for one, pk in zip(kept, pks, strict=True):
             one.log.pk = pk
-        for one in kept:
-            oncommit.send_on_commit(one.message, one.log, self.alias)
+        oncommit.send_all_on_commit([(one.message, one.log) for one in kept], self.alias)
 
 
 # Per connection (so per thread, or per greenlet under gevent): the block open on it.

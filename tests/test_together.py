@@ -169,6 +169,16 @@ def test_a_block_inside_a_savepoint_keeps_its_rows_to_that_savepoint(
     assert sorted(sent_ids(broker, queue)) == sorted([outer.uuid, kept.uuid])
 
 
+def test_the_kept_rows_are_sent_by_one_commit_hook(queue: str, broker: Broker) -> None:
+    """Django runs a transaction's hooks by popping the front of a list, which is quadratic
+    in their number: the kept rows register one hook, not one each."""
+    with transaction.atomic():
+        with publish_together():
+            logs = [publish_message(tasks.noop) for _ in range(50)]
+        assert len(connection.run_on_commit) == 1
+    assert sent_ids(broker, queue) == [log.uuid for log in logs]
+
+
 def test_a_block_inside_another_is_part_of_the_outer_one(queue: str, broker: Broker) -> None:
     with publish_together():
         first = publish_message(tasks.noop)
