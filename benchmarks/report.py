@@ -161,7 +161,7 @@ TARGETS = (
     Target(text=f'{TRANSACTION_TASKS:,} in one transaction, confirmed at commit: >= 3x '
                 "Celery's one-caller delay() rate",
            measure=_transaction_against_celery('atomic_rate'), at_least=True),
-    Target(text=f"the same with publish_together() (e'): >= 3x Celery's one-caller delay() "
+    Target(text="the same with publish_together() (e'): >= 3x Celery's one-caller delay() "
                 'rate', measure=_transaction_against_celery('together_rate'), at_least=True),
     Target(text='one publish_message call outside a transaction: median <= 0.8 ms '
                 '(PostgreSQL)', measure=_value('confirm_p50', 0.8), at_least=False,
