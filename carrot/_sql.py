@@ -55,7 +55,7 @@ def loaded_row(alias: str, pk: int | None, values: list[Any]) -> MessageLog:
     if signals.pre_init.has_listeners(MessageLog) or signals.post_init.has_listeners(MessageLog):
         return MessageLog.from_db(alias, names, row)
     log = MessageLog.__new__(MessageLog)  # as Django unpickles a model instance
-    log.__dict__.update(zip(names, row))
+    log.__dict__.update(zip(names, row, strict=True))
     log._state = ModelState()
     log._state.adding = False
     log._state.db = alias
