@@ -14,7 +14,7 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from amqpstorm.channel import CONTENT_FRAME, Channel
@@ -135,34 +135,58 @@ class Confirms:
 
     Filled in by the connection's reader thread: ``ACK`` (stored), ``NACK`` (refused) or
     ``RETURNED`` (mandatory, and no queue was bound: a Basic.Return, which comes before the
-    message's ack, names it by its ``message_id``); None while unanswered.
+    message's ack, names it by its ``message_id``); None while unanswered. The writer
+    announces each part of the run with ``expect`` before writing it, and its end with
+    ``complete``: ``answered`` is set once the run is complete and every publish answered.
     """
 
     ACK, NACK, RETURNED = 'ack', 'nack', 'returned'
 
-    def __init__(self, first_tag: int, message_ids: Sequence[str | None]) -> None:
+    def __init__(self, first_tag: int) -> None:
         self.first_tag = first_tag
-        self.message_ids = list(message_ids)
-        self.outcomes: list[str | None] = [None] * len(message_ids)
-        self.unanswered = len(message_ids)
+        self.message_ids: list[str | None] = []
+        self.outcomes: list[str | None] = []
+        self.unanswered = 0
         self.written = 0  # how many of the publishes went to the socket
         self._lowest = 0  # every outcome below this index is known
+        self._complete = False
         self._returns = Returns()
+        self._lock = threading.Lock()  # the writer expects while the reader fills in
         self.answered = threading.Event()
-        if not message_ids:
-            self.answered.set()
+
+    def expect(self, message_ids: Sequence[str | None]) -> None:
+        """The next publishes of the run, one per message id, about to be written."""
+        with self._lock:
+            self.message_ids.extend(message_ids)
+            self.outcomes.extend([None] * len(message_ids))
+            self.unanswered += len(message_ids)
+
+    def complete(self) -> None:
+        """No more publishes come in this run."""
+        with self._lock:
+            self._complete = True
+            self._note_answered()
+
+    def outcome(self, position: int) -> str | None:
+        """The answer to the run's publish number ``position`` (from 0); None if none yet,
+        or if it was never expected."""
+        return self.outcomes[position] if position < len(self.outcomes) else None
 
     def on_confirm(self, nacked: bool, delivery_tag: int, multiple: bool) -> None:
-        last = delivery_tag - self.first_tag
-        for index in range(self._lowest if multiple else last, last + 1):
-            if 0 <= index < len(self.outcomes) and self.outcomes[index] is None:
-                returned = self.message_ids[index] in self._returns.message_ids
-                self.outcomes[index] = (self.NACK if nacked else
-                                        self.RETURNED if returned else self.ACK)
-                self.unanswered -= 1
-        while self._lowest < len(self.outcomes) and self.outcomes[self._lowest] is not None:
-            self._lowest += 1
-        if not self.unanswered:
+        with self._lock:
+            last = delivery_tag - self.first_tag
+            for index in range(self._lowest if multiple else last, last + 1):
+                if 0 <= index < len(self.outcomes) and self.outcomes[index] is None:
+                    returned = self.message_ids[index] in self._returns.message_ids
+                    self.outcomes[index] = (self.NACK if nacked else
+                                            self.RETURNED if returned else self.ACK)
+                    self.unanswered -= 1
+            while self._lowest < len(self.outcomes) and self.outcomes[self._lowest] is not None:
+                self._lowest += 1
+            self._note_answered()
+
+    def _note_answered(self) -> None:
+        if self._complete and not self.unanswered:
             self.answered.set()
 
     def on_return_frame(self, frame_in: Any) -> bool:
@@ -186,39 +210,45 @@ class SignallingChannel(Channel):
         self._published = 0
         return answer
 
-    def confirms_for(self, message_ids: Sequence[str | None]) -> Confirms:
-        """What will collect the answers to the next publishes, one per message id."""
-        return Confirms(self._published + 1, message_ids)
+    def confirms_for(self) -> Confirms:
+        """What will collect the answers to the next publishes."""
+        return Confirms(self._published + 1)
 
-    def publish_all_confirmed(self, publications: Sequence[bytes], confirms: Confirms,
-                              timeout: float) -> None:
-        """Write every publish (each its encoded frames), then wait once for all confirms.
+    def publish_all_confirmed(self, publications: Iterable[tuple[str | None, bytes]],
+                              confirms: Confirms, timeout: float) -> None:
+        """Write every publish (its message id and its encoded frames), then wait once for
+        all confirms.
 
-        For a pooled confirm-mode channel whose earlier publishes are all confirmed;
-        ``confirms`` (from ``confirms_for``) gets the answers, and counts in ``written`` the
-        publishes handed to the socket (from the moment their write begins). Raises the
-        channel's or the connection's error, or AMQPChannelError after ``timeout`` seconds,
-        when not every answer came: the answers that did are in ``confirms`` all the same.
+        ``publications`` is read PIPELINE_WRITE at a time, each part written before the
+        next is read: given a generator that encodes, the broker stores the first messages
+        while the next are encoded. For a pooled confirm-mode channel whose earlier
+        publishes are all confirmed; ``confirms`` (from ``confirms_for``) gets the answers,
+        and counts in ``written`` the publishes handed to the socket (from the moment their
+        write begins). Raises the channel's or the connection's error, or AMQPChannelError
+        after ``timeout`` seconds, when not every answer came: the answers that did are in
+        ``confirms`` all the same.
         """
         self.check_for_errors()
         with self.rpc.lock:
             self.confirm_listener = confirms
             try:
-                for start in range(0, len(publications), PIPELINE_WRITE):
-                    chunk = publications[start:start + PIPELINE_WRITE]
+                remaining = iter(publications)
+                while part := list(itertools.islice(remaining, PIPELINE_WRITE)):
+                    confirms.expect([message_id for message_id, _ in part])
                     # Counted before the write: one cut short may have reached the broker.
-                    confirms.written += len(chunk)
-                    self._published += len(chunk)
-                    self._carrot_connection.write_bytes(b''.join(chunk))
+                    confirms.written += len(part)
+                    self._published += len(part)
+                    self._carrot_connection.write_bytes(b''.join(frames for _, frames in part))
+                confirms.complete()
                 deadline = time.monotonic() + timeout
                 while not confirms.answered.is_set():
                     _check_for_failure(self)
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
                         raise AMQPChannelError(
                             f'RabbitMQ did not confirm {confirms.unanswered} publish(es) '
                             f'within {timeout:.0f} s')
-                    confirms.answered.wait(min(remaining, ERROR_CHECK_INTERVAL))
+                    confirms.answered.wait(min(left, ERROR_CHECK_INTERVAL))
             finally:
                 self.confirm_listener = None
 

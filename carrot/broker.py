@@ -359,27 +359,16 @@ class Publisher:
                     declare(channel, queue)
                     link.declared.add(queue.name)
             missing = self._missing_exchanges(link, {o.exchange for o in outgoing})
-            encoded: list[bytes] = []
-            sent: list[int] = []
-            for index, item in enumerate(outgoing):
-                if item.exchange in missing:
-                    progress.errors[index] = missing[item.exchange]
-                    continue
-                try:
-                    encoded.append(publication(channel, item))
-                except ENCODING_ERRORS as error:  # pamqp's, for what carrot.frames leaves it
-                    progress.errors[index] = _not_encodable(
-                        error, item.exchange, item.routing_key, item.properties)
-                else:
-                    sent.append(index)
-            confirms = channel.confirms_for(
-                [_message_id(outgoing[index].properties) for index in sent])
+            sent: list[int] = []  # the indices of what is encoded, in the order written
+            confirms = channel.confirms_for()
             try:
-                channel.publish_all_confirmed(encoded, confirms, PIPELINE_CONFIRM_SECONDS)
+                channel.publish_all_confirmed(
+                    _encoded(channel, outgoing, missing, progress, sent), confirms,
+                    PIPELINE_CONFIRM_SECONDS)
             finally:
                 for position, index in enumerate(sent):
                     progress.written[index] = position < confirms.written
-                    answer = confirms.outcomes[position]
+                    answer = confirms.outcome(position)
                     progress.confirmed[index] = answer == Confirms.ACK
                     if answer == Confirms.NACK:
                         progress.errors[index] = BrokerUnavailable(
@@ -520,6 +509,26 @@ def publication(channel: SignallingChannel, item: Outgoing) -> bytes:
         parts.append(pamqp_frame.marshal(ContentBody(item.body[start:start + size]),
                                          channel.channel_id))
     return b''.join(parts)
+
+
+def _encoded(channel: SignallingChannel, outgoing: Sequence[Outgoing],
+             missing: Mapping[str, CarrotError], progress: SendProgress,
+             sent: list[int]) -> Iterator[tuple[str | None, bytes]]:
+    """Each message of ``outgoing`` that can be sent, encoded as it is asked for: its id and
+    its frames (its index appended to ``sent``). One that cannot gets its error in
+    ``progress`` instead: its exchange is ``missing``, or it cannot be encoded."""
+    for index, item in enumerate(outgoing):
+        if item.exchange in missing:
+            progress.errors[index] = missing[item.exchange]
+            continue
+        try:
+            encoded = publication(channel, item)
+        except ENCODING_ERRORS as error:  # pamqp's, for what carrot.frames leaves it
+            progress.errors[index] = _not_encodable(
+                error, item.exchange, item.routing_key, item.properties)
+            continue
+        sent.append(index)
+        yield _message_id(item.properties), encoded
 
 
 def _message_id(properties: Mapping[str, Any]) -> str | None:

@@ -392,8 +392,8 @@ def test_a_transactions_messages_are_sent_together_and_confirmed_by_the_commit(
 
     def counted(channel: amqp.SignallingChannel, publications: Any, confirms: amqp.Confirms,
                 timeout: float) -> None:
-        waits.append(len(publications))
         pipelined(channel, publications, confirms, timeout)
+        waits.append(confirms.written)
 
     monkeypatch.setattr(amqp.SignallingChannel, 'publish_all_confirmed', counted)
     with transaction.atomic():
@@ -402,6 +402,34 @@ def test_a_transactions_messages_are_sent_together_and_confirmed_by_the_commit(
     assert waits == [2000]
     assert broker.message_count(queue) == 2000  # stored when the commit returned
     assert MessageLog.objects.filter(status=MessageLog.PUBLISHED).count() == len(logs)
+
+
+def test_a_pipelined_run_writes_its_first_messages_before_the_last_is_encoded(
+        queue: str, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RabbitMQ stores the first messages of a commit's run while carrot encodes the next."""
+    from carrot import amqp
+    from carrot import broker as carrot_broker
+
+    events: list[str] = []
+    encode, write = carrot_broker.publication, amqp.Connection.write_bytes
+
+    def encoding(channel: amqp.SignallingChannel, item: Any) -> bytes:
+        events.append('encode')
+        return encode(channel, item)
+
+    def writing(connection: amqp.Connection, data: bytes) -> None:
+        events.append('write')
+        write(connection, data)
+
+    monkeypatch.setattr(carrot_broker, 'publication', encoding)
+    monkeypatch.setattr(amqp.Connection, 'write_bytes', writing)
+    with transaction.atomic():
+        for n in range(3 * amqp.PIPELINE_WRITE):
+            publish_message(tasks.add, n, 1)
+    assert events.count('encode') == 3 * amqp.PIPELINE_WRITE
+    last_encode = len(events) - 1 - events[::-1].index('encode')
+    assert 'write' in events[:last_encode]
+    assert broker.message_count(queue) == 3 * amqp.PIPELINE_WRITE
 
 
 def test_in_a_pipelined_run_an_unroutable_message_fails_alone(
@@ -432,7 +460,8 @@ def test_confirms_are_matched_to_their_messages_by_delivery_tag() -> None:
 
     from carrot.amqp import Confirms
 
-    confirms = Confirms(first_tag=11, message_ids=['a', 'b', 'c', 'd', 'e'])
+    confirms = Confirms(first_tag=11)
+    confirms.expect(['a', 'b', 'c'])
     frame = SimpleNamespace
     assert confirms.on_return_frame(frame(name='Basic.Return'))
     assert confirms.on_return_frame(frame(name='ContentHeader', body_size=4,
@@ -440,8 +469,12 @@ def test_confirms_are_matched_to_their_messages_by_delivery_tag() -> None:
     assert confirms.on_return_frame(frame(name='ContentBody', value=b'body'))
     assert not confirms.on_return_frame(frame(name='ContentBody', value=b'stray'))
     confirms.on_confirm(False, 12, multiple=True)  # a and b
+    confirms.expect(['d', 'e'])  # the next part of the run, written after the first
     confirms.on_confirm(True, 14, multiple=False)  # d refused
     assert not confirms.answered.is_set()
     confirms.on_confirm(False, 15, multiple=True)  # c and e
+    assert not confirms.answered.is_set()  # all answered, but more may come
+    confirms.complete()
     assert confirms.answered.is_set()
     assert confirms.outcomes == ['ack', 'returned', 'ack', 'nack', 'ack']
+    assert confirms.outcome(4) == 'ack' and confirms.outcome(5) is None
