@@ -1,0 +1,93 @@
+"""carrot's worker CPU at a fixed arrival rate: ``python3 benchmarks/paced.py [options]``.
+
+The end-to-end workload of ``run.py`` publishes as fast as one caller can, so the rate the
+worker sees (and with it the size of the recorder's batches and its CPU per task) moves
+with the publisher and with the machine's load. To compare two versions of the worker, this
+publishes from one caller at a fixed rate instead (``--rate``, 300 tasks a second by
+default, a sleep between calls), to a freshly started worker each repeat, and prints the
+worker's CPU per 1,000 no-op tasks, from the first call until the last task is counted,
+and the median over the repeats. carrot only: it is for carrot's own changes, not a
+comparison with the peers.
+
+Options: ``--rate`` (tasks/s), ``--tasks`` (3,000), ``--repeat`` (3), ``--untracked``
+(the queue with ``'tracked': False``). ``BENCH_DB=sqlite`` as for ``run.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == '__main__':
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bootstrap import into_bench_venv
+
+    into_bench_venv(__file__)
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import carrot_adapter  # noqa: E402
+import carrot_untracked_adapter  # noqa: E402
+from common import Adapter, Worker, kill_all_started, wait_until  # noqa: E402
+from workloads import READY_TIMEOUT, SETTLE_SECONDS, _fresh, log  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--rate', type=float, default=300.0, help='tasks a second')
+    parser.add_argument('--tasks', type=int, default=3000, help='no-op tasks per repeat')
+    parser.add_argument('--repeat', type=int, default=3)
+    parser.add_argument('--untracked', action='store_true',
+                        help="the queue with 'tracked': False")
+    return parser.parse_args()
+
+
+def one_run(adapter: Adapter, publish: Callable[[], None], rate: float, count: int,
+            tag: str) -> float:
+    """Worker CPU in ms per 1,000 tasks for ``count`` tasks published at ``rate``."""
+    _fresh(adapter)
+    with Worker(adapter.worker_spec(), f'{adapter.name}-paced-{tag}') as worker:
+        worker.wait_ready(READY_TIMEOUT)
+        time.sleep(SETTLE_SECONDS)
+        cpu_before = worker.cpu_seconds()
+        started = time.monotonic()
+        for number in range(count):
+            publish()
+            pause = started + (number + 1) / rate - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+        wait_until(lambda: adapter.done_count() >= count, 60 + count / 50,
+                   adapter.poll_interval, f'{count} paced no-op tasks',
+                   on_tick=worker.check_alive)
+        per_thousand = 1e6 * (worker.cpu_seconds() - cpu_before) / count
+    carrot_adapter.finish_publishing()
+    log(f'  {adapter.name}: {count} tasks at {rate:,.0f}/s, worker CPU '
+        f'{per_thousand:,.0f} ms per 1,000')
+    return per_thousand
+
+
+def main() -> int:
+    args = parse_args()
+    if args.untracked:
+        os.environ.update(carrot_untracked_adapter.ENV)  # its queue, before Django starts
+    system = carrot_untracked_adapter if args.untracked else carrot_adapter
+    adapter: Adapter = system.ADAPTER
+    adapter.prepare()
+    publish = system.make_publisher('noop', True)
+    try:
+        figures = [one_run(adapter, publish, args.rate, args.tasks, str(repeat))
+                   for repeat in range(args.repeat)]
+    finally:
+        adapter.close()
+        kill_all_started()
+    print(f'{adapter.name} at {args.rate:,.0f} tasks/s: worker CPU per 1,000 tasks, median '
+          f'{statistics.median(figures):,.0f} ms (runs: '
+          f'{", ".join(f"{figure:,.0f}" for figure in figures)})')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
