@@ -368,11 +368,11 @@ class ReadingIO(IO):
     """amqpstorm's socket handler, whose reader waits in ``recv`` instead of ``select``.
 
     amqpstorm's reader calls ``select`` (1 s timeout) before each ``recv``. Under gevent
-    every such call registers and removes a watcher for the socket and arms a timer; in a
-    worker fed one message at a time that was a third of the reader's work per delivery.
-    A blocking ``recv`` with the socket's timeout waits on the socket's own watcher, and
-    wakes at once when ``close`` shuts the socket down. TLS keeps amqpstorm's loop: its
-    reads hold the lock that ``close`` takes.
+    every such call registers and removes a watcher for the socket and arms a timer, once
+    per read, which in a worker fed one message at a time is once per delivery. A blocking
+    ``recv`` with the socket's timeout waits on the socket's own watcher, and wakes at once
+    when ``close`` shuts the socket down. TLS keeps amqpstorm's loop: its reads hold the
+    lock that ``close`` takes.
     """
 
     def _process_incoming_data(self) -> None:
