@@ -91,6 +91,48 @@ def test_a_task_that_ends_before_its_start_is_written_is_recorded_in_one_update(
     assert MessageLog.objects.get(uuid='ours').attempts == 1
 
 
+def test_a_batch_of_ends_keeps_every_character_and_microsecond_it_is_given() -> None:
+    """The batch UPDATEs carry their records as one JSON text on PostgreSQL: quotes,
+    backslashes, control characters and non-ASCII text, and times to the microsecond with
+    their offset, arrive as they were given (on every database)."""
+    import datetime
+
+    from django.utils import timezone
+
+    texts = ['"quoted" \\ back\\slash', 'line\nbreak\ttab \u001f', 'é ☃ 𝄞 日本語', '{"a": [1]}']
+    started_at = timezone.now().replace(microsecond=123456) - datetime.timedelta(seconds=5)
+    ended_at = started_at + datetime.timedelta(seconds=1, microseconds=654321)
+    for number in range(len(texts)):
+        MessageLog.objects.create(uuid=f'text-{number}', task='tests.project.tasks.add',
+                                  status=MessageLog.PUBLISHED)
+    starts = [lifecycle.Start(message_id=f'text-{number}', task='tests.project.tasks.add',
+                              args=[], kwargs={}, queue='q', exchange='', routing_key='q',
+                              priority=0, at=started_at) for number in range(len(texts))]
+    lifecycle.finish_many([
+        lifecycle.Finish(message_id=f'text-{number}', status=MessageLog.FAILED, output=text,
+                         log=text, exception=text, traceback=text, at=ended_at,
+                         start=starts[number])
+        for number, text in enumerate(texts)
+    ])
+    for number, text in enumerate(texts):
+        row = MessageLog.objects.get(uuid=f'text-{number}')
+        assert (row.output, row.log, row.exception, row.traceback) == (text,) * 4
+        assert (row.start_time, row.failure_time, row.attempts) == (started_at, ended_at, 1)
+    # A start written by itself: PostgreSQL's batch UPDATE takes each start's own time (in
+    # its JSON text); elsewhere one UPDATE gives a round's starts the time of the round.
+    MessageLog.objects.create(uuid='start-only', task='tests.project.tasks.add',
+                              status=MessageLog.PUBLISHED)
+    before_round = timezone.now()
+    lifecycle.start_many([lifecycle.Start(message_id='start-only', task='tests.project.tasks.add',
+                                          args=[], kwargs={}, queue='q', exchange='',
+                                          routing_key='q', priority=0, at=started_at)])
+    start_time = MessageLog.objects.get(uuid='start-only').start_time
+    if connection.vendor == 'postgresql':
+        assert start_time == started_at
+    else:
+        assert start_time is not None and start_time >= before_round
+
+
 def test_starts_mark_rows_in_progress_create_missing_ones_and_spare_completed_ones() -> None:
     from carrot import lifecycle
 
