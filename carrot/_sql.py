@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +148,34 @@ def bound_cursor(connection: BaseDatabaseWrapper) -> Iterator[Any]:
         yield cursor
 
 
+_statements: dict[tuple[str, Callable[[Callable[[str], str]], str]], str] = {}
+
+
+def statement(connection: BaseDatabaseWrapper,
+              build: Callable[[Callable[[str], str]], str]) -> str:
+    """The SQL text ``build`` makes from the connection's ``quote_name``, built once per
+    database vendor: the recorder sends the same statements every round."""
+    key = (connection.vendor, build)
+    sql = _statements.get(key)
+    if sql is None:
+        sql = _statements[key] = build(connection.ops.quote_name)
+    return sql
+
+
+def _start_sql(quote: Callable[[str], str]) -> str:
+    """``start_by_message_id``'s statement."""
+    table = quote(MessageLog._meta.db_table)
+    status, attempts, key = quote('status'), quote('attempts'), quote('id')
+    # Joining the row to itself as ``old`` gives its status before the update.
+    return (
+        f'UPDATE {table} AS t SET {status} = %s, {attempts} = t.{attempts} + 1, '
+        f'{quote("start_time")} = v.start_time, {quote("worker")} = %s '
+        f'FROM {recordset(START_RECORD)}, {table} AS old '
+        f'WHERE t.{quote("uuid")} = v.uuid AND old.{key} = t.{key} AND t.{status} <> %s '
+        f'RETURNING t.{key}, t.{quote("uuid")}, old.{status}'
+    )
+
+
 def start_by_message_id(connection: BaseDatabaseWrapper,
                          starts: Sequence[lifecycle.Start]) -> dict[str, tuple[int, str]]:
     """PostgreSQL: one UPDATE from a JSON recordset for the whole batch, rows found by
@@ -156,23 +184,13 @@ def start_by_message_id(connection: BaseDatabaseWrapper,
     ``{message id: (pk, status before)}`` of the rows it started; a COMPLETED row is not
     started, nor is a row that does not exist.
     """
-    quote = connection.ops.quote_name
-    table = quote(MessageLog._meta.db_table)
-    status, attempts, key = quote('status'), quote('attempts'), quote('id')
-    # Joining the row to itself as ``old`` gives its status before the update.
-    sql = (
-        f'UPDATE {table} AS t SET {status} = %s, {attempts} = t.{attempts} + 1, '
-        f'{quote("start_time")} = v.start_time, {quote("worker")} = %s '
-        f'FROM {recordset(START_RECORD)}, {table} AS old '
-        f'WHERE t.{quote("uuid")} = v.uuid AND old.{key} = t.{key} AND t.{status} <> %s '
-        f'RETURNING t.{key}, t.{quote("uuid")}, old.{status}'
-    )
     first = {s.message_id: s for s in reversed(starts)}  # a message id's first start
     prepare = completion_time_field().get_db_prep_value
     records = [(message_id, prepare(start.at, connection)) for message_id, start in first.items()]
     with bound_cursor(connection) as cursor:
-        cursor.execute(sql, [MessageLog.IN_PROGRESS, worker_id(),
-                             records_json(START_RECORD, records), MessageLog.COMPLETED])
+        cursor.execute(statement(connection, _start_sql),
+                       [MessageLog.IN_PROGRESS, worker_id(), records_json(START_RECORD, records),
+                        MessageLog.COMPLETED])
         return {uuid: (pk, status) for pk, uuid, status in cursor.fetchall()}
 
 
@@ -288,6 +306,25 @@ def completion_time_field() -> Field[Any, Any]:
     return MessageLog._meta.get_field('completion_time')
 
 
+def _end_sql(quote: Callable[[str], str]) -> str:
+    """``finish_by_message_id``'s statement."""
+    table = quote(MessageLog._meta.db_table)
+    assignments = ', '.join(f'{quote(c)} = v.{c}' for c in END_COLUMNS)
+    attempts, status, start_time = quote('attempts'), quote('status'), quote('start_time')
+    # Joining the row to itself as ``old`` gives its status before the update. A start
+    # written with its end counts an attempt unless the row has ended already: written
+    # again, the same end must not count one more.
+    return (
+        f'UPDATE {table} AS t SET {assignments}, {attempts} = t.{attempts} + CASE WHEN '
+        f"old.{status} IN ('{MessageLog.COMPLETED.value}', '{MessageLog.FAILED.value}') "
+        'THEN 0 ELSE v.started END '
+        f', {start_time} = COALESCE(v.start_time, t.{start_time}) '
+        f'FROM {recordset(END_RECORD)}, {table} AS old '
+        f'WHERE t.{quote("uuid")} = v.uuid AND old.{quote("id")} = t.{quote("id")} '
+        f'RETURNING t.{quote("id")}, t.{quote("uuid")}, old.{status}'
+    )
+
+
 def finish_by_message_id(
     connection: BaseDatabaseWrapper, finishes: Sequence[lifecycle.Finish],
 ) -> tuple[dict[str, tuple[int, str]], list[lifecycle.Finish]]:
@@ -303,27 +340,21 @@ def finish_by_message_id(
         first.setdefault(finish.message_id, finish)
     now = timezone.now()
     records = [(f.message_id, *end_values(f, connection, now)) for f in first.values()]
-    quote = connection.ops.quote_name
-    table = quote(MessageLog._meta.db_table)
-    assignments = ', '.join(f'{quote(c)} = v.{c}' for c in END_COLUMNS)
-    attempts, status, start_time = quote('attempts'), quote('status'), quote('start_time')
-    # Joining the row to itself as ``old`` gives its status before the update. A start
-    # written with its end counts an attempt unless the row has ended already: written
-    # again, the same end must not count one more.
-    sql = (
-        f'UPDATE {table} AS t SET {assignments}, {attempts} = t.{attempts} + CASE WHEN '
-        f"old.{status} IN ('{MessageLog.COMPLETED.value}', '{MessageLog.FAILED.value}') "
-        'THEN 0 ELSE v.started END '
-        f', {start_time} = COALESCE(v.start_time, t.{start_time}) '
-        f'FROM {recordset(END_RECORD)}, {table} AS old '
-        f'WHERE t.{quote("uuid")} = v.uuid AND old.{quote("id")} = t.{quote("id")} '
-        f'RETURNING t.{quote("id")}, t.{quote("uuid")}, old.{status}'
-    )
     with bound_cursor(connection) as cursor:
-        cursor.execute(sql, [records_json(END_RECORD, records)])
+        cursor.execute(statement(connection, _end_sql), [records_json(END_RECORD, records)])
         rows = {uuid: (pk, before) for pk, uuid, before in cursor.fetchall()}
     left = [f for f in finishes if f.message_id not in rows or first[f.message_id] is not f]
     return rows, left
+
+
+def _end_by_pk_sql(quote: Callable[[str], str]) -> str:
+    """``finish_by_pk``'s statement."""
+    placeholders = ', '.join(f'{quote(c)} = %s' for c in END_COLUMNS)
+    attempts = quote('attempts')
+    start_time = quote('start_time')
+    return (f'UPDATE {quote(MessageLog._meta.db_table)} SET {placeholders}, '
+            f'{start_time} = COALESCE(%s, {start_time}), {attempts} = {attempts} + %s '
+            f'WHERE {quote("id")} = %s')
 
 
 def finish_by_pk(connection: BaseDatabaseWrapper,
@@ -332,13 +363,6 @@ def finish_by_pk(connection: BaseDatabaseWrapper,
 
     ``{message id: (pk, status before)}`` of the finishes that record their start.
     """
-    quote = connection.ops.quote_name
-    placeholders = ', '.join(f'{quote(c)} = %s' for c in END_COLUMNS)
-    attempts = quote('attempts')
-    start_time = quote('start_time')
-    sql = (f'UPDATE {quote(MessageLog._meta.db_table)} SET {placeholders}, '
-           f'{start_time} = COALESCE(%s, {start_time}), {attempts} = {attempts} + %s '
-           f'WHERE {quote("id")} = %s')
     starting = [f.start for f in finishes if f.start is not None]
     rows = rows_of(connection.alias, starting) if starting else {}
     now = timezone.now()
@@ -350,5 +374,5 @@ def finish_by_pk(connection: BaseDatabaseWrapper,
     # One prepared statement for the whole batch: the ORM's bulk_update would build a
     # CASE expression per row and field.
     with bound_cursor(connection) as cursor:
-        cursor.executemany(sql, parameters)
+        cursor.executemany(statement(connection, _end_by_pk_sql), parameters)
     return rows
