@@ -10,7 +10,9 @@ and the median over the repeats. carrot only: it is for carrot's own changes, no
 comparison with the peers.
 
 Options: ``--rate`` (tasks/s), ``--tasks`` (3,000), ``--repeat`` (3), ``--untracked``
-(the queue with ``'tracked': False``). ``BENCH_DB=sqlite`` as for ``run.py``.
+(the queue with ``'tracked': False``), ``--idle SECONDS`` (publish nothing: the idle
+worker's CPU in % of a core over that many seconds, as workload (f) of ``run.py`` samples
+it). ``BENCH_DB=sqlite`` as for ``run.py``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--repeat', type=int, default=3)
     parser.add_argument('--untracked', action='store_true',
                         help="the queue with 'tracked': False")
+    parser.add_argument('--idle', type=float, metavar='SECONDS',
+                        help="publish nothing: the idle worker's CPU over SECONDS")
     return parser.parse_args()
 
 
@@ -69,6 +73,19 @@ def one_run(adapter: Adapter, publish: Callable[[], None], rate: float, count: i
     return per_thousand
 
 
+def idle_run(adapter: Adapter, seconds: float, tag: str) -> float:
+    """The idle worker's CPU, in % of a core, over ``seconds``."""
+    _fresh(adapter)
+    with Worker(adapter.worker_spec(), f'{adapter.name}-idle-{tag}') as worker:
+        worker.wait_ready(READY_TIMEOUT)
+        time.sleep(SETTLE_SECONDS)
+        before, started = worker.cpu_seconds(), time.monotonic()
+        time.sleep(seconds)
+        idle = 100.0 * (worker.cpu_seconds() - before) / (time.monotonic() - started)
+    log(f'  {adapter.name}: idle for {seconds:.0f} s, worker CPU {idle:.2f}% of a core')
+    return idle
+
+
 def main() -> int:
     args = parse_args()
     if args.untracked:
@@ -78,11 +95,19 @@ def main() -> int:
     adapter.prepare()
     publish = system.make_publisher('noop', True)
     try:
-        figures = [one_run(adapter, publish, args.rate, args.tasks, str(repeat))
-                   for repeat in range(args.repeat)]
+        if args.idle is not None:
+            figures = [idle_run(adapter, args.idle, str(repeat))
+                       for repeat in range(args.repeat)]
+        else:
+            figures = [one_run(adapter, publish, args.rate, args.tasks, str(repeat))
+                       for repeat in range(args.repeat)]
     finally:
         adapter.close()
         kill_all_started()
+    if args.idle is not None:
+        print(f'{adapter.name} idle: worker CPU, median {statistics.median(figures):.2f}% of a '
+              f'core (runs: {", ".join(f"{figure:.2f}" for figure in figures)})')
+        return 0
     print(f'{adapter.name} at {args.rate:,.0f} tasks/s: worker CPU per 1,000 tasks, median '
           f'{statistics.median(figures):,.0f} ms (runs: '
           f'{", ".join(f"{figure:,.0f}" for figure in figures)})')
