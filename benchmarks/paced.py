@@ -12,7 +12,9 @@ comparison with the peers.
 Options: ``--rate`` (tasks/s), ``--tasks`` (3,000), ``--repeat`` (3), ``--untracked``
 (the queue with ``'tracked': False``), ``--idle SECONDS`` (publish nothing: the idle
 worker's CPU in % of a core over that many seconds, as workload (f) of ``run.py`` samples
-it). ``BENCH_DB=sqlite`` as for ``run.py``.
+it), ``--sleeping`` (publish nothing at a rate: 2,000 tasks of 50 ms published first, and
+the seconds the worker takes from the first start until the last ends, as workload (c) of
+``run.py`` times it). ``BENCH_DB=sqlite`` as for ``run.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ from collections.abc import Callable  # noqa: E402
 import carrot_adapter  # noqa: E402
 import carrot_untracked_adapter  # noqa: E402
 from common import Adapter, Worker, kill_all_started, wait_until  # noqa: E402
-from workloads import READY_TIMEOUT, SETTLE_SECONDS, _fresh, log  # noqa: E402
+from workloads import (  # noqa: E402
+    READY_TIMEOUT,
+    SETTLE_SECONDS,
+    _fresh,
+    drain_sleeping,
+    log,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,6 +54,8 @@ def parse_args() -> argparse.Namespace:
                         help="the queue with 'tracked': False")
     parser.add_argument('--idle', type=float, metavar='SECONDS',
                         help="publish nothing: the idle worker's CPU over SECONDS")
+    parser.add_argument('--sleeping', action='store_true',
+                        help='the time to drain 2,000 tasks of 50 ms published first')
     return parser.parse_args()
 
 
@@ -98,6 +108,9 @@ def main() -> int:
         if args.idle is not None:
             figures = [idle_run(adapter, args.idle, str(repeat))
                        for repeat in range(args.repeat)]
+        elif args.sleeping:
+            figures = [drain_sleeping(adapter, f'paced{repeat}')['sleep_first']
+                       for repeat in range(args.repeat)]
         else:
             figures = [one_run(adapter, publish, args.rate, args.tasks, str(repeat))
                        for repeat in range(args.repeat)]
@@ -107,6 +120,11 @@ def main() -> int:
     if args.idle is not None:
         print(f'{adapter.name} idle: worker CPU, median {statistics.median(figures):.2f}% of a '
               f'core (runs: {", ".join(f"{figure:.2f}" for figure in figures)})')
+        return 0
+    if args.sleeping:
+        print(f'{adapter.name}: 2,000 x 50 ms, seconds from the first start, median '
+              f'{statistics.median(figures):.2f} (runs: '
+              f'{", ".join(f"{figure:.2f}" for figure in figures)})')
         return 0
     print(f'{adapter.name} at {args.rate:,.0f} tasks/s: worker CPU per 1,000 tasks, median '
           f'{statistics.median(figures):,.0f} ms (runs: '
