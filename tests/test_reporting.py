@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import django
 import pytest
 from django.core import checks, mail
 from django.test import Client
@@ -33,11 +34,20 @@ def fresh_reporter_filter() -> Iterator[None]:
     debug.get_default_exception_reporter_filter.cache_clear()
 
 
+_LOCMEM = 'django.core.mail.backends.locmem.EmailBackend'
+# Django 6.1 names the mail backend in MAILERS, and 6.0 takes ADMINS as addresses alone;
+# the older forms warn there and go in Django 7.0.
+_MEMORY_MAIL: dict[str, object] = {
+    **({'MAILERS': {'default': {'BACKEND': _LOCMEM}}} if django.VERSION >= (6, 1)
+       else {'EMAIL_BACKEND': _LOCMEM}),
+    'ADMINS': ['ops@example.com'] if django.VERSION >= (6, 0) else [('Ops', 'ops@example.com')],
+}
+
+
 @pytest.fixture
 def mails() -> Iterator[list[mail.EmailMessage]]:
     """Error mails to ADMINS, as AdminEmailHandler sends them, kept in memory."""
-    with override_settings(EMAIL_BACKEND='django.core.mail.backends.locmem.EmailBackend',
-                           ADMINS=[('Ops', 'ops@example.com')], DEBUG=False):
+    with override_settings(**_MEMORY_MAIL, DEBUG=False):
         mail.outbox = []
         handler = logging.getLogger('django').handlers
         assert any(type(h).__name__ == 'AdminEmailHandler' for h in handler)
