@@ -194,6 +194,26 @@ def start_by_message_id(connection: BaseDatabaseWrapper,
         return {uuid: (pk, status) for pk, uuid, status in cursor.fetchall()}
 
 
+def _start_by_pk_sql(quote: Callable[[str], str]) -> str:
+    """``start_by_pk``'s statement."""
+    attempts = quote('attempts')
+    return (f'UPDATE {quote(MessageLog._meta.db_table)} SET {quote("status")} = %s, '
+            f'{attempts} = {attempts} + 1, {quote("start_time")} = %s, {quote("worker")} = %s '
+            f'WHERE {quote("id")} = %s')
+
+
+def start_by_pk(connection: BaseDatabaseWrapper,
+                starts: Sequence[tuple[int, datetime.datetime]]) -> None:
+    """Mark each row ``(pk, start time)`` IN_PROGRESS with one more attempt and its own
+    start time: one prepared statement a row."""
+    prepare = completion_time_field().get_db_prep_value
+    worker = worker_id()
+    with bound_cursor(connection) as cursor:
+        cursor.executemany(statement(connection, _start_by_pk_sql),
+                           [(MessageLog.IN_PROGRESS, prepare(at, connection), worker, pk)
+                            for pk, at in starts])
+
+
 def rows_of(alias: str, starts: Sequence[lifecycle.Start]) -> dict[str, tuple[int, str]]:
     """``{message id: (pk, status)}`` of the starts' rows, creating the missing ones.
 

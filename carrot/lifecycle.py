@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import connections, router, transaction
-from django.db.models import F
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
 from carrot import _sql, message
@@ -361,13 +361,14 @@ def start_many(starts: Sequence[Start]) -> list[Started]:
         left = [s for s in plain if s.message_id not in rows]
         if left:
             found = _sql.rows_of(alias, left)
-            _mark_started(alias, [pk for pk, status in found.values()
-                                  if status != Status.COMPLETED])
+            _mark_started(connection, left, {message_id: pk for message_id, (pk, status)
+                                             in found.items() if status != Status.COMPLETED})
             rows.update(found)
         if resent:
             found = _sql.rows_of(alias, resent)
-            _mark_started(alias, [pk for message_id, (pk, status) in found.items()
-                                  if status == Status.PUBLISHED and message_id not in rows])
+            _mark_started(connection, resent, {
+                message_id: pk for message_id, (pk, status) in found.items()
+                if status == Status.PUBLISHED and message_id not in rows})
             for message_id, row in found.items():
                 rows.setdefault(message_id, row)
     taken = {s.message_id for s in plain}
@@ -411,11 +412,13 @@ def last_attempt(errors: object) -> int:
     return attempt if isinstance(attempt, int) and attempt > 0 else 0
 
 
-def _mark_started(alias: str, pks: list[int]) -> None:
+def _mark_started(connection: BaseDatabaseWrapper, starts: Sequence[Start],
+                  pks: dict[str, int]) -> None:
+    """Start the rows ``pks`` (by message id), each at its first start's own time."""
+    first = {s.message_id: s for s in reversed(starts)}
     if pks:
-        MessageLog.objects.using(alias).filter(pk__in=pks).update(
-            status=Status.IN_PROGRESS, attempts=F('attempts') + 1, start_time=timezone.now(),
-            worker=worker_id())
+        _sql.start_by_pk(connection, [(pk, first[message_id].at)
+                                      for message_id, pk in pks.items()])
 
 
 def finish_many(finishes: Sequence[Finish]) -> dict[str, Started]:

@@ -118,19 +118,19 @@ def test_a_batch_of_ends_keeps_every_character_and_microsecond_it_is_given() -> 
         row = MessageLog.objects.get(uuid=f'text-{number}')
         assert (row.output, row.log, row.exception, row.traceback) == (text,) * 4
         assert (row.start_time, row.failure_time, row.attempts) == (started_at, ended_at, 1)
-    # A start written by itself: PostgreSQL's batch UPDATE takes each start's own time (in
-    # its JSON text); elsewhere one UPDATE gives a round's starts the time of the round.
+    # Starts written by themselves keep each its own time: PostgreSQL's batch UPDATE (in its
+    # JSON text), a foreign producer's message whose row the start creates, and elsewhere
+    # one prepared UPDATE a row.
     MessageLog.objects.create(uuid='start-only', task='tests.project.tasks.add',
                               status=MessageLog.PUBLISHED)
-    before_round = timezone.now()
-    lifecycle.start_many([lifecycle.Start(message_id='start-only', task='tests.project.tasks.add',
-                                          args=[], kwargs={}, queue='q', exchange='',
-                                          routing_key='q', priority=0, at=started_at)])
-    start_time = MessageLog.objects.get(uuid='start-only').start_time
-    if connection.vendor == 'postgresql':
-        assert start_time == started_at
-    else:
-        assert start_time is not None and start_time >= before_round
+    later = started_at + datetime.timedelta(microseconds=250_001)
+    lifecycle.start_many([
+        lifecycle.Start(message_id=message_id, task='tests.project.tasks.add', args=[],
+                        kwargs={}, queue='q', exchange='', routing_key='q', priority=0, at=at)
+        for message_id, at in (('start-only', started_at), ('foreign', later))])
+    for message_id, at in (('start-only', started_at), ('foreign', later)):
+        row = MessageLog.objects.get(uuid=message_id)
+        assert (row.status, row.start_time, row.attempts) == (MessageLog.IN_PROGRESS, at, 1)
 
 
 def test_starts_mark_rows_in_progress_create_missing_ones_and_spare_completed_ones() -> None:
