@@ -148,21 +148,23 @@ def bound_cursor(connection: BaseDatabaseWrapper) -> Iterator[Any]:
         yield cursor
 
 
-_statements: dict[tuple[str, Callable[[Callable[[str], str]], str]], str] = {}
+#: Makes a statement's SQL text from a backend's ``quote_name``.
+SqlBuilder = Callable[[Callable[[str], str]], str]
+_statements: dict[tuple[type, SqlBuilder], str] = {}
 
 
-def statement(connection: BaseDatabaseWrapper,
-              build: Callable[[Callable[[str], str]], str]) -> str:
+def statement(connection: BaseDatabaseWrapper, build: SqlBuilder) -> str:
     """The SQL text ``build`` makes from the connection's ``quote_name``, built once per
-    database vendor: the recorder sends the same statements every round."""
-    key = (connection.vendor, build)
+    database backend: the recorder sends the same statements every round. ``build`` is a
+    module-level function that reads only ``quote`` and this module's constants."""
+    key = (type(connection.ops), build)
     sql = _statements.get(key)
     if sql is None:
         sql = _statements[key] = build(connection.ops.quote_name)
     return sql
 
 
-def _start_sql(quote: Callable[[str], str]) -> str:
+def _start_by_message_id_sql(quote: Callable[[str], str]) -> str:
     """``start_by_message_id``'s statement."""
     table = quote(MessageLog._meta.db_table)
     status, attempts, key = quote('status'), quote('attempts'), quote('id')
@@ -188,7 +190,7 @@ def start_by_message_id(connection: BaseDatabaseWrapper,
     prepare = completion_time_field().get_db_prep_value
     records = [(message_id, prepare(start.at, connection)) for message_id, start in first.items()]
     with bound_cursor(connection) as cursor:
-        cursor.execute(statement(connection, _start_sql),
+        cursor.execute(statement(connection, _start_by_message_id_sql),
                        [MessageLog.IN_PROGRESS, worker_id(), records_json(START_RECORD, records),
                         MessageLog.COMPLETED])
         return {uuid: (pk, status) for pk, uuid, status in cursor.fetchall()}
@@ -203,15 +205,15 @@ def _start_by_pk_sql(quote: Callable[[str], str]) -> str:
 
 
 def start_by_pk(connection: BaseDatabaseWrapper,
-                starts: Sequence[tuple[int, datetime.datetime]]) -> None:
-    """Mark each row ``(pk, start time)`` IN_PROGRESS with one more attempt and its own
-    start time: one prepared statement a row."""
+                times: Sequence[tuple[int, datetime.datetime]]) -> None:
+    """Mark each row of ``times`` (``(pk, start time)``) IN_PROGRESS with one more attempt
+    and its own start time: one prepared statement a row."""
     prepare = completion_time_field().get_db_prep_value
     worker = worker_id()
     with bound_cursor(connection) as cursor:
         cursor.executemany(statement(connection, _start_by_pk_sql),
                            [(MessageLog.IN_PROGRESS, prepare(at, connection), worker, pk)
-                            for pk, at in starts])
+                            for pk, at in times])
 
 
 def rows_of(alias: str, starts: Sequence[lifecycle.Start]) -> dict[str, tuple[int, str]]:
@@ -280,9 +282,9 @@ END_RECORD = (('uuid', 'text'), ('status', 'text'), ('output', 'text'), ('log', 
 def recordset(record: Sequence[tuple[str, str]]) -> str:
     """The FROM item ``v`` of a batch UPDATE: one parameter, a JSON list of ``record``s.
 
-    One JSON text costs psycopg about half the CPU of one array per column, which it dumps
-    element by element in Python: measured here, 140 against 265 us of the client's CPU for
-    a statement of two records, 436 against 785 us for twenty.
+    One JSON text costs psycopg less CPU than one array per column, which it dumps element
+    by element in Python: about 70 % of it for the end UPDATE of two or of twenty records
+    (``benchmarks/statements.py``, figures in docs/performance.rst).
     """
     columns = ', '.join(f'{name} {kind}' for name, kind in record)
     return f'json_to_recordset(%s::json) AS v({columns})'
@@ -322,11 +324,11 @@ def end_values(finish: lifecycle.Finish, connection: BaseDatabaseWrapper,
 
 @functools.cache
 def completion_time_field() -> Field[Any, Any]:
-    """The field whose database form both end times take (looked up once)."""
+    """The field whose database form the start and end times take (looked up once)."""
     return MessageLog._meta.get_field('completion_time')
 
 
-def _end_sql(quote: Callable[[str], str]) -> str:
+def _finish_by_message_id_sql(quote: Callable[[str], str]) -> str:
     """``finish_by_message_id``'s statement."""
     table = quote(MessageLog._meta.db_table)
     assignments = ', '.join(f'{quote(c)} = v.{c}' for c in END_COLUMNS)
@@ -361,13 +363,14 @@ def finish_by_message_id(
     now = timezone.now()
     records = [(f.message_id, *end_values(f, connection, now)) for f in first.values()]
     with bound_cursor(connection) as cursor:
-        cursor.execute(statement(connection, _end_sql), [records_json(END_RECORD, records)])
+        cursor.execute(statement(connection, _finish_by_message_id_sql),
+                       [records_json(END_RECORD, records)])
         rows = {uuid: (pk, before) for pk, uuid, before in cursor.fetchall()}
     left = [f for f in finishes if f.message_id not in rows or first[f.message_id] is not f]
     return rows, left
 
 
-def _end_by_pk_sql(quote: Callable[[str], str]) -> str:
+def _finish_by_pk_sql(quote: Callable[[str], str]) -> str:
     """``finish_by_pk``'s statement."""
     placeholders = ', '.join(f'{quote(c)} = %s' for c in END_COLUMNS)
     attempts = quote('attempts')
@@ -394,5 +397,5 @@ def finish_by_pk(connection: BaseDatabaseWrapper,
     # One prepared statement for the whole batch: the ORM's bulk_update would build a
     # CASE expression per row and field.
     with bound_cursor(connection) as cursor:
-        cursor.executemany(statement(connection, _end_by_pk_sql), parameters)
+        cursor.executemany(statement(connection, _finish_by_pk_sql), parameters)
     return rows

@@ -413,12 +413,12 @@ def last_attempt(errors: object) -> int:
 
 
 def _mark_started(connection: BaseDatabaseWrapper, starts: Sequence[Start],
-                  pks: dict[str, int]) -> None:
-    """Start the rows ``pks`` (by message id), each at its first start's own time."""
-    first = {s.message_id: s for s in reversed(starts)}
-    if pks:
+                  pk_of: dict[str, int]) -> None:
+    """Start the rows ``pk_of`` (by message id), each at its first start's own time."""
+    if pk_of:
+        first = {s.message_id: s for s in reversed(starts)}
         _sql.start_by_pk(connection, [(pk, first[message_id].at)
-                                      for message_id, pk in pks.items()])
+                                      for message_id, pk in pk_of.items()])
 
 
 def finish_many(finishes: Sequence[Finish]) -> dict[str, Started]:
