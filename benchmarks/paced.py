@@ -35,7 +35,7 @@ from collections.abc import Callable  # noqa: E402
 
 import carrot_adapter  # noqa: E402
 import carrot_untracked_adapter  # noqa: E402
-from common import Adapter, Worker, kill_all_started, wait_until  # noqa: E402
+from common import Adapter, BenchError, Worker, kill_all_started, wait_until  # noqa: E402
 from workloads import (  # noqa: E402
     READY_TIMEOUT,
     SETTLE_SECONDS,
@@ -52,10 +52,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--repeat', type=int, default=3)
     parser.add_argument('--untracked', action='store_true',
                         help="the queue with 'tracked': False")
-    parser.add_argument('--idle', type=float, metavar='SECONDS',
-                        help="publish nothing: the idle worker's CPU over SECONDS")
-    parser.add_argument('--sleeping', action='store_true',
-                        help='the time to drain 2,000 tasks of 50 ms published first')
+    instead = parser.add_mutually_exclusive_group()
+    instead.add_argument('--idle', type=float, metavar='SECONDS',
+                         help="publish nothing: the idle worker's CPU over SECONDS")
+    instead.add_argument('--sleeping', action='store_true',
+                         help='the time to drain 2,000 tasks of 50 ms published first')
     return parser.parse_args()
 
 
@@ -92,8 +93,21 @@ def idle_run(adapter: Adapter, seconds: float, tag: str) -> float:
         before, started = worker.cpu_seconds(), time.monotonic()
         time.sleep(seconds)
         idle = 100.0 * (worker.cpu_seconds() - before) / (time.monotonic() - started)
+        if adapter.done_count():
+            raise BenchError(f'{adapter.done_count()} tasks ran during the idle sample: '
+                             'someone else publishes to the bench queue')
     log(f'  {adapter.name}: idle for {seconds:.0f} s, worker CPU {idle:.2f}% of a core')
     return idle
+
+
+def first_start_to_last_end(adapter: Adapter, tag: str) -> float:
+    """Workload (c) of ``run.py``: seconds from the first start of 2,000 x 50 ms to the last
+    end."""
+    seconds = drain_sleeping(adapter, f'paced{tag}').get('sleep_first')
+    if seconds is None:
+        raise BenchError('no first start was stamped (tasks.sleep50 stamps it in Redis): '
+                         'is Redis answering on 127.0.0.1:6379?')
+    return float(seconds)
 
 
 def main() -> int:
@@ -109,7 +123,7 @@ def main() -> int:
             figures = [idle_run(adapter, args.idle, str(repeat))
                        for repeat in range(args.repeat)]
         elif args.sleeping:
-            figures = [drain_sleeping(adapter, f'paced{repeat}')['sleep_first']
+            figures = [first_start_to_last_end(adapter, str(repeat))
                        for repeat in range(args.repeat)]
         else:
             figures = [one_run(adapter, publish, args.rate, args.tasks, str(repeat))

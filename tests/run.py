@@ -57,7 +57,7 @@ def main() -> int:
     if sys.argv[1:]:
         return 0  # a chosen subset: one leg is enough
     if not ensure_postgresql():
-        if os.environ.get('CARROT_REQUIRE_POSTGRESQL'):
+        if os.environ.get('CARROT_REQUIRE_POSTGRESQL') or rest:  # rest: they would run nowhere
             print('PostgreSQL is not answering on 127.0.0.1:5432.', file=sys.stderr)
             return 1
         say('PostgreSQL is not answering on 127.0.0.1:5432: skipping the PostgreSQL leg')

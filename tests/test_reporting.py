@@ -36,7 +36,7 @@ def fresh_reporter_filter() -> Iterator[None]:
 
 _LOCMEM = 'django.core.mail.backends.locmem.EmailBackend'
 # Django 6.1 names the mail backend in MAILERS, and 6.0 takes ADMINS as addresses alone;
-# the older forms warn there and go in Django 7.0.
+# the older forms raise deprecation warnings there.
 _MEMORY_MAIL: dict[str, object] = {
     **({'MAILERS': {'default': {'BACKEND': _LOCMEM}}} if django.VERSION >= (6, 1)
        else {'EMAIL_BACKEND': _LOCMEM}),
