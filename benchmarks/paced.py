@@ -41,6 +41,7 @@ from workloads import (  # noqa: E402
     SETTLE_SECONDS,
     _fresh,
     drain_sleeping,
+    idle_cpu,
     log,
 )
 
@@ -90,12 +91,7 @@ def idle_run(adapter: Adapter, seconds: float, tag: str) -> float:
     with Worker(adapter.worker_spec(), f'{adapter.name}-idle-{tag}') as worker:
         worker.wait_ready(READY_TIMEOUT)
         time.sleep(SETTLE_SECONDS)
-        before, started = worker.cpu_seconds(), time.monotonic()
-        time.sleep(seconds)
-        idle = 100.0 * (worker.cpu_seconds() - before) / (time.monotonic() - started)
-        if adapter.done_count():
-            raise BenchError(f'{adapter.done_count()} tasks ran during the idle sample: '
-                             'someone else publishes to the bench queue')
+        idle = idle_cpu(adapter, worker, seconds)
     log(f'  {adapter.name}: idle for {seconds:.0f} s, worker CPU {idle:.2f}% of a core')
     return idle
 
@@ -132,17 +128,14 @@ def main() -> int:
         adapter.close()
         kill_all_started()
     if args.idle is not None:
-        print(f'{adapter.name} idle: worker CPU, median {statistics.median(figures):.2f}% of a '
-              f'core (runs: {", ".join(f"{figure:.2f}" for figure in figures)})')
-        return 0
-    if args.sleeping:
-        print(f'{adapter.name}: 2,000 x 50 ms, seconds from the first start, median '
-              f'{statistics.median(figures):.2f} (runs: '
-              f'{", ".join(f"{figure:.2f}" for figure in figures)})')
-        return 0
-    print(f'{adapter.name} at {args.rate:,.0f} tasks/s: worker CPU per 1,000 tasks, median '
-          f'{statistics.median(figures):,.0f} ms (runs: '
-          f'{", ".join(f"{figure:,.0f}" for figure in figures)})')
+        what, unit, form = f'{adapter.name} idle: worker CPU', '% of a core', '.2f'
+    elif args.sleeping:
+        what, unit, form = f'{adapter.name}: 2,000 x 50 ms from the first start', 's', '.2f'
+    else:
+        what = f'{adapter.name} at {args.rate:,.0f} tasks/s: worker CPU per 1,000 tasks'
+        unit, form = 'ms', ',.0f'
+    print(f'{what}, median {statistics.median(figures):{form}} {unit} (runs: '
+          f'{", ".join(f"{figure:{form}}" for figure in figures)})')
     return 0
 
 

@@ -130,6 +130,17 @@ def _flood(adapter: Adapter, worker: Worker, count: int, callers: int, tag: str)
             f'{key}_cpu': 1e6 * cpu / count}
 
 
+def idle_cpu(adapter: Adapter, worker: Worker, seconds: float) -> float:
+    """The worker's CPU in % of a core over ``seconds`` with nothing published to it."""
+    before, started = worker.cpu_seconds(), time.monotonic()
+    time.sleep(seconds)
+    idle = 100.0 * (worker.cpu_seconds() - before) / (time.monotonic() - started)
+    if adapter.done_count():
+        raise BenchError(f'{adapter.done_count()} tasks ran during the idle sample: '
+                         'someone else publishes to the bench queue')
+    return idle
+
+
 def idle_and_end_to_end(adapter: Adapter, config: Config, tag: str) -> Figures:
     """On one worker: idle CPU and memory after start-up, then a no-op flood from one caller
     and one from 50, then memory again."""
@@ -137,12 +148,7 @@ def idle_and_end_to_end(adapter: Adapter, config: Config, tag: str) -> Figures:
     with Worker(adapter.worker_spec(), f'{adapter.name}-worker-e2e-{tag}') as worker:
         worker.wait_ready(READY_TIMEOUT)
         time.sleep(SETTLE_SECONDS)
-        before, started = worker.cpu_seconds(), time.monotonic()
-        time.sleep(config.idle_seconds)
-        idle = 100.0 * (worker.cpu_seconds() - before) / (time.monotonic() - started)
-        if adapter.done_count():
-            raise BenchError(f'{adapter.done_count()} tasks ran during the idle sample: '
-                             'someone else publishes to the bench queue')
+        idle = idle_cpu(adapter, worker, config.idle_seconds)
         rss_ready = worker.rss_mb()
         log(f'  {adapter.name}: idle CPU {idle:.2f}%, {rss_ready:.0f} MB resident')
         figures = {'idle_cpu': idle, 'rss_ready': rss_ready}
