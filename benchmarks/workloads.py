@@ -194,17 +194,32 @@ def drain_sleeping(adapter: Adapter, tag: str) -> Figures:
     """2,000 tasks of 50 ms published first; how long concurrency 100 takes to run them."""
     _fresh(adapter)
     _publish(adapter, 'sleep50', SLEEP_TASKS, MANY_CALLERS, tag)
+    # The worker's CPU from the first poll that sees a task done to the last: whether the
+    # drain is bound by the worker's CPU rather than by waits.
+    first_done: list[tuple[float, float]] = []
+
+    def drained() -> bool:
+        done = adapter.done_count()
+        if done and not first_done:
+            first_done.append((time.monotonic(), worker.cpu_seconds()))
+        return done >= SLEEP_TASKS
+
     with Worker(adapter.worker_spec(), f'{adapter.name}-worker-drain-{tag}') as worker:
-        done_at = wait_until(lambda: adapter.done_count() >= SLEEP_TASKS, 120,
-                             adapter.poll_interval, 'the backlog to drain',
+        done_at = wait_until(drained, 120, adapter.poll_interval, 'the backlog to drain',
                              on_tick=worker.check_alive)
+        cpu_at_end, ended = worker.cpu_seconds(), time.monotonic()
         spawned_at = worker.started_at
     figures = {'sleep_spawn': done_at - spawned_at}
     first = adapter.first_start()
     if first is not None:
         figures['sleep_first'] = done_at - first
+    busy = ''
+    if first_done and ended > first_done[0][0]:
+        began, cpu_at_first = first_done[0]
+        share = 100 * (cpu_at_end - cpu_at_first) / (ended - began)
+        busy = f', worker CPU {share:.0f}% of a core from the first end to the last'
     log(f'  {adapter.name}: {SLEEP_TASKS} x 50 ms: {figures.get("sleep_first", float("nan")):.2f}'
-        f's from the first start, {figures["sleep_spawn"]:.2f}s from the worker spawn')
+        f's from the first start, {figures["sleep_spawn"]:.2f}s from the worker spawn{busy}')
     return figures
 
 
