@@ -118,19 +118,39 @@ def test_a_batch_of_ends_keeps_every_character_and_microsecond_it_is_given() -> 
         row = MessageLog.objects.get(uuid=f'text-{number}')
         assert (row.output, row.log, row.exception, row.traceback) == (text,) * 4
         assert (row.start_time, row.failure_time, row.attempts) == (started_at, ended_at, 1)
-    # Starts written by themselves keep each its own time: PostgreSQL's batch UPDATE (in its
-    # JSON text), a foreign producer's message whose row the start creates, and elsewhere
-    # one prepared UPDATE a row.
-    MessageLog.objects.create(uuid='start-only', task='tests.project.tasks.add',
-                              status=MessageLog.PUBLISHED)
-    later = started_at + datetime.timedelta(microseconds=250_001)
-    lifecycle.start_many([
-        lifecycle.Start(message_id=message_id, task='tests.project.tasks.add', args=[],
-                        kwargs={}, queue='q', exchange='', routing_key='q', priority=0, at=at)
-        for message_id, at in (('start-only', started_at), ('foreign', later))])
-    for message_id, at in (('start-only', started_at), ('foreign', later)):
+
+
+def test_starts_written_by_themselves_keep_each_its_own_time() -> None:
+    """PostgreSQL's batch UPDATE (in its JSON text), a foreign producer's message whose row
+    the start creates, a re-sent copy, and elsewhere one prepared UPDATE a row: each start
+    keeps its own time, and a message id started twice in a round keeps its first."""
+    import datetime
+
+    from django.utils import timezone
+
+    started_at = timezone.now().replace(microsecond=123456) - datetime.timedelta(seconds=5)
+
+    def start(message_id: str, at: datetime.datetime, resent: bool = False) -> lifecycle.Start:
+        return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add', args=[],
+                               kwargs={}, queue='q', exchange='', routing_key='q', priority=0,
+                               at=at, resent=resent)
+
+    for message_id in ('start-only', 'twice', 'resent'):
+        MessageLog.objects.create(uuid=message_id, task='tests.project.tasks.add',
+                                  status=MessageLog.PUBLISHED)
+    times = [started_at + datetime.timedelta(microseconds=250_001 * n) for n in range(6)]
+    started = lifecycle.start_many([
+        start('start-only', times[0]), start('foreign', times[1]), start('twice', times[2]),
+        start('twice', times[3]), start('resent', times[4], resent=True),
+        start('resent', times[5], resent=True)])
+    expected = {'start-only': times[0], 'foreign': times[1], 'twice': times[2],
+                'resent': times[4]}
+    for message_id, at in expected.items():
         row = MessageLog.objects.get(uuid=message_id)
-        assert (row.status, row.start_time, row.attempts) == (MessageLog.IN_PROGRESS, at, 1)
+        assert (row.status, row.start_time, row.attempts) == (MessageLog.IN_PROGRESS, at, 1), \
+            message_id
+    # The second re-sent copy finds its task started by the first, and does not run.
+    assert [s.started_elsewhere for s in started] == [False] * 5 + [True]
 
 
 def test_starts_mark_rows_in_progress_create_missing_ones_and_spare_completed_ones() -> None:
