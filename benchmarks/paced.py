@@ -6,11 +6,17 @@ with the publisher and with the machine's load. To compare two versions of the w
 publishes from one caller at a fixed rate instead (``--rate``, 300 tasks a second by
 default, a sleep between calls), to a freshly started worker each repeat, and prints the
 worker's CPU per 1,000 no-op tasks, from the first call until the last task is counted,
-and the median over the repeats. carrot only: it is for carrot's own changes, not a
-comparison with the peers.
+and the median over the repeats: for comparing two versions of carrot's worker.
 
-Options: ``--rate`` (tasks/s), ``--tasks`` (3,000), ``--repeat`` (3), ``--untracked``
-(the queue with ``'tracked': False``), ``--idle SECONDS`` (publish nothing: the idle
+``--compare`` runs carrot, carrot untracked, Celery and Dramatiq at the same rate instead,
+interleaved (each repeat of each system in a process of its own), and prints their medians
+and carrot's ratios: what the worker CPU targets ask at one caller, but with every worker
+fed the same trickle (in ``run.py``'s end-to-end workload each system's one caller publishes
+at its own speed, and the peers' two to four times faster than carrot's).
+
+Options: ``--rate`` (tasks/s), ``--tasks`` (3,000), ``--repeat`` (3), ``--system`` (carrot,
+carrot_untracked, celery or dramatiq; ``--untracked`` is ``--system carrot_untracked``),
+``--compare``, ``--idle SECONDS`` (publish nothing: the idle
 worker's CPU in % of a core over that many seconds, as workload (f) of ``run.py`` samples
 it), ``--sleeping`` (publish nothing at a rate: 2,000 tasks of 50 ms published first, and
 the seconds the worker takes from the first start until the last ends, as workload (c) of
@@ -29,11 +35,14 @@ if __name__ == '__main__':
     into_bench_venv(__file__)
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from types import ModuleType  # noqa: E402
 
-import carrot_adapter  # noqa: E402
 import carrot_untracked_adapter  # noqa: E402
 from common import Adapter, BenchError, Worker, kill_all_started, wait_until  # noqa: E402
 from workloads import (  # noqa: E402
@@ -51,9 +60,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--rate', type=float, default=300.0, help='tasks a second')
     parser.add_argument('--tasks', type=int, default=3000, help='no-op tasks per repeat')
     parser.add_argument('--repeat', type=int, default=3)
+    parser.add_argument('--system', choices=SYSTEMS, default='carrot',
+                        help='the system whose worker is measured')
     parser.add_argument('--untracked', action='store_true',
-                        help="the queue with 'tracked': False")
+                        help="the queue with 'tracked': False (--system carrot_untracked)")
     instead = parser.add_mutually_exclusive_group()
+    instead.add_argument('--compare', action='store_true',
+                         help='every system at the same rate, interleaved, and the ratios')
     instead.add_argument('--idle', type=float, metavar='SECONDS',
                          help="publish nothing: the idle worker's CPU over SECONDS")
     instead.add_argument('--sleeping', action='store_true',
@@ -61,8 +74,14 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+SYSTEMS = ('carrot', 'carrot_untracked', 'celery', 'dramatiq')
+# carrot's ratios that --compare prints: (system, peer), as the worker CPU targets pair them.
+RATIOS = (('carrot', 'celery'), ('carrot', 'dramatiq'), ('carrot_untracked', 'dramatiq'))
+_MEDIAN = re.compile(r'median ([\d,.]+) ')
+
+
 def one_run(adapter: Adapter, publish: Callable[[], None], rate: float, count: int,
-            tag: str) -> float:
+            tag: str, finish: Callable[[], None] | None) -> float:
     """Worker CPU in ms per 1,000 tasks for ``count`` tasks published at ``rate``."""
     _fresh(adapter)
     with Worker(adapter.worker_spec(), f'{adapter.name}-paced-{tag}') as worker:
@@ -79,7 +98,8 @@ def one_run(adapter: Adapter, publish: Callable[[], None], rate: float, count: i
                    adapter.poll_interval, f'{count} paced no-op tasks',
                    on_tick=worker.check_alive)
         per_thousand = 1e6 * (worker.cpu_seconds() - cpu_before) / count
-    carrot_adapter.finish_publishing()
+    if finish is not None:
+        finish()  # carrot's: every confirm recorded, before the next repeat's clean-up
     log(f'  {adapter.name}: {count} tasks at {rate:,.0f}/s, worker CPU '
         f'{per_thousand:,.0f} ms per 1,000')
     return per_thousand
@@ -106,14 +126,43 @@ def first_start_to_last_end(adapter: Adapter, tag: str) -> float:
     return float(seconds)
 
 
+def compare(args: argparse.Namespace) -> int:
+    """Each repeat runs every system once, in that order, each in a paced.py of its own."""
+    figures: dict[str, list[float]] = {name: [] for name in SYSTEMS}
+    for _ in range(args.repeat):
+        for name in SYSTEMS:
+            argv = [sys.executable, os.path.abspath(__file__), '--system', name, '--repeat',
+                    '1', '--rate', str(args.rate), '--tasks', str(args.tasks)]
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            found = _MEDIAN.search(done.stdout.strip().splitlines()[-1] if done.stdout else '')
+            if done.returncode != 0 or found is None:
+                raise BenchError(f'paced.py --system {name} failed (exit {done.returncode}): '
+                                 f'{(done.stderr or done.stdout).strip()[-400:]}')
+            figures[name].append(float(found.group(1).replace(',', '')))
+            log(f'  {name}: {figures[name][-1]:,.0f} ms per 1,000')
+    medians = {name: statistics.median(runs) for name, runs in figures.items()}
+    print(f'worker CPU per 1,000 no-op tasks at {args.rate:,.0f} tasks/s from one caller, '
+          f'medians of {args.repeat}:')
+    for name, runs in figures.items():
+        print(f'  {name}: {medians[name]:,.0f} ms (runs: '
+              f'{", ".join(f"{run:,.0f}" for run in runs)})')
+    for name, peer in RATIOS:
+        print(f'  {name} / {peer}: {medians[name] / medians[peer]:.2f}x')
+    return 0
+
+
 def main() -> int:
     args = parse_args()
-    if args.untracked:
+    if args.compare:
+        return compare(args)
+    name = 'carrot_untracked' if args.untracked else args.system
+    if name == 'carrot_untracked':
         os.environ.update(carrot_untracked_adapter.ENV)  # its queue, before Django starts
-    system = carrot_untracked_adapter if args.untracked else carrot_adapter
+    system: ModuleType = importlib.import_module(f'{name}_adapter')
     adapter: Adapter = system.ADAPTER
     adapter.prepare()
-    publish = system.make_publisher('noop', True)
+    publish = system.make_publisher('noop', False)  # the peers' default; carrot confirms
+    finish: Callable[[], None] | None = getattr(system, 'finish_publishing', None)
     try:
         if args.idle is not None:
             figures = [idle_run(adapter, args.idle, str(repeat))
@@ -122,7 +171,7 @@ def main() -> int:
             figures = [first_start_to_last_end(adapter, str(repeat))
                        for repeat in range(args.repeat)]
         else:
-            figures = [one_run(adapter, publish, args.rate, args.tasks, str(repeat))
+            figures = [one_run(adapter, publish, args.rate, args.tasks, str(repeat), finish)
                        for repeat in range(args.repeat)]
     finally:
         adapter.close()
