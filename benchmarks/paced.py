@@ -36,9 +36,7 @@ if __name__ == '__main__':
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
-import re  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from types import ModuleType  # noqa: E402
@@ -52,6 +50,7 @@ from workloads import (  # noqa: E402
     drain_sleeping,
     idle_cpu,
     log,
+    paced_in_subprocess,
 )
 
 
@@ -77,7 +76,6 @@ def parse_args() -> argparse.Namespace:
 SYSTEMS = ('carrot', 'carrot_untracked', 'celery', 'dramatiq')
 # carrot's ratios that --compare prints: (system, peer), as the worker CPU targets pair them.
 RATIOS = (('carrot', 'celery'), ('carrot', 'dramatiq'), ('carrot_untracked', 'dramatiq'))
-_MEDIAN = re.compile(r'median ([\d,.]+) ')
 
 
 def one_run(adapter: Adapter, publish: Callable[[], None], rate: float, count: int,
@@ -131,14 +129,7 @@ def compare(args: argparse.Namespace) -> int:
     figures: dict[str, list[float]] = {name: [] for name in SYSTEMS}
     for _ in range(args.repeat):
         for name in SYSTEMS:
-            argv = [sys.executable, os.path.abspath(__file__), '--system', name, '--repeat',
-                    '1', '--rate', str(args.rate), '--tasks', str(args.tasks)]
-            done = subprocess.run(argv, capture_output=True, text=True, check=False)
-            found = _MEDIAN.search(done.stdout.strip().splitlines()[-1] if done.stdout else '')
-            if done.returncode != 0 or found is None:
-                raise BenchError(f'paced.py --system {name} failed (exit {done.returncode}): '
-                                 f'{(done.stderr or done.stdout).strip()[-400:]}')
-            figures[name].append(float(found.group(1).replace(',', '')))
+            figures[name].append(paced_in_subprocess(name, args.rate, args.tasks))
             log(f'  {name}: {figures[name][-1]:,.0f} ms per 1,000')
     medians = {name: statistics.median(runs) for name, runs in figures.items()}
     print(f'worker CPU per 1,000 no-op tasks at {args.rate:,.0f} tasks/s from one caller, '

@@ -20,6 +20,7 @@ from common import Adapter, median, redis_client
 from workloads import (
     CONFIRM_WARMUP,
     MANY_CALLERS,
+    PACED_RATE,
     SCHEDULES,
     SETTLE_SECONDS,
     SLEEP_TASKS,
@@ -85,6 +86,9 @@ METRICS = (
            unit='% of a core', higher_is_better=False, digits=2),
     Metric(key='scheduler_statements', label='(g) its database statements', unit='per s',
            higher_is_better=False, digits=1),
+    Metric(key='paced_cpu',
+           label=f'(h) worker CPU per 1,000 tasks, one caller at {PACED_RATE:,.0f} tasks/s',
+           unit='ms', higher_is_better=False),
 )
 
 
@@ -168,12 +172,18 @@ TARGETS = (
            shown_as='ms', database='postgresql'),
     Target(text="worker CPU per 1,000 tasks end to end, one caller: <= Celery's",
            measure=_ratio('e2e1_cpu', 'celery', 1.0), at_least=False),
+    Target(text=f"the same with every system's caller at {PACED_RATE:,.0f} tasks/s (h): "
+                "<= Celery's", measure=_ratio('paced_cpu', 'celery', 1.0), at_least=False),
     Target(text=f"worker CPU per 1,000 tasks end to end, {MANY_CALLERS} callers: <= Celery's",
            measure=_ratio(f'e2e{MANY_CALLERS}_cpu', 'celery', 1.0), at_least=False),
     Target(text="worker CPU per 1,000 tasks draining a backlog: <= 0.5x Celery's",
            measure=_ratio('drain_cpu', 'celery', 0.5), at_least=False),
     Target(text="untracked tasks, worker CPU per 1,000 end to end, one caller: <= Dramatiq's",
            measure=_ratio('e2e1_cpu', 'dramatiq', 1.0, system='carrot_untracked'),
+           at_least=False),
+    Target(text=f"the same with every system's caller at {PACED_RATE:,.0f} tasks/s (h): "
+                "<= Dramatiq's",
+           measure=_ratio('paced_cpu', 'dramatiq', 1.0, system='carrot_untracked'),
            at_least=False),
     Target(text="untracked tasks, worker CPU per 1,000 draining a backlog: <= Dramatiq's",
            measure=_ratio('drain_cpu', 'dramatiq', 1.0, system='carrot_untracked'),
@@ -321,7 +331,10 @@ def workload_notes(config: Config) -> str:
         f'(f) worker CPU over {config.idle_seconds:.0f} s, {SETTLE_SECONDS:.0f} s after its ready '
         'line; resident memory of all its processes. '
         f'(g) carrot only: the service with its scheduler on and {SCHEDULES:,} one-day schedules, '
-        'none due; CPU and the transactions PostgreSQL counted in its database.')
+        'none due; CPU and the transactions PostgreSQL counted in its database. '
+        f'(h) {config.paced_tasks:,} no-op tasks from one caller at {PACED_RATE:,.0f} a second '
+        'for every system (a sleep between calls) to a freshly started worker: the same '
+        'trickle for each, where in (a) each caller publishes at its own speed.')
 
 
 CARROT_DOES_MORE = (

@@ -67,7 +67,7 @@ def parse_args(argv: list[str]) -> Config:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true',
                         help='smaller workloads (1,000 tasks per flood, 2,000 in the backlog, '
-                             '500 confirmed publishes, 5 s idle sample)')
+                             '500 confirmed publishes, 5 s idle sample, 900 paced tasks)')
     parser.add_argument('--only', choices=SYSTEMS,
                         help='benchmark one system (the pika reference still runs)')
     parser.add_argument('--repeat', type=int, default=3,
@@ -80,6 +80,7 @@ def parse_args(argv: list[str]) -> Config:
         backlog_tasks=2000 if args.quick else 10_000,
         idle_seconds=5.0 if args.quick else 10.0,
         confirm_publishes=500 if args.quick else 2000,
+        paced_tasks=900 if args.quick else 3000,
         repeat=max(1, args.repeat),
         systems=(args.only,) if args.only else SYSTEMS,
     )

@@ -7,12 +7,16 @@ one gevent-patched process). See README.md for what each one measures.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from common import (
+    BENCH_DIR,
     Adapter,
     BenchError,
     Publisher,
@@ -32,6 +36,10 @@ SCHEDULES = 10_000
 CONFIRM_WARMUP = 100
 MANY_CALLERS = 50
 TRANSACTION_TASKS = 10_000
+# (h): the rate one caller publishes at for every system, within what carrot's one caller
+# reaches on a slow hour (about 1,000 calls a second).
+PACED_RATE = 300.0
+_PACED_MEDIAN = re.compile(r'median ([\d,.]+) ')
 
 Figures = dict[str, float]
 # How much earlier than the publisher's last call returned all completions may be seen.
@@ -48,6 +56,8 @@ class Config:
     idle_seconds: float
     #: Sequential confirmed publishes in the one-caller latency workload.
     confirm_publishes: int
+    #: No-op tasks one caller publishes at PACED_RATE in (h).
+    paced_tasks: int
     #: Runs of every workload; medians are reported.
     repeat: int
     #: The systems measured (the pika reference runs besides).
@@ -285,13 +295,37 @@ def idle_scheduler(adapter: Any, config: Config, tag: str) -> Figures:
     return figures
 
 
+def paced(adapter: Adapter, config: Config, tag: str) -> Figures:
+    """(h) One caller publishing at PACED_RATE for every system, so that each worker sees
+    the same trickle: its CPU per 1,000 tasks, measured by ``paced.py`` in a process of its
+    own (carrot untracked needs its settings before Django starts)."""
+    per_thousand = paced_in_subprocess(adapter.name, PACED_RATE, config.paced_tasks)
+    log(f'  {adapter.name}: {config.paced_tasks:,} tasks at {PACED_RATE:,.0f}/s, worker CPU '
+        f'{per_thousand:,.0f} ms per 1,000')
+    return {'paced_cpu': per_thousand}
+
+
+def paced_in_subprocess(system: str, rate: float, tasks: int) -> float:
+    """The worker CPU per 1,000 tasks that one ``paced.py --system`` run prints."""
+    argv = [sys.executable, str(BENCH_DIR / 'paced.py'), '--system', system, '--repeat', '1',
+            '--rate', str(rate), '--tasks', str(tasks)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ''
+    found = _PACED_MEDIAN.search(last)
+    if done.returncode != 0 or found is None:
+        raise BenchError(f'paced.py --system {system} failed (exit {done.returncode}): '
+                         f'{(done.stderr or done.stdout).strip()[-400:]}')
+    return float(found.group(1).replace(',', ''))
+
+
 def steps_for(adapter: Adapter, config: Config, tag: str) -> list[Callable[[], Figures]]:
     """The workloads ``adapter`` takes part in, in the order they run."""
     steps: list[Callable[[], Figures]] = []
     if adapter.has_worker:
         steps += [lambda: idle_and_end_to_end(adapter, config, tag),
                   lambda: drain_noop(adapter, config, tag),
-                  lambda: drain_sleeping(adapter, tag)]
+                  lambda: drain_sleeping(adapter, tag),
+                  lambda: paced(adapter, config, tag)]
     steps.append(lambda: confirmed_calls(adapter, config, tag))
     if getattr(adapter, 'create_schedules', None) is not None:
         steps += [lambda: one_transaction(adapter, tag),
