@@ -242,6 +242,27 @@ def _spawn(
     return proc
 
 
+def run_logged(argv: Sequence[str], log_name: str, timeout: float) -> tuple[int, str]:
+    """Run a harness command (another benchmark script) in a process group of its own, its
+    output in ``LOG_DIR/<log_name>.log``; return its exit code (-1 when ``timeout`` ran
+    out) and its output. At ``timeout``, or when the harness itself is stopped, it is sent
+    SIGTERM, which lets it stop what it started, then SIGKILL."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    path = LOG_DIR / f'{log_name}.log'
+    with path.open('wb') as out:
+        proc = _spawn(argv, BENCH_DIR, {}, out)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = -1
+        finally:
+            if proc in _live_processes:
+                _live_processes.remove(proc)
+            if proc.poll() is None:
+                _kill_group(proc, grace=15)
+    return code, path.read_text(errors='replace')
+
+
 class Worker:
     """A worker subprocess whose output is copied to a log file and scanned for readiness."""
 

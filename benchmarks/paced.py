@@ -1,18 +1,18 @@
-"""carrot's worker CPU at a fixed arrival rate: ``python3 benchmarks/paced.py [options]``.
+"""A worker's CPU at a fixed arrival rate: ``python3 benchmarks/paced.py [options]``.
 
 The end-to-end workload of ``run.py`` publishes as fast as one caller can, so the rate the
 worker sees (and with it the size of the recorder's batches and its CPU per task) moves
-with the publisher and with the machine's load. To compare two versions of the worker, this
-publishes from one caller at a fixed rate instead (``--rate``, 300 tasks a second by
-default, a sleep between calls), to a freshly started worker each repeat, and prints the
-worker's CPU per 1,000 no-op tasks, from the first call until the last task is counted,
-and the median over the repeats: for comparing two versions of carrot's worker.
+with the publisher and with the machine's load. This publishes from one caller at a fixed
+rate instead (``--rate``, 300 tasks a second by default, a sleep between calls), to a
+freshly started worker each repeat, and prints the worker's CPU per 1,000 no-op tasks, from
+the first call until the last task is counted, and the median over the repeats: run
+interleaved with another version of the code, it compares two versions of carrot's worker.
 
 ``--compare`` runs carrot, carrot untracked, Celery and Dramatiq at the same rate instead,
 interleaved (each repeat of each system in a process of its own), and prints their medians
-and carrot's ratios: what the worker CPU targets ask at one caller, but with every worker
-fed the same trickle (in ``run.py``'s end-to-end workload each system's one caller publishes
-at its own speed, and the peers' two to four times faster than carrot's).
+and carrot's ratios: the worker CPU targets, with every worker fed the same rate (in
+``run.py``'s workload (a) each system's one caller publishes at its own speed, the peers'
+several times faster than carrot's). ``run.py``'s workload (h) is one such run per system.
 
 Options: ``--rate`` (tasks/s), ``--tasks`` (3,000), ``--repeat`` (3), ``--system`` (carrot,
 carrot_untracked, celery or dramatiq; ``--untracked`` is ``--system carrot_untracked``),
@@ -22,7 +22,6 @@ it), ``--sleeping`` (publish nothing at a rate: 2,000 tasks of 50 ms published f
 the seconds the worker takes from the first start until the last ends, as workload (c) of
 ``run.py`` times it). ``BENCH_DB=sqlite`` as for ``run.py``.
 """
-
 from __future__ import annotations
 
 import os
@@ -36,10 +35,12 @@ if __name__ == '__main__':
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from types import ModuleType  # noqa: E402
+from typing import Any  # noqa: E402
 
 import carrot_untracked_adapter  # noqa: E402
 from common import Adapter, BenchError, Worker, kill_all_started, wait_until  # noqa: E402
@@ -59,8 +60,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--rate', type=float, default=300.0, help='tasks a second')
     parser.add_argument('--tasks', type=int, default=3000, help='no-op tasks per repeat')
     parser.add_argument('--repeat', type=int, default=3)
-    parser.add_argument('--system', choices=SYSTEMS, default='carrot',
-                        help='the system whose worker is measured')
+    parser.add_argument('--system', choices=SYSTEMS,
+                        help='the system whose worker is measured (default: carrot)')
     parser.add_argument('--untracked', action='store_true',
                         help="the queue with 'tracked': False (--system carrot_untracked)")
     instead = parser.add_mutually_exclusive_group()
@@ -70,11 +71,19 @@ def parse_args() -> argparse.Namespace:
                          help="publish nothing: the idle worker's CPU over SECONDS")
     instead.add_argument('--sleeping', action='store_true',
                          help='the time to drain 2,000 tasks of 50 ms published first')
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.untracked:
+        if args.system not in (None, 'carrot_untracked'):
+            parser.error('--untracked is --system carrot_untracked: give one or the other')
+        args.system = 'carrot_untracked'
+    if args.compare and args.system is not None:
+        parser.error('--compare runs every system: leave out --system and --untracked')
+    args.system = args.system or 'carrot'
+    return args
 
 
 SYSTEMS = ('carrot', 'carrot_untracked', 'celery', 'dramatiq')
-# carrot's ratios that --compare prints: (system, peer), as the worker CPU targets pair them.
+# carrot's ratios that --compare prints: (system, peer).
 RATIOS = (('carrot', 'celery'), ('carrot', 'dramatiq'), ('carrot_untracked', 'dramatiq'))
 
 
@@ -142,18 +151,23 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    # SIGTERM (run.py stopping this run) as an exception, so that the worker is stopped.
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     args = parse_args()
     if args.compare:
         return compare(args)
-    name = 'carrot_untracked' if args.untracked else args.system
-    if name == 'carrot_untracked':
+    signal.signal(signal.SIGTERM, _terminate)
+    if args.system == 'carrot_untracked':
         os.environ.update(carrot_untracked_adapter.ENV)  # its queue, before Django starts
-    system: ModuleType = importlib.import_module(f'{name}_adapter')
-    adapter: Adapter = system.ADAPTER
+    module: ModuleType = importlib.import_module(f'{args.system}_adapter')
+    adapter: Adapter = module.ADAPTER
     adapter.prepare()
-    publish = system.make_publisher('noop', False)  # the peers' default; carrot confirms
-    finish: Callable[[], None] | None = getattr(system, 'finish_publishing', None)
+    publish = module.make_publisher('noop', False)  # the peers' default; carrot confirms
+    finish: Callable[[], None] | None = getattr(module, 'finish_publishing', None)
     try:
         if args.idle is not None:
             figures = [idle_run(adapter, args.idle, str(repeat))

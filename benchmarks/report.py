@@ -334,7 +334,7 @@ def workload_notes(config: Config) -> str:
         'none due; CPU and the transactions PostgreSQL counted in its database. '
         f'(h) {config.paced_tasks:,} no-op tasks from one caller at {PACED_RATE:,.0f} a second '
         'for every system (a sleep between calls) to a freshly started worker: the same '
-        'trickle for each, where in (a) each caller publishes at its own speed.')
+        'rate for each, where in (a) each caller publishes at its own speed.')
 
 
 CARROT_DOES_MORE = (

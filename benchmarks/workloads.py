@@ -8,7 +8,6 @@ one gevent-patched process). See README.md for what each one measures.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from common import (
     delete_queues,
     ensure_no_consumers,
     queue_stats,
+    run_logged,
     wait_until,
 )
 
@@ -296,8 +296,8 @@ def idle_scheduler(adapter: Any, config: Config, tag: str) -> Figures:
 
 
 def paced(adapter: Adapter, config: Config, tag: str) -> Figures:
-    """(h) One caller publishing at PACED_RATE for every system, so that each worker sees
-    the same trickle: its CPU per 1,000 tasks, measured by ``paced.py`` in a process of its
+    """(h) One caller publishing at PACED_RATE for every system, so that each worker is fed
+    the same rate: its CPU per 1,000 tasks, measured by ``paced.py`` in a process of its
     own (carrot untracked needs its settings before Django starts)."""
     per_thousand = paced_in_subprocess(adapter.name, PACED_RATE, config.paced_tasks)
     log(f'  {adapter.name}: {config.paced_tasks:,} tasks at {PACED_RATE:,.0f}/s, worker CPU '
@@ -306,15 +306,17 @@ def paced(adapter: Adapter, config: Config, tag: str) -> Figures:
 
 
 def paced_in_subprocess(system: str, rate: float, tasks: int) -> float:
-    """The worker CPU per 1,000 tasks that one ``paced.py --system`` run prints."""
+    """The worker CPU per 1,000 tasks that one ``paced.py --system`` run prints (its output
+    is in LOG_DIR)."""
     argv = [sys.executable, str(BENCH_DIR / 'paced.py'), '--system', system, '--repeat', '1',
             '--rate', str(rate), '--tasks', str(tasks)]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ''
-    found = _PACED_MEDIAN.search(last)
-    if done.returncode != 0 or found is None:
-        raise BenchError(f'paced.py --system {system} failed (exit {done.returncode}): '
-                         f'{(done.stderr or done.stdout).strip()[-400:]}')
+    code, output = run_logged(argv, f'paced-{system}-{time.strftime("%H%M%S")}',
+                              timeout=READY_TIMEOUT + 120 + tasks / rate * 2)
+    lines = output.strip().splitlines()
+    found = _PACED_MEDIAN.search(lines[-1]) if lines else None
+    if code != 0 or found is None:
+        raise BenchError(f'paced.py --system {system} failed (exit {code}): '
+                         f'{output.strip()[-400:]}')
     return float(found.group(1).replace(',', ''))
 
 
