@@ -22,6 +22,7 @@ it), ``--sleeping`` (publish nothing at a rate: 2,000 tasks of 50 ms published f
 the seconds the worker takes from the first start until the last ends, as workload (c) of
 ``run.py`` times it). ``BENCH_DB=sqlite`` as for ``run.py``.
 """
+
 from __future__ import annotations
 
 import os
