@@ -168,6 +168,22 @@ def idle_and_end_to_end(adapter: Adapter, config: Config, tag: str) -> Figures:
     return figures
 
 
+class FirstDone:
+    """A poll-loop predicate, true once ``count`` tasks are done, that remembers the first
+    poll to see any done: the wall-clock time, the worker's CPU seconds and the count then
+    (the worker's start-up is before it)."""
+
+    def __init__(self, adapter: Adapter, worker: Worker, count: int) -> None:
+        self.adapter, self.worker, self.count = adapter, worker, count
+        self.first: tuple[float, float, int] | None = None
+
+    def __call__(self) -> bool:
+        done = self.adapter.done_count()
+        if self.first is None and done:
+            self.first = (time.time(), self.worker.cpu_seconds(), done)
+        return done >= self.count
+
+
 def drain_noop(adapter: Adapter, config: Config, tag: str) -> Figures:
     """A backlog of no-op tasks published first; the worker's rate and CPU per task once it
     runs them, counted from the first completion seen (start-up excluded)."""
@@ -175,20 +191,12 @@ def drain_noop(adapter: Adapter, config: Config, tag: str) -> Figures:
     count = config.backlog_tasks
     _publish(adapter, 'noop', count, MANY_CALLERS, tag)
     with Worker(adapter.worker_spec(), f'{adapter.name}-worker-drain-noop-{tag}') as worker:
-        first: tuple[float, float, int] | None = None
-
-        def seen_all() -> bool:
-            nonlocal first
-            done = adapter.done_count()
-            if first is None and done:
-                first = (time.time(), worker.cpu_seconds(), done)
-            return done >= count
-
-        done_at = wait_until(seen_all, 120 + count / 100, adapter.poll_interval,
+        seen = FirstDone(adapter, worker, count)
+        done_at = wait_until(seen, 120 + count / 100, adapter.poll_interval,
                              'the no-op backlog to drain', on_tick=worker.check_alive)
         cpu = worker.cpu_seconds()
-    assert first is not None
-    first_at, first_cpu, first_done = first
+    assert seen.first is not None
+    first_at, first_cpu, first_done = seen.first
     tasks = count - first_done
     if tasks < count / 2:
         raise BenchError(f'{first_done} of {count} tasks were done at the first look: '
@@ -201,31 +209,24 @@ def drain_noop(adapter: Adapter, config: Config, tag: str) -> Figures:
 
 
 def drain_sleeping(adapter: Adapter, tag: str) -> Figures:
-    """2,000 tasks of 50 ms published first; how long concurrency 100 takes to run them."""
+    """2,000 tasks of 50 ms published first; how long concurrency 100 takes to run them, and
+    the worker's CPU from the first poll that sees a task done to the last: whether the
+    drain is bound by the worker's CPU rather than by waits."""
     _fresh(adapter)
     _publish(adapter, 'sleep50', SLEEP_TASKS, MANY_CALLERS, tag)
-    # The worker's CPU from the first poll that sees a task done to the last: whether the
-    # drain is bound by the worker's CPU rather than by waits.
-    first_done: list[tuple[float, float]] = []
-
-    def drained() -> bool:
-        done = adapter.done_count()
-        if done and not first_done:
-            first_done.append((time.monotonic(), worker.cpu_seconds()))
-        return done >= SLEEP_TASKS
-
     with Worker(adapter.worker_spec(), f'{adapter.name}-worker-drain-{tag}') as worker:
-        done_at = wait_until(drained, 120, adapter.poll_interval, 'the backlog to drain',
+        seen = FirstDone(adapter, worker, SLEEP_TASKS)
+        done_at = wait_until(seen, 120, adapter.poll_interval, 'the backlog to drain',
                              on_tick=worker.check_alive)
-        cpu_at_end, ended = worker.cpu_seconds(), time.monotonic()
+        cpu_at_end, ended = worker.cpu_seconds(), time.time()
         spawned_at = worker.started_at
     figures = {'sleep_spawn': done_at - spawned_at}
     first = adapter.first_start()
     if first is not None:
         figures['sleep_first'] = done_at - first
     busy = ''
-    if first_done and ended > first_done[0][0]:
-        began, cpu_at_first = first_done[0]
+    if seen.first is not None and ended > seen.first[0]:
+        began, cpu_at_first, _ = seen.first
         share = 100 * (cpu_at_end - cpu_at_first) / (ended - began)
         busy = f', worker CPU {share:.0f}% of a core from the first end to the last'
     log(f'  {adapter.name}: {SLEEP_TASKS} x 50 ms: {figures.get("sleep_first", float("nan")):.2f}'
