@@ -1,6 +1,7 @@
 """Group commit for PUBLISHED rows written outside a transaction.
 
-Publishers that arrive together (greenlets or threads) share one INSERT and one commit.
+Publishers that arrive together (greenlets or threads) share one INSERT and one commit,
+which waits for the disk unless ``CARROT['synchronous_commit']`` is False.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from carrot import conf
 from carrot._sql import insert_rows
 
 
@@ -68,11 +70,12 @@ class GroupInsert:
             raise
 
     def _write(self, batch: list[PendingRow]) -> None:
+        synchronous = conf.get_settings().synchronous_commit
         try:
             for alias in {row.alias for row in batch}:
                 rows = [row for row in batch if row.alias == alias]
                 try:
-                    pks = insert_rows(alias, [r.values for r in rows])
+                    pks = insert_rows(alias, [r.values for r in rows], synchronous=synchronous)
                 except Exception as error:
                     if len(rows) == 1:
                         rows[0].error = error

@@ -6,11 +6,13 @@ import importlib
 from typing import Any
 
 from django.core import checks
+from django.db import connections, router
 from django.utils.module_loading import import_string
 
 from carrot import conf, options, registry
 from carrot.consumer import check_consumer_class
 from carrot.exceptions import CarrotConfigException
+from carrot.models import MessageLog
 from carrot.reporting import SafeExceptionReporterFilter, holds_url_password
 
 
@@ -55,10 +57,28 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 f"CARROT['queues'] ({queue.name!r}): {error}",
                 id='carrot.E003',
             ))
+    found.extend(_check_synchronous_commit(settings))
     found.extend(_check_monitor_authentication(settings.monitor_authentication))
     found.extend(_check_task_option_paths(settings))
     found.extend(_discover_app_tasks(settings))
     return found
+
+
+def _check_synchronous_commit(settings: conf.CarrotSettings) -> list[checks.CheckMessage]:
+    """``synchronous_commit`` False does something on PostgreSQL only (carrot.W005)."""
+    if settings.synchronous_commit:
+        return []
+    alias = router.db_for_write(MessageLog)
+    vendor = connections[alias].vendor
+    if vendor == 'postgresql':
+        return []
+    return [checks.Warning(
+        f"CARROT['synchronous_commit'] is False, but MessageLog rows are written to the "
+        f"{vendor} database {alias!r}: only PostgreSQL commits them without waiting for "
+        f'the disk, so this changes nothing there.',
+        hint="Remove CARROT['synchronous_commit'], or write MessageLog rows to PostgreSQL.",
+        id='carrot.W005',
+    )]
 
 
 def _discover_app_tasks(settings: conf.CarrotSettings) -> list[checks.CheckMessage]:

@@ -26,7 +26,7 @@ QUEUE_KEYS = frozenset({
 TOP_LEVEL_KEYS = frozenset({
     'default_broker', 'queues', 'task_modules', 'monitor_authentication', 'shutdown_timeout',
     'monitor_read_only', 'resend_unconfirmed_after', 'task_defaults', 'consumer_timeout',
-    'retention',
+    'retention', 'synchronous_commit',
 })
 RETENTION_KEYS = frozenset({'completed', 'failed', 'prune_hourly'})
 BROKER_DICT_KEYS = frozenset({'host', 'port', 'name', 'username', 'password', 'secure', 'url'})
@@ -103,6 +103,11 @@ class CarrotSettings:
     #: Seconds after which the service sends again a task whose row still awaits the
     #: confirm of its message (its publishing process died before RabbitMQ answered).
     resend_unconfirmed_after: float = 60.0
+    #: False: the PUBLISHED row that ``publish_message`` commits outside a transaction does
+    #: not wait for PostgreSQL to flush it to disk (``synchronous_commit`` off for that
+    #: statement). Faster for one caller; a crash of the database server can lose the rows
+    #: of the last fraction of a second (see the reliability page).
+    synchronous_commit: bool = True
     #: The task options set for every task (``carrot.options``), as given.
     task_defaults: Mapping[str, Any] = field(default_factory=dict)
     #: RabbitMQ's ``consumer_timeout``, in seconds: time limits must stay below it.
@@ -333,6 +338,8 @@ def parse(raw: Any) -> CarrotSettings:
         monitor_read_only=_bool(raw.get('monitor_read_only', False),
                                 "CARROT['monitor_read_only']"),
         resend_unconfirmed_after=float(resend_after),
+        synchronous_commit=_bool(raw.get('synchronous_commit', True),
+                                 "CARROT['synchronous_commit']"),
         task_defaults=task_defaults,
         consumer_timeout=float(consumer_timeout),
         retention=_parse_retention(raw.get('retention')),

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from django.db import connection, transaction
 from django.test.utils import override_settings
 
 from carrot import lifecycle, message, outbox
@@ -60,14 +61,21 @@ def _restart_rabbitmq() -> None:
     subprocess.run(['rabbitmqctl', '-q', 'await_startup'], check=True, timeout=120)
 
 
+ON_POSTGRESQL = pytest.mark.skipif(os.environ.get('CARROT_TEST_DB') != 'postgresql',
+                                   reason='synchronous_commit changes only PostgreSQL commits')
+
+
+@pytest.mark.parametrize('synchronous_commit', [
+    True, pytest.param(False, marks=ON_POSTGRESQL, id='synchronous_commit-off')])
 def test_every_returned_publish_runs_once_though_the_publisher_is_killed_and_rabbitmq_restarts(
         queue: str, broker: Broker, rabbitmq_proxy: Proxy, start_worker: StartWorker,
-        tmp_path: Path) -> None:
+        tmp_path: Path, synchronous_commit: bool) -> None:
     """20 tasks reach RabbitMQ; the next 20 calls return while the network drops their
     frames; the publisher is SIGKILLed right after the last call returns, and RabbitMQ
-    restarts before a worker starts. All 40 run, each once."""
+    restarts before a worker starts. All 40 run, each once: also when the rows are committed
+    without waiting for the disk (the database server itself does not crash here)."""
     runs = tmp_path / 'runs'
-    through_proxy = carrot_settings(queue)
+    through_proxy = {**carrot_settings(queue), 'synchronous_commit': synchronous_commit}
     through_proxy['default_broker'] = f'amqp://guest:guest@127.0.0.1:{rabbitmq_proxy.port}/'
     publisher = subprocess.Popen(
         [sys.executable, '-c', PUBLISHER, queue, str(runs), '20', '40'], cwd=ROOT,
@@ -96,6 +104,46 @@ def test_every_returned_publish_runs_once_though_the_publisher_is_killed_and_rab
     assert _runs(runs) == sorted(f'task-{index}' for index in range(40))
     assert set(MessageLog.objects.values_list('attempts', 'awaiting_confirm')) == {(1, False)}
     assert 'Sent ' in worker.output and 'again whose publishing process' in worker.output
+
+
+def _wal_syncs() -> int:
+    """The WAL flushes PostgreSQL has counted, this connection's own included."""
+    with connection.cursor() as cursor:
+        cursor.execute('SELECT pg_stat_force_next_flush()')  # this backend's counts, when idle
+        cursor.execute('SELECT wal_sync FROM pg_stat_wal')
+        syncs: int = cursor.fetchone()[0]
+    return syncs
+
+
+@ON_POSTGRESQL
+def test_with_synchronous_commit_off_a_row_is_committed_without_waiting_for_the_disk(
+        queue: str) -> None:
+    """Each synchronous commit flushes the WAL to disk before it returns; with
+    CARROT['synchronous_commit'] False the 50 rows' commits leave that to PostgreSQL's WAL
+    writer (a flush every 200 ms), and the connection's own setting is left as it was,
+    also for a transaction the rows are written in."""
+    with connection.cursor() as cursor:
+        cursor.execute('SHOW fsync')
+        if cursor.fetchone()[0] != 'on':
+            pytest.skip('this PostgreSQL does not flush its WAL (fsync off)')
+    flushes = {}
+    for synchronous in (True, False):
+        with override_settings(CARROT={**carrot_settings(queue),
+                                       'synchronous_commit': synchronous}):
+            before = _wal_syncs()
+            for index in range(50):
+                publish_message(tasks.add, index, index)
+            flushes[synchronous] = _wal_syncs() - before
+            with connection.cursor() as cursor:
+                cursor.execute('SHOW synchronous_commit')
+                assert cursor.fetchone()[0] == 'on'
+                with transaction.atomic():
+                    publish_message(tasks.add, 1, 2)
+                    cursor.execute('SHOW synchronous_commit')
+                    assert cursor.fetchone()[0] == 'on'
+    assert flushes[True] >= 40, flushes
+    assert flushes[False] <= 10, flushes
+    assert MessageLog.objects.filter(status=MessageLog.PUBLISHED).count() == 102
 
 
 def _resent_copy(broker: Broker, queue: str, log: MessageLog) -> None:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from django.core import checks
+from django.db import connection
 from django.test.utils import override_settings
 
 from carrot import conf
@@ -90,6 +91,7 @@ def test_default_broker_serves_queues_without_host() -> None:
     ({'resend_unconfirmed_after': True}, 'resend_unconfirmed_after'),
     ({'resend_unconfirmed_after': float('inf')}, 'resend_unconfirmed_after'),
     ({'brokers': []}, 'brokers'),
+    ({'synchronous_commit': 'off'}, "CARROT['synchronous_commit'] must be True or False"),
 ])
 def test_bad_settings_raise_an_error_naming_the_key(raw: dict[str, object], named: str) -> None:
     with pytest.raises(CarrotConfigException) as caught:
@@ -134,6 +136,19 @@ def test_system_check_warns_when_no_task_module_is_listed() -> None:
     with override_settings(CARROT={}):
         found = check_settings()
     assert [(m.id, m.level) for m in found] == [('carrot.W001', checks.WARNING)]
+
+
+def test_system_check_warns_that_synchronous_commit_off_changes_nothing_but_on_postgresql(
+        ) -> None:
+    assert conf.parse({}).synchronous_commit is True
+    with override_settings(CARROT={'task_modules': ['tests.project.tasks'],
+                                   'synchronous_commit': False}):
+        found = check_settings()
+    if connection.vendor == 'postgresql':
+        assert found == []
+    else:
+        assert [(m.id, m.level) for m in found] == [('carrot.W005', checks.WARNING)]
+        assert f"{connection.vendor} database 'default'" in found[0].msg
 
 
 def test_settings_are_read_once_and_again_after_override() -> None:
