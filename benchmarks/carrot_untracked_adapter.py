@@ -32,6 +32,8 @@ class CarrotUntrackedAdapter(carrot_adapter.CarrotAdapter):
     poll_interval = Adapter.poll_interval
     #: (e) and (g) measure the tracked service only.
     create_schedules = None  # type: ignore[assignment]
+    #: No row, so nothing for synchronous_commit to change.
+    one_caller_variants: dict[str, dict[str, str]] = {}
 
     def reset(self) -> None:
         Adapter.reset(self)

@@ -69,6 +69,8 @@ class Adapter:
     confirm_description: str = ''
     worker_description: str = ''
     has_worker: bool = True
+    #: Extra one-caller floods of (a): metric key prefix -> the publisher's environment.
+    one_caller_variants: dict[str, dict[str, str]] = {}
 
     def prepare(self) -> None:
         """Once per harness run, before any measurement."""

@@ -110,12 +110,17 @@ def _watch(worker: Worker, publisher: Publisher | None = None) -> Callable[[], N
     return watch
 
 
-def _flood(adapter: Adapter, worker: Worker, count: int, callers: int, tag: str) -> Figures:
-    """Publish ``count`` no-op tasks to the running worker; time until the last is done."""
+def _flood(adapter: Adapter, worker: Worker, count: int, callers: int, tag: str,
+           key: str = '', env: dict[str, str] | None = None) -> Figures:
+    """Publish ``count`` no-op tasks to the running worker; time until the last is done.
+
+    The figures are named after ``key`` (``e2e<callers>`` by default); ``env`` is the
+    publisher's own environment (a variant of the publishing settings)."""
+    key = key or f'e2e{callers}'
     adapter.reset()
     cpu_before = worker.cpu_seconds()
     publisher = Publisher(publisher_args(adapter, 'bulk', 'noop', count, callers),
-                          f'{adapter.name}-publish-e2e{callers}-{tag}')
+                          f'{adapter.name}-publish-{key}-{tag}', env)
     try:
         done_at = wait_until(lambda: adapter.done_count() >= count, 60 + count / 50,
                              adapter.poll_interval, f'{count} no-op tasks',
@@ -132,10 +137,10 @@ def _flood(adapter: Adapter, worker: Worker, count: int, callers: int, tag: str)
                          'before publishing ended: another publisher or worker shares the '
                          'queue or the database')
     seconds = done_at - published['t0']
-    log(f'  {adapter.name}: {count} no-op tasks from {callers} caller(s) in {seconds:.2f}s = '
-        f'{count / seconds:,.0f}/s (publishing {published["rate"]:,.0f}/s), worker CPU '
-        f'{1e6 * cpu / count:,.0f} ms per 1,000')
-    key = f'e2e{callers}'
+    variant = f' ({" ".join(f"{k}={v}" for k, v in env.items())})' if env else ''
+    log(f'  {adapter.name}: {count} no-op tasks from {callers} caller(s){variant} in '
+        f'{seconds:.2f}s = {count / seconds:,.0f}/s (publishing {published["rate"]:,.0f}/s), '
+        f'worker CPU {1e6 * cpu / count:,.0f} ms per 1,000')
     return {f'{key}_rate': count / seconds, f'{key}_publish_rate': published['rate'],
             f'{key}_cpu': 1e6 * cpu / count}
 
@@ -153,7 +158,7 @@ def idle_cpu(adapter: Adapter, worker: Worker, seconds: float) -> float:
 
 def idle_and_end_to_end(adapter: Adapter, config: Config, tag: str) -> Figures:
     """On one worker: idle CPU and memory after start-up, then a no-op flood from one caller
-    and one from 50, then memory again."""
+    and one from 50 (and the adapter's one-caller variants), then memory again."""
     _fresh(adapter)
     with Worker(adapter.worker_spec(), f'{adapter.name}-worker-e2e-{tag}') as worker:
         worker.wait_ready(READY_TIMEOUT)
@@ -164,6 +169,8 @@ def idle_and_end_to_end(adapter: Adapter, config: Config, tag: str) -> Figures:
         figures = {'idle_cpu': idle, 'rss_ready': rss_ready}
         for callers in (1, MANY_CALLERS):
             figures.update(_flood(adapter, worker, config.e2e_tasks, callers, tag))
+        for key, env in adapter.one_caller_variants.items():
+            figures.update(_flood(adapter, worker, config.e2e_tasks, 1, tag, key, env))
         figures['rss_after'] = worker.rss_mb()
     return figures
 

@@ -52,12 +52,14 @@ CARROT = {
     # BENCH_CARROT_UNTRACKED=1 (carrot_untracked_adapter.py): the queue of untracked tasks.
     # BENCH_CARROT_PREFETCH=N: another prefetch, to measure what it changes (not the default).
     # BENCH_CARROT_CONCURRENCY=N: consumers per worker (benchmarks/scale.py varies it).
+    # BENCH_CARROT_SYNCHRONOUS_COMMIT=0: the publisher's rows not waiting for the disk (a).
     'queues': [{**({'name': 'bench_carrot_untracked', 'tracked': False}
                    if os.environ.get('BENCH_CARROT_UNTRACKED') == '1'
                    else {'name': 'bench_carrot'}),
                 'concurrency': int(os.environ.get('BENCH_CARROT_CONCURRENCY', '100')),
                 'prefetch': int(os.environ.get('BENCH_CARROT_PREFETCH', '1'))}],
     'task_modules': ['tasks'],
+    'synchronous_commit': os.environ.get('BENCH_CARROT_SYNCHRONOUS_COMMIT', '1') != '0',
 }
 
 LOGGING = {
