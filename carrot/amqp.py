@@ -5,7 +5,9 @@ sleeping 10 ms in a loop until its reader thread has put the frame in place. Tha
 channel at about 95 confirmed publishes/s and, with 100 idle consumers, keeps the hub busy.
 Here the reader thread sets an event as each frame arrives, so a waiter sleeps until there is
 something to read, and an idle channel costs nothing. Publishes and acks write frames encoded
-by ``carrot.frames``. Everything else is amqpstorm's own.
+by ``carrot.frames``, deliveries are read by it, and ``acks_together()`` writes many acks at
+once. The broker's answers to publishes are ``carrot.confirms``'. Everything else is
+amqpstorm's own.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
+from amqpstorm.base import BaseMessage
 from amqpstorm.channel import CONTENT_FRAME, Channel
 from amqpstorm.connection import Connection as AmqpstormConnection
 from amqpstorm.exception import (
@@ -30,7 +34,24 @@ from amqpstorm.io import IO
 from amqpstorm.message import Message
 from amqpstorm.rpc import Rpc
 
-from carrot.frames import ack_frame, publish_frames
+from carrot.confirms import ConfirmListener, Confirms
+from carrot.frames import (
+    FRAME_BODY,
+    FRAME_END_BYTE,
+    FRAME_HEADER,
+    FRAME_HEARTBEAT,
+    FRAME_METHOD,
+    FRAME_OVERHEAD,
+    Body,
+    Deliver,
+    Header,
+    ack_frame,
+    body_size_of,
+    decode_deliver,
+    decode_properties,
+    frame_start,
+    publish_frames,
+)
 
 logger = logging.getLogger('carrot.broker')
 
@@ -100,103 +121,6 @@ def _check_for_failure(adapter: Any) -> None:
         raise closed[0] if closed else AMQPChannelError('channel closed')
 
 
-class Returns:
-    """The message ids of returned messages (mandatory, and no queue was bound), taken from
-    the Basic.Return frames a channel receives, which come before the message's confirm."""
-
-    def __init__(self) -> None:
-        self.message_ids: set[str] = set()
-        self._header_due = False
-        self._body_left = 0
-
-    def on_frame(self, frame_in: Any) -> bool:
-        """Take a frame of a returned message; False for a frame that is not one."""
-        if frame_in.name == 'Basic.Return':
-            self._header_due = True
-        elif frame_in.name == 'ContentHeader' and self._header_due:
-            self._header_due = False
-            self._body_left = frame_in.body_size
-            message_id = frame_in.properties.message_id
-            self.message_ids.add(message_id.decode() if isinstance(message_id, bytes)
-                                 else str(message_id))
-        elif frame_in.name == 'ContentBody' and self._body_left > 0:
-            self._body_left -= len(frame_in.value)
-        else:
-            return False
-        return True
-
-
-class ConfirmListener(Protocol):
-    """What takes a confirm-mode channel's answers instead of its RPC waiter."""
-
-    def on_confirm(self, nacked: bool, delivery_tag: int, multiple: bool) -> None: ...
-
-    def on_return_frame(self, frame_in: Any) -> bool: ...
-
-
-class Confirms:
-    """The broker's answers to a run of publishes sent without waiting, by delivery tag.
-
-    Filled in by the connection's reader thread: ``ACK`` (stored), ``NACK`` (refused) or
-    ``RETURNED`` (mandatory, and no queue was bound: a Basic.Return, which comes before the
-    message's ack, names it by its ``message_id``); None while unanswered. The writer
-    announces each part of the run with ``expect`` before writing it, and its end with
-    ``complete``: ``answered`` is set once the run is complete and every publish answered.
-    """
-
-    ACK, NACK, RETURNED = 'ack', 'nack', 'returned'
-
-    def __init__(self, first_tag: int) -> None:
-        self.first_tag = first_tag
-        self.message_ids: list[str | None] = []
-        self.outcomes: list[str | None] = []
-        self.unanswered = 0
-        self.written = 0  # how many of the publishes went to the socket
-        self._lowest = 0  # every outcome below this index is known
-        self._complete = False
-        self._returns = Returns()
-        self._lock = threading.Lock()  # the writer expects while the reader fills in
-        self.answered = threading.Event()
-
-    def expect(self, message_ids: Sequence[str | None]) -> None:
-        """The next publishes of the run, one per message id, about to be written."""
-        with self._lock:
-            self.message_ids.extend(message_ids)
-            self.outcomes.extend([None] * len(message_ids))
-            self.unanswered += len(message_ids)
-
-    def complete(self) -> None:
-        """No more publishes come in this run."""
-        with self._lock:
-            self._complete = True
-            self._note_answered()
-
-    def outcome(self, position: int) -> str | None:
-        """The answer to the run's publish number ``position`` (from 0); None if none yet,
-        or if it was never expected."""
-        return self.outcomes[position] if position < len(self.outcomes) else None
-
-    def on_confirm(self, nacked: bool, delivery_tag: int, multiple: bool) -> None:
-        with self._lock:
-            last = delivery_tag - self.first_tag
-            for index in range(self._lowest if multiple else last, last + 1):
-                if 0 <= index < len(self.outcomes) and self.outcomes[index] is None:
-                    returned = self.message_ids[index] in self._returns.message_ids
-                    self.outcomes[index] = (self.NACK if nacked else
-                                            self.RETURNED if returned else self.ACK)
-                    self.unanswered -= 1
-            while self._lowest < len(self.outcomes) and self.outcomes[self._lowest] is not None:
-                self._lowest += 1
-            self._note_answered()
-
-    def _note_answered(self) -> None:
-        if self._complete and not self.unanswered:
-            self.answered.set()
-
-    def on_return_frame(self, frame_in: Any) -> bool:
-        return self._returns.on_frame(frame_in)
-
-
 class SignallingChannel(Channel):
     """A Channel that announces deliveries and can wait for the next one without polling."""
 
@@ -208,6 +132,10 @@ class SignallingChannel(Channel):
         self._published = 0  # publishes since confirm mode began: the last delivery tag
         #: Takes the answers to publishes instead of the RPC waiter, while set.
         self.confirm_listener: ConfirmListener | None = None
+        # Of the delivery whose frames carrot decodes: is its header next, how many bytes
+        # of its body are still to come.
+        self._header_next = False
+        self._body_left = 0
 
     def confirm_deliveries(self) -> Any:
         answer = super().confirm_deliveries()
@@ -302,9 +230,15 @@ class SignallingChannel(Channel):
         return getattr(result, 'name', None) == 'Basic.Ack'
 
     def ack(self, delivery_tag: int) -> None:
-        """Acknowledge one delivery (amqpstorm's ``Message.ack``, without pamqp)."""
+        """Acknowledge one delivery (amqpstorm's ``Message.ack``, without pamqp); inside
+        ``acks_together()``, at the end of its block."""
         self.check_for_errors()
-        self._carrot_connection.write_bytes(ack_frame(self.channel_id, delivery_tag))
+        frame = ack_frame(self.channel_id, delivery_tag)
+        held = _held_acks.get(threading.get_ident())
+        if held is None:
+            self._carrot_connection.write_bytes(frame)
+        else:
+            held.append((self, frame))
 
     def on_frame(self, frame_in: Any) -> None:
         confirms = self.confirm_listener
@@ -323,6 +257,43 @@ class SignallingChannel(Channel):
             # next ERROR_CHECK_INTERVAL look.
             self.delivery_arrived.set()
             self.rpc.frame_arrived.set()
+
+    def decode_frame(self, kind: int, data: bytes, start: int, end: int) -> Any | None:
+        """The frame whose payload is ``data[start:end]`` as carrot.frames decodes it: a
+        Basic.Deliver, and the content frames after one. None: pamqp decodes it."""
+        if kind == FRAME_BODY and self._body_left > 0:
+            self._body_left -= end - start
+            return Body(data[start:end])
+        self._body_left = 0
+        if kind == FRAME_METHOD:
+            method = decode_deliver(data, start, end)
+            self._header_next = method is not None
+            return None if method is None else Deliver(method)
+        if kind == FRAME_HEADER and self._header_next:
+            self._header_next = False
+            self._body_left = body_size_of(data, start)
+            properties = decode_properties(data, start, end)
+            return None if properties is None else Header(self._body_left, properties)
+        self._header_next = False
+        return None
+
+    def _build_message(self, auto_decode: bool, message_impl: type[BaseMessage],
+                       ) -> BaseMessage | None:
+        inbound = self._inbound
+        if len(inbound) < 2 or not isinstance(inbound[0], Deliver):
+            return super()._build_message(auto_decode, message_impl)
+        deliver = inbound.popleft()
+        header = inbound.popleft()
+        if header.name != 'ContentHeader':
+            logger.warning('Received an out-of-order frame: %s where a ContentHeader frame '
+                           'was expected', header.name)
+            return None
+        # A header pamqp decoded (one with a timestamp, say) has its properties as an object.
+        properties = (header.properties if isinstance(header, Header)
+                      else dict(header.properties))
+        return message_impl(channel=self, body=self._build_message_body(header.body_size),
+                            method=deliver.method, properties=properties,
+                            auto_decode=auto_decode)
 
     def wait_for_message(self, timeout: float) -> Message | None:
         """The next delivered message, or None when none came within ``timeout`` seconds.
@@ -415,6 +386,37 @@ class Connection(AmqpstormConnection):
         if io.poller is not None:
             io.poller._exceptions = self._exceptions
 
+    def _read_buffer(self, data_in: bytes) -> bytes:
+        """Hand each complete frame of ``data_in`` to its channel; what is left over.
+
+        A delivery's frames are decoded by carrot.frames, the rest by amqpstorm and pamqp,
+        frame by frame, in order. amqpstorm's own loop cut each frame off the front of the
+        buffer, copying the rest of it every time.
+        """
+        at, size, channels = 0, len(data_in), self._channels
+        while size - at >= FRAME_OVERHEAD:
+            kind, channel_id, length = frame_start(data_in, at)
+            end = at + FRAME_OVERHEAD - 1 + length  # where its end byte is
+            if kind not in (FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT):
+                return super()._read_buffer(data_in[at:])  # a protocol header, say
+            if end >= size:
+                break  # the rest of it is still to come
+            channel = channels.get(channel_id) if channel_id else None
+            frame_in = None
+            if isinstance(channel, SignallingChannel) and data_in[end] == FRAME_END_BYTE:
+                frame_in = channel.decode_frame(kind, data_in, end - length, end)
+            if frame_in is None:
+                _, _, frame_in = self._handle_amqp_frame(data_in[at:end + 1])
+                if frame_in is None:  # amqpstorm logged why, as its own loop does
+                    break
+            at = end + 1
+            self.heartbeat.register_read()
+            if channel_id == 0:
+                self._channel0.on_frame(frame_in)
+            elif channel_id in channels:
+                channels[channel_id].on_frame(frame_in)
+        return data_in[at:]
+
     def write_bytes(self, data: bytes) -> None:
         """Write frames that are encoded already."""
         self.heartbeat.register_write()
@@ -432,6 +434,42 @@ class Connection(AmqpstormConnection):
         if not lazy:
             channel.open()
         return channel
+
+
+# The acks each greenlet (each thread, unpatched) inside acks_together() holds back, by
+# threading.get_ident(), in the order they were made.
+_held_acks: dict[int, list[tuple[SignallingChannel, bytes]]] = {}
+
+
+@contextmanager
+def acks_together() -> Iterator[None]:
+    """Hold back this greenlet's acks until the block ends, then write each connection's
+    in one go: a round of the recorder settles up to a few hundred messages, and one socket
+    write costs what one ack did. An ack for a channel closed meanwhile is dropped (RabbitMQ
+    hands back what a closed channel held, and would close the connection for it).
+    """
+    me = threading.get_ident()
+    if me in _held_acks:  # nested: the outer block writes them
+        yield
+        return
+    held = _held_acks[me] = []
+    try:
+        yield
+    finally:
+        del _held_acks[me]
+        _write_acks(held)
+
+
+def _write_acks(held: list[tuple[SignallingChannel, bytes]]) -> None:
+    by_connection: dict[Connection, list[bytes]] = {}
+    for channel, frame in held:
+        if channel.is_open:
+            by_connection.setdefault(channel._carrot_connection, []).append(frame)
+    for connection, frames in by_connection.items():
+        try:
+            connection.write_bytes(b''.join(frames))
+        except Exception as error:  # RabbitMQ hands the messages back when it notices
+            logger.warning('Writing %d acknowledgement(s) failed: %s', len(frames), error)
 
 
 def close_quietly(opened: Channel | AmqpstormConnection | None) -> None:

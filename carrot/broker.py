@@ -25,7 +25,8 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from carrot import conf, frames
-from carrot.amqp import Confirms, Connection, SignallingChannel, close_quietly
+from carrot.amqp import Connection, SignallingChannel, close_quietly
+from carrot.confirms import Confirms
 from carrot.exceptions import (
     BrokerUnavailable,
     CarrotConfigException,

@@ -32,8 +32,9 @@ from django.db.models import Q
 from django.utils import timezone
 
 from carrot import conf, lifecycle, message
-from carrot.amqp import Returns, SignallingChannel, close_quietly
+from carrot.amqp import SignallingChannel, close_quietly
 from carrot.broker import ENCODING_ERRORS, Outgoing, SendProgress, get_publisher, publication
+from carrot.confirms import Returns
 from carrot.exceptions import BrokerUnavailable, CarrotConfigException, CarrotError
 from carrot.models import MessageLog, Status
 

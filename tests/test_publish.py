@@ -386,11 +386,12 @@ def test_a_transactions_messages_are_sent_together_and_confirmed_by_the_commit(
         queue: str, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
     """One pipelined run: every message written, then one wait for all the confirms."""
     from carrot import amqp
+    from carrot.confirms import Confirms
 
     waits: list[int] = []
     pipelined = amqp.SignallingChannel.publish_all_confirmed
 
-    def counted(channel: amqp.SignallingChannel, publications: Any, confirms: amqp.Confirms,
+    def counted(channel: amqp.SignallingChannel, publications: Any, confirms: Confirms,
                 timeout: float) -> None:
         pipelined(channel, publications, confirms, timeout)
         waits.append(confirms.written)
@@ -458,7 +459,7 @@ def test_confirms_are_matched_to_their_messages_by_delivery_tag() -> None:
     confirm collector as the connection's reader thread would."""
     from types import SimpleNamespace
 
-    from carrot.amqp import Confirms
+    from carrot.confirms import Confirms
 
     confirms = Confirms(first_tag=11)
     confirms.expect(['a', 'b', 'c'])

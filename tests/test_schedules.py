@@ -297,7 +297,7 @@ def test_a_round_killed_while_sending_hands_back_the_runs_it_did_not_send(
     not confirmed go back to their schedules, which publish them at the next round."""
     import gevent
 
-    from carrot import amqp
+    from carrot import amqp, confirms
 
     rows = [create_scheduled_task(tasks.noop, {'seconds': 5}, f'slow-{n}', queue)
             for n in range(3)]
@@ -305,7 +305,7 @@ def test_a_round_killed_while_sending_hands_back_the_runs_it_did_not_send(
     scheduling.publish(rows[0])  # the queue declared: each write below is one publish
     broker.get_all(queue)
     MessageLog.objects.all().delete()
-    write, on_confirm = amqp.Connection.write_bytes, amqp.Confirms.on_confirm
+    write, on_confirm = amqp.Connection.write_bytes, confirms.Confirms.on_confirm
     writes: list[int] = []
 
     def slow_after_the_first(connection: amqp.Connection, data: bytes) -> None:
@@ -316,14 +316,14 @@ def test_a_round_killed_while_sending_hands_back_the_runs_it_did_not_send(
             gevent.sleep(30)  # a broker too slow to confirm: the stop comes first
         write(connection, data)
 
-    def no_confirm_after_the_first(confirms: amqp.Confirms, nacked: bool, delivery_tag: int,
+    def no_confirm_after_the_first(listener: confirms.Confirms, nacked: bool, delivery_tag: int,
                                    multiple: bool) -> None:
-        if delivery_tag == confirms.first_tag:
-            on_confirm(confirms, nacked, delivery_tag, multiple)
+        if delivery_tag == listener.first_tag:
+            on_confirm(listener, nacked, delivery_tag, multiple)
 
     monkeypatch.setattr(amqp, 'PIPELINE_WRITE', 1)
     monkeypatch.setattr(amqp.Connection, 'write_bytes', slow_after_the_first)
-    monkeypatch.setattr(amqp.Confirms, 'on_confirm', no_confirm_after_the_first)
+    monkeypatch.setattr(confirms.Confirms, 'on_confirm', no_confirm_after_the_first)
     round_ = gevent.spawn(scheduling.run_due, now)
     deadline = time.monotonic() + 10
     while len(writes) < 2 or not round_:

@@ -6,9 +6,10 @@ rises, and the bookkeeping of starts and ends holds one database connection howe
 consumers run. A start is held back for START_HOLD_SECONDS: a task that ends within that
 time has its start and end written by one UPDATE, half the database work of a short task.
 
-Once a batch of ends is committed the recorder settles each message: ack, or, when the
-database refuses the rows themselves, a requeue. So the database is never on a consumer's
-critical path, and a message is still never acknowledged before its end is recorded.
+Once a batch of ends is committed the recorder settles each message: ack (the batch's acks
+in one socket write a connection), or, when the database refuses the rows themselves, a
+requeue. So the database is never on a consumer's critical path, and a message is still
+never acknowledged before its end is recorded.
 
 While the database is unreachable, a write something waits for (an end, whose message stays
 unacknowledged; a start a consumer waits for) is retried until it is written, so a task
@@ -31,6 +32,7 @@ from django.db import Error as DatabaseFault
 from gevent.event import AsyncResult, Event
 
 from carrot import lifecycle
+from carrot.amqp import acks_together
 from carrot.models import MessageLog
 
 logger = logging.getLogger('carrot.recorder')
@@ -304,23 +306,28 @@ class Recorder:
             for ending in endings:
                 if ending.start is not None:
                     ending.start.result.set_exception(error)
-                self._settle(ending.job, error)
+            self._settle([ending.job for ending in endings], error)
             return
         for ending in endings:
             if ending.start is not None:
                 ending.start.result.set(started[ending.start.start.message_id])
-            self._settle(ending.job, None)
+        self._settle([ending.job for ending in endings], None)
 
     @staticmethod
-    def _settle(job: _FinishJob, error: RecordingFailed | None) -> None:
-        try:
-            job.settle(error is None)
-        except Exception:
-            logger.exception('Settling message %s failed', job.finish.message_id)
-        if error is None:
-            job.result.set(None)
-        else:
-            job.result.set_exception(error)
+    def _settle(jobs: list[_FinishJob], error: RecordingFailed | None) -> None:
+        """Settle each job's message, the acks written together; then tell whoever waits
+        (a consumer stopping keeps its channel open until its acks are written)."""
+        with acks_together():
+            for job in jobs:
+                try:
+                    job.settle(error is None)
+                except Exception:
+                    logger.exception('Settling message %s failed', job.finish.message_id)
+        for job in jobs:
+            if error is None:
+                job.result.set(None)
+            else:
+                job.result.set_exception(error)
 
     def _with_retries(self, write: Callable[[], Written], until_written: bool = False) -> Written:
         """``write()``, tried again while the database fails; ``until_written``: for ever.
