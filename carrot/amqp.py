@@ -128,6 +128,7 @@ class SignallingChannel(Channel):
         super().__init__(channel_id, connection, rpc_timeout)
         self.rpc: SignallingRpc = SignallingRpc(self, timeout=rpc_timeout)
         self.delivery_arrived = threading.Event()
+        self._woken = False  # by wake(): wait_for_message returns
         self._carrot_connection: Connection = connection  # amqpstorm types it as its own
         self._published = 0  # publishes since confirm mode began: the last delivery tag
         #: Takes the answers to publishes instead of the RPC waiter, while set.
@@ -252,11 +253,17 @@ class SignallingChannel(Channel):
         super().on_frame(frame_in)
         if frame_in.name in CONTENT_FRAME:
             self.delivery_arrived.set()
-        elif frame_in.name == 'Channel.Close':
-            # Wake every waiter: a publish to a missing exchange fails now, not at its
-            # next ERROR_CHECK_INTERVAL look.
-            self.delivery_arrived.set()
-            self.rpc.frame_arrived.set()
+        elif frame_in.name in ('Channel.Close', 'Basic.Cancel'):
+            # A publish to a missing exchange fails now, not at its next
+            # ERROR_CHECK_INTERVAL look; a consumer whose queue was deleted hears of it now.
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake whoever waits on this channel, to look at it again: ``wait_for_message``
+        returns None if no message is there."""
+        self._woken = True
+        self.delivery_arrived.set()
+        self.rpc.frame_arrived.set()
 
     def decode_frame(self, kind: int, data: bytes, start: int, end: int) -> Any | None:
         """The frame whose payload is ``data[start:end]`` as carrot.frames decodes it: a
@@ -296,9 +303,12 @@ class SignallingChannel(Channel):
                             auto_decode=auto_decode)
 
     def wait_for_message(self, timeout: float) -> Message | None:
-        """The next delivered message, or None when none came within ``timeout`` seconds.
+        """The next delivered message, or None when none came within ``timeout`` seconds
+        or when ``wake()`` was called.
 
-        Raises amqpstorm's channel or connection error when the channel has failed.
+        Raises amqpstorm's channel or connection error when the channel has failed: a
+        failure of its connection, a Channel.Close and a Basic.Cancel end the wait at once,
+        so an idle consumer need not look up every second.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -309,9 +319,10 @@ class SignallingChannel(Channel):
                 if message is not None:
                     return message  # type: ignore[return-value]
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            self.delivery_arrived.wait(min(remaining, ERROR_CHECK_INTERVAL))
+            if self._woken or remaining <= 0:
+                self._woken = False
+                return None  # woken: the caller looks at what it waits for
+            self.delivery_arrived.wait(remaining)
 
     def _message_is_complete(self) -> bool:
         """Whether the first message in the inbound buffer has all of its body frames.
@@ -364,8 +375,40 @@ class ReadingIO(IO):
             self._running.clear()
 
 
+class _Failures(list[Exception]):
+    """A connection's list of errors that wakes every waiter on its channels when one is
+    added: by the reader, the heartbeat checker or the Connection.Close of the broker."""
+
+    def __init__(self, connection: Connection, errors: Iterable[Exception]) -> None:
+        super().__init__(errors)
+        self.connection = connection
+
+    def append(self, error: Exception) -> None:
+        super().append(error)
+        for channel in list(getattr(self.connection, '_channels', {}).values()):
+            if isinstance(channel, SignallingChannel):
+                channel.wake()
+
+
 class Connection(AmqpstormConnection):
     """An amqpstorm Connection whose channels wait by wake-up, not by polling."""
+
+    @property
+    def _exceptions(self) -> list[Exception]:
+        return self.__dict__['_failures']  # type: ignore[no-any-return]
+
+    @_exceptions.setter
+    def _exceptions(self, errors: list[Exception]) -> None:
+        # amqpstorm gives the connection a new list at each open(), after its reader and
+        # poller were handed the old one: all of them are kept on the one list, so a socket
+        # closed without a Connection.Close is not left unseen until heartbeats fail.
+        failures = _Failures(self, errors)
+        self.__dict__['_failures'] = failures
+        io = getattr(self, '_io', None)  # a slot of amqpstorm's, unset until its __init__
+        if io is not None:
+            io._exceptions = failures
+            if io.poller is not None:
+                io.poller._exceptions = failures
 
     def __init__(self, hostname: str, username: str, password: str, port: int = 5672,
                  **kwargs: Any) -> None:
@@ -375,16 +418,6 @@ class Connection(AmqpstormConnection):
                              on_read_impl=self._read_buffer)
         if not lazy:
             self.open()
-
-    def open(self) -> None:
-        super().open()
-        # amqpstorm's open() gives the connection a new list of errors after its reader
-        # thread and poller were handed the old one: a socket the network or the broker
-        # closed without a Connection.Close would go unseen until heartbeats fail.
-        io = self._io
-        io._exceptions = self._exceptions
-        if io.poller is not None:
-            io.poller._exceptions = self._exceptions
 
     def _read_buffer(self, data_in: bytes) -> bytes:
         """Hand each complete frame of ``data_in`` to its channel; what is left over.

@@ -150,10 +150,12 @@ def release_due(queues: Sequence[str], limit: int,
     alias = database()
     skip_locked = connections[alias].features.has_select_for_update_skip_locked
     now = now or timezone.now()
+    due = MessageLog.objects.using(alias).filter(status=Status.DELAYED, run_after__lte=now,
+                                                 queue__in=list(queues))
+    if not due.exists():
+        return []  # the usual answer, in one statement instead of a locking transaction
     with transaction.atomic(using=alias):
-        rows = list(MessageLog.objects.using(alias).select_for_update(skip_locked=skip_locked)
-                    .filter(status=Status.DELAYED, run_after__lte=now, queue__in=list(queues))
-                    .order_by('run_after')[:limit])
+        rows = list(due.select_for_update(skip_locked=skip_locked).order_by('run_after')[:limit])
         if rows:
             # run_after becomes when it was sent: the resender counts from there, so a row
             # released late is not sent again at once.

@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import DatabaseError, connections, transaction
 from django.test import override_settings
 from django.utils import timezone
+from gevent.event import Event
 
-from carrot import options
+from carrot import lifecycle, options
 from carrot.conf import get_settings, parse
 from carrot.exceptions import CarrotConfigException
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
+from carrot.worker import rounds
 from tests.conftest import Broker, Worker, carrot_settings, wait_for
 from tests.project import tasks
 
@@ -217,3 +219,31 @@ def test_a_call_time_limit_allowed_by_a_raised_consumer_timeout_runs_on_the_work
         row = wait_for(lambda: MessageLog.objects.filter(
             pk=log.pk, status__in=('COMPLETED', 'FAILED')).first(), what='its end')
     assert (row.status, row.output) == ('COMPLETED', '3')
+
+
+def test_the_releaser_keeps_its_connection_between_rounds_and_drops_it_when_one_fails(
+        queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a second, reconnecting cost more than the round; a failed round reconnects."""
+    database = connections[lifecycle.database()]
+    releaser = rounds.releaser(Event())
+    delayed = publish_message(tasks.add, 1, 2, queue=queue, countdown=3600)
+    releaser._round()
+    assert database.connection is not None
+    kept = database.connection
+    releaser._round()
+    assert database.connection is kept
+    assert MessageLog.objects.get(pk=delayed.pk).status == 'DELAYED'  # not due: not sent
+
+    def broken() -> int:
+        raise DatabaseError('the database went away')
+
+    monkeypatch.setattr(releaser, 'work', broken)
+    releaser._round()
+    assert releaser.failures == 1 and database.connection is None
+
+
+def test_rounds_far_apart_close_their_connection(queue: str) -> None:
+    database = connections[lifecycle.database()]
+    heartbeat = rounds.heartbeat(Event(), [queue], scheduler=False)
+    heartbeat._round()
+    assert database.connection is None
