@@ -395,7 +395,8 @@ def test_the_worker_refuses_a_plain_function_of_an_apps_tasks_module(
                    what='the refusal')
     assert 'only tasks of Django\'s task framework (@task) run' in row.exception
     assert exception_class_path(row.exception) == 'carrot.exceptions.CarrotError'
-    assert broker.message_count(f'{queue}.dead') == 1
+    # the row is written first, then the delivery is dead-lettered: wait for the broker
+    wait_for(lambda: broker.message_count(f'{queue}.dead') == 1, what='the dead letter')
 
 
 @pytest.mark.parametrize(('text', 'path'), [
