@@ -86,6 +86,18 @@ UNNEST_FROM_ROWS = 20
 _UNNEST = ('SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], '
            '%b::text[], %b::text[], %b::text[], %b::integer[], %b::timestamptz[], '
            '%b::integer[], %b::boolean[])')
+_ROW_PLACEHOLDERS = '(' + ', '.join(['%s'] * len(PUBLISHED_COLUMNS)) + ')'
+
+
+def _insert_sql(quote: Callable[[str], str]) -> str:
+    """The start of ``insert_rows``' statement, up to its rows."""
+    columns = ', '.join(quote(c) for c in PUBLISHED_COLUMNS)
+    return f'INSERT INTO {quote(MessageLog._meta.db_table)} ({columns}) '
+
+
+def _returning_sql(quote: Callable[[str], str]) -> str:
+    """``insert_rows``' RETURNING clause."""
+    return f' RETURNING {quote("id")}, {quote("uuid")}'
 
 
 def insert_rows(alias: str, rows: list[list[Any]], *, synchronous: bool = True) -> list[int]:
@@ -101,35 +113,33 @@ def insert_rows(alias: str, rows: list[list[Any]], *, synchronous: bool = True) 
     if not synchronous and (connection.in_atomic_block or not connection.get_autocommit()):
         raise ValueError('synchronous=False is for a statement that commits by itself, '
                          'outside a transaction')
-    quote = connection.ops.quote_name
     time_field = MessageLog._meta.get_field('publish_time')
     prepared = [[*row[:9], time_field.get_db_prep_value(row[9], connection), *row[10:]]
                 for row in rows]
-    columns = ', '.join(quote(c) for c in PUBLISHED_COLUMNS)
-    sql = f'INSERT INTO {quote(MessageLog._meta.db_table)} ({columns}) '
-    returning = f' RETURNING {quote("id")}, {quote("uuid")}'
+    sql = statement(connection, _insert_sql)
+    returning = statement(connection, _returning_sql)
     if not synchronous and connection.vendor == 'postgresql':
         # Evaluated while the statement runs, so its transaction commits with it; the
         # setting is local to that transaction and the session's stays as it was.
         returning += ", set_config('synchronous_commit', 'off', true)"
     if len(rows) >= UNNEST_FROM_ROWS and psycopg_of(connection) is not None:
         # One array a column: the same short statement for any number of rows, which
-        # psycopg converts once and PostgreSQL prepares once.
+        # psycopg converts once (and prepares once, where prepare_threshold is set).
         by_column = [list(column) for column in zip(*prepared, strict=True)]
         with bound_cursor(connection) as cursor:
             cursor.execute(sql + _UNNEST + returning, by_column)
             by_uuid = {row[1]: row[0] for row in cursor.fetchall()}
         return [by_uuid[row[1]] for row in rows]
-    placeholders = '(' + ', '.join(['%s'] * len(PUBLISHED_COLUMNS)) + ')'
     with bound_cursor(connection) as cursor:
         if connection.features.can_return_rows_from_bulk_insert:
-            cursor.execute(sql + 'VALUES ' + ', '.join([placeholders] * len(rows)) + returning,
+            cursor.execute(sql + 'VALUES ' + ', '.join([_ROW_PLACEHOLDERS] * len(rows))
+                           + returning,
                            [value for row in prepared for value in row])
             by_uuid = {row[1]: row[0] for row in cursor.fetchall()}
             return [by_uuid[row[1]] for row in rows]
         pks = []
         for row in prepared:  # no multi-row RETURNING here (MySQL): one row at a time
-            cursor.execute(sql + 'VALUES ' + placeholders, row)
+            cursor.execute(sql + 'VALUES ' + _ROW_PLACEHOLDERS, row)
             pks.append(cursor.lastrowid)
         return pks
 
@@ -150,8 +160,10 @@ def bound_cursor(connection: BaseDatabaseWrapper) -> Iterator[Any]:
     Django's psycopg 3 cursors interpolate every parameter into the SQL text by default
     (``server_side_binding`` off); for a batch of rows that costs more CPU than the round
     trip, and PostgreSQL must parse each text anew. A server-bound psycopg cursor on the
-    same connection (same transaction) sends the parameters separately and lets psycopg
-    prepare statements it sees repeatedly. Errors are still Django's.
+    same connection (same transaction) sends the parameters separately. psycopg prepares
+    a statement it sees repeatedly only when the project's ``DATABASES`` ``OPTIONS`` set
+    ``prepare_threshold`` (Django's default, None, prepares nothing, as PgBouncer's
+    transaction pooling needs). Errors are still Django's.
     """
     raw = psycopg_of(connection)
     if raw is None:  # psycopg2, SQLite, …
