@@ -393,17 +393,18 @@ class _Failures(list[Exception]):
 class Connection(AmqpstormConnection):
     """An amqpstorm Connection whose channels wait by wake-up, not by polling."""
 
+    _failures: _Failures
+
     @property
     def _exceptions(self) -> list[Exception]:
-        return self.__dict__['_failures']  # type: ignore[no-any-return]
+        return self._failures
 
     @_exceptions.setter
     def _exceptions(self, errors: list[Exception]) -> None:
         # amqpstorm gives the connection a new list at each open(), after its reader and
         # poller were handed the old one: all of them are kept on the one list, so a socket
         # closed without a Connection.Close is not left unseen until heartbeats fail.
-        failures = _Failures(self, errors)
-        self.__dict__['_failures'] = failures
+        failures = self._failures = _Failures(self, errors)
         io = getattr(self, '_io', None)  # a slot of amqpstorm's, unset until its __init__
         if io is not None:
             io._exceptions = failures
