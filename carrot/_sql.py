@@ -190,6 +190,18 @@ def statement(connection: BaseDatabaseWrapper, build: SqlBuilder) -> str:
     return sql
 
 
+def _delivered(quote: Callable[[str], str]) -> str:
+    """The assignment that every start and end writes: the row's confirm is settled.
+
+    A row that a worker starts or ends was delivered, so RabbitMQ had its message. Clearing
+    ``awaiting_confirm`` in the same UPDATE spares the publisher's outbox an UPDATE of its
+    own (a new version of the row in the table and in each of its indexes) for every task
+    that a worker starts before the outbox records its confirm, as happens whenever the
+    workers keep up: the outbox's UPDATE only takes rows still awaiting their confirm.
+    """
+    return f'{quote("awaiting_confirm")} = false'
+
+
 def _start_by_message_id_sql(quote: Callable[[str], str]) -> str:
     """``start_by_message_id``'s statement."""
     table = quote(MessageLog._meta.db_table)
@@ -197,7 +209,7 @@ def _start_by_message_id_sql(quote: Callable[[str], str]) -> str:
     # Joining the row to itself as ``old`` gives its status before the update.
     return (
         f'UPDATE {table} AS t SET {status} = %s, {attempts} = t.{attempts} + 1, '
-        f'{quote("start_time")} = v.start_time, {quote("worker")} = %s '
+        f'{quote("start_time")} = v.start_time, {quote("worker")} = %s, {_delivered(quote)} '
         f'FROM {recordset(START_RECORD)}, {table} AS old '
         f'WHERE t.{quote("uuid")} = v.uuid AND old.{key} = t.{key} AND t.{status} <> %s '
         f'RETURNING t.{key}, t.{quote("uuid")}, old.{status}'
@@ -226,8 +238,8 @@ def _start_by_pk_sql(quote: Callable[[str], str]) -> str:
     """``start_by_pk``'s statement."""
     attempts = quote('attempts')
     return (f'UPDATE {quote(MessageLog._meta.db_table)} SET {quote("status")} = %s, '
-            f'{attempts} = {attempts} + 1, {quote("start_time")} = %s, {quote("worker")} = %s '
-            f'WHERE {quote("id")} = %s')
+            f'{attempts} = {attempts} + 1, {quote("start_time")} = %s, {quote("worker")} = %s, '
+            f'{_delivered(quote)} WHERE {quote("id")} = %s')
 
 
 def start_by_pk(connection: BaseDatabaseWrapper,
@@ -366,7 +378,7 @@ def _finish_by_message_id_sql(quote: Callable[[str], str]) -> str:
         f'UPDATE {table} AS t SET {assignments}, {attempts} = t.{attempts} + CASE WHEN '
         f"old.{status} IN ('{MessageLog.COMPLETED.value}', '{MessageLog.FAILED.value}') "
         'THEN 0 ELSE v.started END '
-        f', {start_time} = COALESCE(v.start_time, t.{start_time}) '
+        f', {start_time} = COALESCE(v.start_time, t.{start_time}), {_delivered(quote)} '
         f'FROM {recordset(END_RECORD)}, {table} AS old '
         f'WHERE t.{quote("uuid")} = v.uuid AND old.{quote("id")} = t.{quote("id")} '
         f'RETURNING t.{quote("id")}, t.{quote("uuid")}, old.{status}'
@@ -402,8 +414,8 @@ def _finish_by_pk_sql(quote: Callable[[str], str]) -> str:
     attempts = quote('attempts')
     start_time = quote('start_time')
     return (f'UPDATE {quote(MessageLog._meta.db_table)} SET {placeholders}, '
-            f'{start_time} = COALESCE(%s, {start_time}), {attempts} = {attempts} + %s '
-            f'WHERE {quote("id")} = %s')
+            f'{start_time} = COALESCE(%s, {start_time}), {attempts} = {attempts} + %s, '
+            f'{_delivered(quote)} WHERE {quote("id")} = %s')
 
 
 def finish_by_pk(connection: BaseDatabaseWrapper,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -174,6 +175,31 @@ def test_starts_mark_rows_in_progress_create_missing_ones_and_spare_completed_on
     rows = {log.uuid: (log.status, log.attempts) for log in MessageLog.objects.all()}
     assert rows == {'waiting': (MessageLog.IN_PROGRESS, 1), 'done': (MessageLog.COMPLETED, 1),
                     'foreign': (MessageLog.IN_PROGRESS, 1)}
+
+
+def test_a_start_or_an_end_settles_the_rows_confirm() -> None:
+    """A delivered message was stored by RabbitMQ: its start or end clears awaiting_confirm,
+    so the publisher's outbox has no UPDATE of its own left to write for it."""
+    def start(message_id: str) -> lifecycle.Start:
+        return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add',
+                               args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
+                               priority=0)
+
+    for message_id in ('started', 'ended-with-start', 'ended-after-start', 'resent', 'waiting'):
+        MessageLog.objects.create(uuid=message_id, task='tests.project.tasks.add',
+                                  status=MessageLog.PUBLISHED, awaiting_confirm=True)
+    lifecycle.start_many([start('started'), start('ended-after-start'),
+                          dataclasses.replace(start('resent'), resent=True)])
+    MessageLog.objects.filter(uuid='ended-after-start').update(awaiting_confirm=True)
+    lifecycle.finish_many([
+        lifecycle.Finish(message_id='ended-with-start', status=MessageLog.COMPLETED,
+                         output='2', start=start('ended-with-start')),
+        lifecycle.Finish(message_id='ended-after-start', status=MessageLog.COMPLETED,
+                         output='2', pk=MessageLog.objects.get(uuid='ended-after-start').pk),
+    ])
+    awaiting = dict(MessageLog.objects.values_list('uuid', 'awaiting_confirm'))
+    assert awaiting == {'started': False, 'ended-with-start': False,
+                        'ended-after-start': False, 'resent': False, 'waiting': True}
 
 
 def test_a_message_id_twice_in_one_batch_is_written_twice_in_order() -> None:
