@@ -77,7 +77,16 @@ def _vacuum(full: bool = False) -> None:
 
     table = connection.ops.quote_name(MessageLog._meta.db_table)
     with connection.cursor() as cursor:
-        cursor.execute(f'VACUUM {"FULL " if full else ""}ANALYZE {table}')
+        # VACUUM FULL locks the table: a worker or benchmark left running must not hang it.
+        cursor.execute("SET lock_timeout = '10s'")
+        try:
+            cursor.execute(f'VACUUM {"FULL " if full else ""}ANALYZE {table}')
+        except Exception as error:
+            raise BenchError(f'could not vacuum {table} ({error}): is another benchmark or '
+                             'carrot worker using the benchmark database? Stop it and run '
+                             'again.') from error
+        finally:
+            cursor.execute('RESET lock_timeout')
 
 
 class CarrotAdapter(Adapter):

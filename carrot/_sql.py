@@ -191,7 +191,8 @@ def statement(connection: BaseDatabaseWrapper, build: SqlBuilder) -> str:
 
 
 def _delivered(quote: Callable[[str], str]) -> str:
-    """The assignment that every start and end writes: the row's confirm is settled.
+    """The assignment that every start and end writes: the row's confirm is settled
+    (``lifecycle``'s ends of retried attempts and refused messages set it as well).
 
     A row that a worker starts or ends was delivered, so RabbitMQ had its message. Clearing
     ``awaiting_confirm`` in the same UPDATE spares the publisher's outbox an UPDATE of its

@@ -447,7 +447,9 @@ def finish_many(finishes: Sequence[Finish]) -> dict[str, Started]:
         # costs one round trip to PostgreSQL instead of three (BEGIN, UPDATE, COMMIT).
         # When what is left fails below, the recorder writes the whole batch again: the
         # same values, and no attempt counted twice.
-        rows, left = _sql.finish_by_message_id(connection, finishes)
+        found, left = _sql.finish_by_message_id(connection, finishes)
+        for message_id, row in found.items():
+            rows.setdefault(message_id, row)  # beside the retried attempts' rows above
     if left:
         with transaction.atomic(using=alias):
             for message_id, row in _sql.finish_by_pk(connection, left).items():
@@ -494,8 +496,10 @@ def _finish_attempts(alias: str, finishes: Sequence[Finish]) -> dict[str, tuple[
         row.status, row.run_after, row.failure_time = finish.status, finish.run_after, at
         row.exception, row.traceback, row.log = exception, traceback, clean(finish.log)
         row.worker = worker_id()
+        row.awaiting_confirm = False  # delivered: see carrot._sql's _delivered
         row.save(update_fields=['errors', 'status', 'run_after', 'exception', 'traceback', 'log',
-                                'failure_time', 'attempts', 'start_time', 'worker'])
+                                'failure_time', 'attempts', 'start_time', 'worker',
+                                'awaiting_confirm'])
     return created
 
 
@@ -521,7 +525,8 @@ def record_refused(
     if not created:
         # Not over COMPLETED, even one another worker commits meanwhile: the message ran
         # before this redelivery, and the row stays as it ended.
-        failed = dict(status=Status.FAILED, failure_time=now, exception=clean(reason))
+        failed = dict(status=Status.FAILED, failure_time=now, exception=clean(reason),
+                      awaiting_confirm=False)  # delivered: see carrot._sql's _delivered
         if not MessageLog.objects.filter(pk=log.pk).exclude(
                 status=Status.COMPLETED).update(**failed):
             return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ import gevent
 import gevent.event
 import pytest
 from django.db import OperationalError, connection, connections
+from django.utils import timezone
 
 from carrot import _sql, _text, lifecycle
 from carrot.models import MessageLog, ScheduledTask
@@ -185,7 +187,8 @@ def test_a_start_or_an_end_settles_the_rows_confirm() -> None:
                                args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
                                priority=0)
 
-    for message_id in ('started', 'ended-with-start', 'ended-after-start', 'resent', 'waiting'):
+    for message_id in ('started', 'ended-with-start', 'ended-after-start', 'resent', 'retried',
+                       'refused', 'waiting'):
         MessageLog.objects.create(uuid=message_id, task='tests.project.tasks.add',
                                   status=MessageLog.PUBLISHED, awaiting_confirm=True)
     lifecycle.start_many([start('started'), start('ended-after-start'),
@@ -196,10 +199,43 @@ def test_a_start_or_an_end_settles_the_rows_confirm() -> None:
                          output='2', start=start('ended-with-start')),
         lifecycle.Finish(message_id='ended-after-start', status=MessageLog.COMPLETED,
                          output='2', pk=MessageLog.objects.get(uuid='ended-after-start').pk),
+        dataclasses.replace(lifecycle.retrying(
+            'retried', exception='ValueError: no', traceback=None, log='', attempt=1,
+            run_after=timezone.now() + datetime.timedelta(seconds=30)), start=start('retried')),
     ])
+    assert lifecycle.record_refused(message_id='refused', task='tests.project.tasks.add',
+                                    reason='bad', queue='q') is not None
     awaiting = dict(MessageLog.objects.values_list('uuid', 'awaiting_confirm'))
     assert awaiting == {'started': False, 'ended-with-start': False,
-                        'ended-after-start': False, 'resent': False, 'waiting': True}
+                        'ended-after-start': False, 'resent': False, 'retried': False,
+                        'refused': False, 'waiting': True}
+    assert MessageLog.objects.get(uuid='retried').status == MessageLog.DELAYED
+
+
+def test_a_batch_of_a_retried_attempt_and_a_plain_end_reports_both_starts() -> None:
+    """Short tasks, both ended before their start was written: one failed and retries,
+    one completed. One recorder round writes both (on PostgreSQL by two paths) and reports
+    both rows as started."""
+    def start(message_id: str) -> lifecycle.Start:
+        return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add',
+                               args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
+                               priority=0)
+
+    retried = MessageLog.objects.create(uuid='retried', task='tests.project.tasks.add',
+                                        status=MessageLog.PUBLISHED)
+    plain = MessageLog.objects.create(uuid='plain', task='tests.project.tasks.add',
+                                      status=MessageLog.PUBLISHED)
+    started = lifecycle.finish_many([
+        dataclasses.replace(lifecycle.retrying(
+            'retried', exception='ValueError: no', traceback=None, log='', attempt=1,
+            run_after=timezone.now() + datetime.timedelta(seconds=30)), start=start('retried')),
+        lifecycle.Finish(message_id='plain', status=MessageLog.COMPLETED, output='2',
+                         start=start('plain')),
+    ])
+    assert started == {'retried': lifecycle.Started(retried.pk, already_completed=False),
+                       'plain': lifecycle.Started(plain.pk, already_completed=False)}
+    rows = {log.uuid: (log.status, log.attempts) for log in MessageLog.objects.all()}
+    assert rows == {'retried': (MessageLog.DELAYED, 1), 'plain': (MessageLog.COMPLETED, 1)}
 
 
 def test_a_message_id_twice_in_one_batch_is_written_twice_in_order() -> None:
