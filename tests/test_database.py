@@ -156,19 +156,29 @@ def test_starts_written_by_themselves_keep_each_its_own_time() -> None:
     assert [s.started_elsewhere for s in started] == [False] * 5 + [True]
 
 
+def _start_of(message_id: str) -> lifecycle.Start:
+    """The start of a task of ``tests.project.tasks.add`` on queue ``q``."""
+    return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add',
+                           args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
+                           priority=0)
+
+
+def _retried_end(message_id: str) -> lifecycle.Finish:
+    """The end of a first attempt that failed and runs again in 30 s, written with its
+    start (a short task)."""
+    end = lifecycle.retrying(message_id, exception='ValueError: no', traceback=None, log='',
+                             attempt=1, run_after=timezone.now() + datetime.timedelta(seconds=30))
+    return dataclasses.replace(end, start=_start_of(message_id))
+
+
 def test_starts_mark_rows_in_progress_create_missing_ones_and_spare_completed_ones() -> None:
     from carrot import lifecycle
-
-    def start(message_id: str) -> lifecycle.Start:
-        return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add',
-                               args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
-                               priority=0)
 
     waiting = MessageLog.objects.create(uuid='waiting', task='tests.project.tasks.add')
     done = MessageLog.objects.create(uuid='done', task='tests.project.tasks.add',
                                      status=MessageLog.COMPLETED, attempts=1)
-    started = lifecycle.start_many([start('waiting'), start('done'), start('foreign'),
-                                    start('waiting')])
+    started = lifecycle.start_many([_start_of('waiting'), _start_of('done'), _start_of('foreign'),
+                                    _start_of('waiting')])
     foreign = MessageLog.objects.get(uuid='foreign')
     assert started == [lifecycle.Started(waiting.pk, already_completed=False),
                        lifecycle.Started(done.pk, already_completed=True),
@@ -182,26 +192,19 @@ def test_starts_mark_rows_in_progress_create_missing_ones_and_spare_completed_on
 def test_a_start_or_an_end_settles_the_rows_confirm() -> None:
     """A delivered message was stored by RabbitMQ: its start or end clears awaiting_confirm,
     so the publisher's outbox has no UPDATE of its own left to write for it."""
-    def start(message_id: str) -> lifecycle.Start:
-        return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add',
-                               args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
-                               priority=0)
-
     for message_id in ('started', 'ended-with-start', 'ended-after-start', 'resent', 'retried',
                        'refused', 'waiting'):
         MessageLog.objects.create(uuid=message_id, task='tests.project.tasks.add',
                                   status=MessageLog.PUBLISHED, awaiting_confirm=True)
-    lifecycle.start_many([start('started'), start('ended-after-start'),
-                          dataclasses.replace(start('resent'), resent=True)])
+    lifecycle.start_many([_start_of('started'), _start_of('ended-after-start'),
+                          dataclasses.replace(_start_of('resent'), resent=True)])
     MessageLog.objects.filter(uuid='ended-after-start').update(awaiting_confirm=True)
     lifecycle.finish_many([
         lifecycle.Finish(message_id='ended-with-start', status=MessageLog.COMPLETED,
-                         output='2', start=start('ended-with-start')),
+                         output='2', start=_start_of('ended-with-start')),
         lifecycle.Finish(message_id='ended-after-start', status=MessageLog.COMPLETED,
                          output='2', pk=MessageLog.objects.get(uuid='ended-after-start').pk),
-        dataclasses.replace(lifecycle.retrying(
-            'retried', exception='ValueError: no', traceback=None, log='', attempt=1,
-            run_after=timezone.now() + datetime.timedelta(seconds=30)), start=start('retried')),
+        _retried_end('retried'),
     ])
     assert lifecycle.record_refused(message_id='refused', task='tests.project.tasks.add',
                                     reason='bad', queue='q') is not None
@@ -216,21 +219,14 @@ def test_a_batch_of_a_retried_attempt_and_a_plain_end_reports_both_starts() -> N
     """Short tasks, both ended before their start was written: one failed and retries,
     one completed. One recorder round writes both (on PostgreSQL by two paths) and reports
     both rows as started."""
-    def start(message_id: str) -> lifecycle.Start:
-        return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add',
-                               args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
-                               priority=0)
-
     retried = MessageLog.objects.create(uuid='retried', task='tests.project.tasks.add',
                                         status=MessageLog.PUBLISHED)
     plain = MessageLog.objects.create(uuid='plain', task='tests.project.tasks.add',
                                       status=MessageLog.PUBLISHED)
     started = lifecycle.finish_many([
-        dataclasses.replace(lifecycle.retrying(
-            'retried', exception='ValueError: no', traceback=None, log='', attempt=1,
-            run_after=timezone.now() + datetime.timedelta(seconds=30)), start=start('retried')),
+        _retried_end('retried'),
         lifecycle.Finish(message_id='plain', status=MessageLog.COMPLETED, output='2',
-                         start=start('plain')),
+                         start=_start_of('plain')),
     ])
     assert started == {'retried': lifecycle.Started(retried.pk, already_completed=False),
                        'plain': lifecycle.Started(plain.pk, already_completed=False)}
@@ -310,9 +306,7 @@ def _start(message_id: str, again: bool = False) -> lifecycle.Start:
     """The start of a task whose row was published (``again``: a redelivery's)."""
     if not again:
         MessageLog.objects.create(uuid=message_id, task='tests.project.tasks.add')
-    return lifecycle.Start(message_id=message_id, task='tests.project.tasks.add',
-                           args=[1], kwargs={}, queue='q', exchange='', routing_key='q',
-                           priority=0)
+    return _start_of(message_id)
 
 
 def _status(message_id: str) -> tuple[str, int]:
