@@ -172,10 +172,18 @@ def discard_unpublished(log: MessageLog) -> None:
     MessageLog.objects.filter(pk=log.pk, status=Status.PUBLISHED).delete()
 
 
-def mark_confirmed(alias: str, message_ids: Sequence[str]) -> None:
-    """RabbitMQ has stored these rows' messages: they no longer await their confirm."""
-    MessageLog.objects.using(alias).filter(uuid__in=message_ids, awaiting_confirm=True).update(
-        awaiting_confirm=False)
+def mark_confirmed(alias: str, message_ids: Sequence[str],
+                   released_at: datetime.datetime | None = None) -> None:
+    """RabbitMQ has stored these rows' messages: they no longer await their confirm.
+
+    ``released_at``: the ``run_after`` the rows had when their messages were sent, None for
+    the first send of a row published to run at once. A confirm that comes late, after the
+    row ran, failed and was released for its retry, then leaves the retry's message awaiting
+    its own confirm (and so sent again if that one is lost).
+    """
+    MessageLog.objects.using(alias).filter(
+        uuid__in=message_ids, awaiting_confirm=True, run_after=released_at,
+    ).update(awaiting_confirm=False)
 
 
 def mark_publish_failed(log: MessageLog, error: BaseException) -> None:
@@ -269,8 +277,8 @@ class Start:
     #: A copy sent again because its first send was not confirmed: it runs only if no other
     #: copy has started the task.
     resent: bool = False
-    #: Its attempt (``x-carrot-attempt``); a redelivered one whose row has recorded this
-    #: attempt's end, or waits for its retry, is superseded.
+    #: Its attempt (``x-carrot-attempt``); a redelivered or re-sent one whose row has
+    #: recorded this attempt's end, or waits for its retry, is superseded.
     attempt: int = 1
     #: RabbitMQ redelivered it.
     redelivered: bool = False
@@ -291,8 +299,9 @@ class Started:
     already_completed: bool
     #: A re-sent copy of a task another copy started: the row is left to that one.
     started_elsewhere: bool = False
-    #: A redelivered attempt whose end is recorded already (its acknowledgement was lost):
-    #: the row waits for, or runs, the next attempt, and is left to it.
+    #: A redelivered attempt whose end is recorded already (its acknowledgement was lost),
+    #: or a re-sent copy of one: the row waits for, or runs, the next attempt, and is left
+    #: to it.
     superseded: bool = False
 
 
@@ -347,15 +356,16 @@ def start_many(starts: Sequence[Start]) -> list[Started]:
     A redelivered message whose row already says COMPLETED finished before its ack was
     lost; it is reported as ``already_completed`` and left as it is. A re-sent copy starts
     only a row still PUBLISHED; one whose task another copy started (in this batch too) is
-    reported as ``started_elsewhere`` and leaves the row as it is.
+    reported as ``started_elsewhere`` and leaves the row as it is. A redelivered message or
+    a re-sent copy of an attempt whose end is recorded is reported as ``superseded``.
     """
     alias = database()
     connection = connections[alias]
-    plain = [s for s in starts if not s.resent]
-    resent = [s for s in starts if s.resent]
     with transaction.atomic(using=alias):
-        superseded = _superseded(alias, [s for s in plain if s.redelivered])
-        plain = [s for s in plain if s.message_id not in superseded]
+        superseded = _superseded(alias, [s for s in starts if s.redelivered or s.resent])
+        live = [s for s in starts if (s.message_id, s.attempt) not in superseded]
+        plain = [s for s in live if not s.resent]
+        resent = [s for s in live if s.resent]
         rows: dict[str, tuple[int, str]] = {}
         if plain and _sql.psycopg_of(connection) is not None:
             rows = _sql.start_by_message_id(connection, plain)
@@ -376,9 +386,9 @@ def start_many(starts: Sequence[Start]) -> list[Started]:
     taken = {s.message_id for s in plain}
     started = []
     for s in starts:
-        if s.message_id in superseded and not s.resent:
-            started.append(Started(pk=superseded[s.message_id], already_completed=False,
-                                   superseded=True))
+        if (s.message_id, s.attempt) in superseded:
+            started.append(Started(pk=superseded[s.message_id, s.attempt],
+                                   already_completed=False, superseded=True))
             continue
         pk, status = rows[s.message_id]
         elsewhere = False
@@ -390,18 +400,26 @@ def start_many(starts: Sequence[Start]) -> list[Started]:
     return started
 
 
-def _superseded(alias: str, redelivered: Sequence[Start]) -> dict[str, int]:
-    """``{message id: pk}`` of the redelivered starts whose attempt has ended already: the
-    row waits for its retry (DELAYED), or its errors hold this attempt or a later one."""
-    if not redelivered:
+def _superseded(alias: str, starts: Sequence[Start]) -> dict[tuple[str, int], int]:
+    """``{(message id, attempt): pk}`` of the ``starts`` whose attempt has ended already:
+    the row waits for its retry (DELAYED), or its errors hold this attempt or a later one.
+
+    Asked for redelivered messages, whose ack may have been lost after their end was
+    written, and for re-sent copies, which may arrive after the row was released for its
+    next attempt: either would run a task whose next attempt runs too.
+    """
+    if not starts:
         return {}
-    attempts = {s.message_id: s.attempt for s in redelivered}
+    ended = {uuid: (pk, status, errors) for pk, uuid, status, errors in
+             MessageLog.objects.using(alias).filter(
+                 uuid__in=list({s.message_id for s in starts}),
+             ).exclude(status=Status.COMPLETED).values_list('pk', 'uuid', 'status', 'errors')}
     found = {}
-    for pk, uuid, status, errors in MessageLog.objects.using(alias).filter(
-            uuid__in=list(attempts)).exclude(status=Status.COMPLETED).values_list(
-            'pk', 'uuid', 'status', 'errors'):
-        if status == Status.DELAYED or last_attempt(errors) >= attempts[uuid]:
-            found[uuid] = pk
+    for s in starts:
+        if s.message_id in ended:
+            pk, status, errors = ended[s.message_id]
+            if status == Status.DELAYED or last_attempt(errors) >= s.attempt:
+                found[s.message_id, s.attempt] = pk
     return found
 
 

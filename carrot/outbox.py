@@ -457,7 +457,7 @@ def send_rows(alias: str, rows: Sequence[MessageLog], queues: Mapping[str, conf.
     by_broker: dict[conf.Broker, list[MessageLog]] = {}
     for row in rows:
         by_broker.setdefault(queues[str(row.queue)].broker, []).append(row)
-    sent: list[str] = []
+    sent: dict[datetime | None, list[str]] = {}  # by the run_after the rows were sent with
     for broker, group in by_broker.items():
         progress = SendProgress(len(group))
         get_publisher().send_many(
@@ -466,12 +466,12 @@ def send_rows(alias: str, rows: Sequence[MessageLog], queues: Mapping[str, conf.
         for row, confirmed, error in zip(group, progress.confirmed, progress.errors,
                                          strict=True):
             if confirmed:
-                sent.append(row.uuid)
+                sent.setdefault(row.run_after, []).append(row.uuid)
             elif isinstance(error, CarrotConfigException):
                 lifecycle.mark_not_sent([row], f'Not published: {error}')
-    if sent:
-        lifecycle.mark_confirmed(alias, sent)
-    return len(sent)
+    for released_at, message_ids in sent.items():
+        lifecycle.mark_confirmed(alias, message_ids, released_at)
+    return sum(len(message_ids) for message_ids in sent.values())
 
 
 def outgoing_of(row: MessageLog, queue: conf.Queue, *, resent: bool) -> Outgoing:

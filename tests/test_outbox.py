@@ -6,6 +6,7 @@ killed publisher are subprocesses; a proxy drops what the publisher sends when t
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -17,9 +18,11 @@ from pathlib import Path
 import pytest
 from django.db import connection, transaction
 from django.test.utils import override_settings
+from django.utils import timezone
 
 from carrot import lifecycle, message, outbox
 from carrot.broker import get_publisher
+from carrot.conf import get_settings
 from carrot.models import MessageLog
 from carrot.utilities import publish_message
 from tests.conftest import ROOT, Broker, Worker, carrot_settings, statuses, wait_for
@@ -238,8 +241,6 @@ def test_a_publish_the_broker_refuses_is_sent_again_until_it_is_taken(broker: Br
 
 def test_the_service_sends_again_only_the_old_rows_still_awaiting_their_confirm(
         queue: str, broker: Broker) -> None:
-    from django.utils import timezone
-
     with override_settings(CARROT={**carrot_settings(queue), 'resend_unconfirmed_after': 30}):
         old = _row_awaiting_confirm(queue, 'old', ['x', 'old'])
         young = _row_awaiting_confirm(queue, 'young', ['x', 'young'])
@@ -270,3 +271,51 @@ def test_a_resent_copy_redelivered_after_its_worker_died_runs_again(
     wait_for(lambda: statuses() == {'COMPLETED': 1}, timeout=60, what='the redelivery to run')
     assert _runs(runs) == ['resent']  # the killed run never got to write its line
     assert MessageLog.objects.get(pk=log.pk).attempts == 2
+
+
+def _released_for_attempt_2(queue: str, message_id: str, args: list[object]) -> MessageLog:
+    """A row whose attempt 1 ran and failed, released now for attempt 2: PUBLISHED, awaiting
+    the confirm of attempt 2's message, which is not sent yet."""
+    log = _row_awaiting_confirm(queue, message_id, args)
+    [started] = lifecycle.start_many([lifecycle.Start(
+        message_id=message_id, task=log.task, args=args, kwargs={}, queue=queue, exchange='',
+        routing_key=queue, priority=0)])
+    lifecycle.finish_many([dataclasses.replace(lifecycle.retrying(
+        message_id, exception='ConnectionError: once', traceback=None, log='', attempt=1,
+        run_after=timezone.now()), pk=started.pk)])
+    [row] = lifecycle.release_due([queue], 10)
+    return row
+
+
+def test_a_resent_copy_of_an_ended_attempt_does_not_run_beside_the_next_attempt(
+        queue: str, broker: Broker, start_worker: StartWorker, tmp_path: Path) -> None:
+    """Attempt 1's first send went unconfirmed and was sent again; attempt 1 ran, failed and
+    its row was released for attempt 2 before the copy came. The copy must not run: attempt
+    2 runs, once."""
+    runs = tmp_path / 'runs'
+    row = _released_for_attempt_2(queue, 'ended-attempt', [str(runs), 'attempt', 0.5])
+    _resent_copy(broker, queue, row)  # attempt 1's copy
+    worker = start_worker(carrot_settings(queue, concurrency=2))
+    wait_for(lambda: 'its next attempt runs instead' in worker.output, what='the copy seen')
+    wait_for(lambda: broker.counts(queue) == (0, 0), what='the copy acknowledged')
+    assert statuses() == {'PUBLISHED': 1}  # left to attempt 2
+    queues = {queue: get_settings().queue(queue)}
+    assert outbox.send_rows(lifecycle.database(), [row], queues, resent=False) == 1
+    wait_for(lambda: statuses() == {'COMPLETED': 1}, what='attempt 2 to run')
+    assert _runs(runs) == ['attempt']
+    assert MessageLog.objects.get(pk=row.pk).attempts == 2
+
+
+def test_a_late_confirm_of_an_earlier_send_leaves_the_next_attempt_awaiting_its_own(
+        queue: str, broker: Broker) -> None:
+    """The publisher recorded attempt 1's confirm only after the row had run, failed and been
+    released for attempt 2: if it cleared the row's flag, attempt 2's message, lost before
+    RabbitMQ stored it, would never be sent again."""
+    row = _released_for_attempt_2(queue, 'late-confirm', ['x', 'late'])
+    alias = lifecycle.database()
+    lifecycle.mark_confirmed(alias, [row.uuid])  # as the publishing process's outbox does
+    assert MessageLog.objects.get(pk=row.pk).awaiting_confirm
+    assert outbox.send_rows(alias, [row], {queue: get_settings().queue(queue)},
+                            resent=False) == 1
+    assert not MessageLog.objects.get(pk=row.pk).awaiting_confirm  # attempt 2's own confirm
+    assert [m.attempt for m in _in_queue(broker, queue).values()] == [2]

@@ -224,6 +224,31 @@ def test_a_redelivered_attempt_whose_end_is_recorded_is_superseded_and_not_run_a
     assert MessageLog.objects.get(pk=row.pk).status == 'IN_PROGRESS'
 
 
+def test_a_resent_copy_of_an_ended_attempt_is_superseded_beside_the_next_attempt(
+        queue: str) -> None:
+    """In one batch: a re-sent copy of attempt 1, whose row was released for attempt 2, and
+    attempt 2's message. The copy is left out; attempt 2 starts the row."""
+    now = timezone.now()
+    row = MessageLog.objects.create(
+        uuid='resent-late', task='tests.project.tasks.noop', status='PUBLISHED', queue=queue,
+        publish_time=now - datetime.timedelta(seconds=10), run_after=now, attempts=1,
+        errors=[{'attempt': 1, 'exception': 'E', 'traceback': '', 'log': '',
+                 'at': now.isoformat()}])
+    copy = lifecycle.Start(message_id='resent-late', task=row.task, args=[], kwargs={},
+                           queue=queue, exchange='', routing_key=queue, priority=0,
+                           attempt=1, resent=True)
+    [alone] = lifecycle.start_many([copy])
+    assert alone.superseded and MessageLog.objects.get(pk=row.pk).status == 'PUBLISHED'
+    next_one = dataclasses.replace(copy, attempt=2, resent=False)
+    superseded, started = lifecycle.start_many([copy, next_one])
+    assert superseded.superseded
+    assert not (started.superseded or started.started_elsewhere or started.already_completed)
+    row.refresh_from_db()
+    assert (row.status, row.attempts) == ('IN_PROGRESS', 2)
+    # A re-sent copy of the attempt that runs now is another copy's, as before.
+    assert lifecycle.start_many([dataclasses.replace(copy, attempt=2)])[0].started_elsewhere
+
+
 def test_retries_of_an_error_the_options_never_retry_are_not_exhausted() -> None:
     from carrot.options import TaskOptions
     from carrot.worker.ends import end_of

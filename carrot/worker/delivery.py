@@ -251,8 +251,9 @@ class Delivery:
             return False
         if row.superseded:
             self.consumer.logger.info(
-                '%s: task %s (%s) was delivered again, but the end of this attempt is recorded '
-                'and its retry is scheduled; acknowledging this copy without running it',
+                '%s: task %s (%s) was delivered again, or sent again, but the end of this '
+                'attempt is recorded and its next attempt runs instead; acknowledging this '
+                'copy without running it',
                 self.consumer.name, self.task_message and self.task_message.task,
                 self.message_id)
             self.ack()
