@@ -27,6 +27,8 @@ REPO_DIR = BENCH_DIR.parent
 QUEUE = 'bench_carrot'
 WORKER_LOG = Path('/tmp/carrot-bench.log')
 PG_NAME = os.environ.get('BENCH_PG_NAME', 'carrot_bench')
+# PostgreSQL 15 adds an idle server process's statistics within 10 s (see row_work).
+STATS_FLUSH_SECONDS = 11.0
 
 
 def _setup_django() -> None:
@@ -189,6 +191,25 @@ class CarrotAdapter(Adapter):
         if found.returncode != 0:
             raise BenchError(f'cannot read pg_stat_database: {found.stderr.strip()}')
         return int(found.stdout.strip())
+
+    def row_work(self) -> tuple[int, int, int] | None:
+        """MessageLog's rows inserted and updated so far, and the cluster's WAL position in
+        bytes: PostgreSQL's own counts, read over a separate connection. None on SQLite.
+
+        A server process adds its counts when it ends, or within 10 s of going idle
+        (PostgreSQL 15's cumulative statistics): read them after the worker has stopped and
+        STATS_FLUSH_SECONDS have passed.
+        """
+        if _using_sqlite():
+            return None
+        query = ['psql', '-h', '127.0.0.1', '-U', 'postgres', '-d', PG_NAME, '-Atc',
+                 "SELECT n_tup_ins, n_tup_upd, pg_current_wal_lsn() - '0/0' "
+                 "FROM pg_stat_user_tables WHERE relname = 'carrot_messagelog'"]
+        found = subprocess.run(query, capture_output=True, text=True, timeout=30)
+        if found.returncode != 0 or not found.stdout.strip():
+            raise BenchError(f'cannot read pg_stat_user_tables: {found.stderr.strip()}')
+        inserted, updated, wal = found.stdout.strip().split('|')
+        return int(inserted), int(updated), int(float(wal))
 
     def done_count(self) -> int:
         count: int = self._model.objects.filter(status='COMPLETED').count()

@@ -20,7 +20,10 @@ carrot_untracked, celery or dramatiq; ``--untracked`` is ``--system carrot_untra
 worker's CPU in % of a core over that many seconds, as workload (f) of ``run.py`` samples
 it), ``--sleeping`` (publish nothing at a rate: 2,000 tasks of 50 ms published first, and
 the seconds the worker takes from the first start until the last ends, as workload (c) of
-``run.py`` times it). ``BENCH_DB=sqlite`` as for ``run.py``.
+``run.py`` times it), ``--rows`` (carrot on PostgreSQL: also the MessageLog rows inserted
+and updated and the bytes of WAL written, a task, as PostgreSQL counted them from the first
+call until the worker stopped, so that every confirm, start and end is in).
+``BENCH_DB=sqlite`` as for ``run.py``.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ import signal  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from types import ModuleType  # noqa: E402
 from typing import Any  # noqa: E402
 
+import carrot_adapter  # noqa: E402
 import carrot_untracked_adapter  # noqa: E402
 from common import Adapter, BenchError, Worker, kill_all_started, wait_until  # noqa: E402
 from workloads import (  # noqa: E402
@@ -72,6 +77,9 @@ def parse_args() -> argparse.Namespace:
                          help="publish nothing: the idle worker's CPU over SECONDS")
     instead.add_argument('--sleeping', action='store_true',
                          help='the time to drain 2,000 tasks of 50 ms published first')
+    parser.add_argument('--rows', action='store_true',
+                        help='carrot on PostgreSQL: also the rows inserted and updated and '
+                             'the bytes of WAL a task')
     args = parser.parse_args()
     if args.untracked:
         if args.system not in (None, 'carrot_untracked'):
@@ -80,6 +88,11 @@ def parse_args() -> argparse.Namespace:
     if args.compare and args.system is not None:
         parser.error('--compare runs every system: leave out --system and --untracked')
     args.system = args.system or 'carrot'
+    if args.rows and (args.system != 'carrot' or args.compare or args.idle is not None
+                      or args.sleeping or os.environ.get('BENCH_DB') == 'sqlite'):
+        parser.error('--rows counts the rows of tracked carrot tasks at a rate, in '
+                     "PostgreSQL's statistics: leave out --system, --compare, --idle, "
+                     '--sleeping and BENCH_DB=sqlite')
     return args
 
 
@@ -89,12 +102,16 @@ RATIOS = (('carrot', 'celery'), ('carrot', 'dramatiq'), ('carrot_untracked', 'dr
 
 
 def one_run(adapter: Adapter, publish: Callable[[], None], rate: float, count: int,
-            tag: str, finish: Callable[[], None] | None) -> float:
-    """Worker CPU in ms per 1,000 tasks for ``count`` tasks published at ``rate``."""
+            tag: str, finish: Callable[[], None] | None, rows: bool = False,
+            ) -> tuple[float, RowWork | None]:
+    """Worker CPU in ms per 1,000 tasks for ``count`` tasks published at ``rate``, and with
+    ``rows`` (carrot on PostgreSQL) what a task cost MessageLog."""
     _fresh(adapter)
+    carrot = carrot_adapter.ADAPTER if rows else None
     with Worker(adapter.worker_spec(), f'{adapter.name}-paced-{tag}') as worker:
         worker.wait_ready(READY_TIMEOUT)
         time.sleep(SETTLE_SECONDS)
+        work_before = carrot.row_work() if carrot is not None else None
         cpu_before = worker.cpu_seconds()
         started = time.monotonic()
         for number in range(count):
@@ -110,7 +127,32 @@ def one_run(adapter: Adapter, publish: Callable[[], None], rate: float, count: i
         finish()  # carrot's: every confirm recorded, before the next repeat's clean-up
     log(f'  {adapter.name}: {count} tasks at {rate:,.0f}/s, worker CPU '
         f'{per_thousand:,.0f} ms per 1,000')
-    return per_thousand
+    work = None
+    if carrot is not None and work_before is not None:
+        time.sleep(carrot_adapter.STATS_FLUSH_SECONDS)  # the publisher's idle connections
+        work_after = carrot.row_work()
+        assert work_after is not None
+        inserted, updated, wal = (after - before for before, after
+                                  in zip(work_before, work_after, strict=True))
+        work = RowWork(inserted=inserted / count, updated=updated / count, wal_bytes=wal / count)
+        log(f'  {adapter.name}: {work}')
+    return per_thousand, work
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowWork:
+    """What a task cost MessageLog, as PostgreSQL counted it."""
+
+    #: Rows inserted a task (1.0: the PUBLISHED row).
+    inserted: float
+    #: Row updates a task: starts, ends, confirms.
+    updated: float
+    #: Bytes of WAL written a task (the whole cluster's, which only the benchmark uses).
+    wal_bytes: float
+
+    def __str__(self) -> str:
+        return (f'{self.inserted:.2f} row(s) inserted, {self.updated:.2f} updated and '
+                f'{self.wal_bytes:,.0f} bytes of WAL a task')
 
 
 def idle_run(adapter: Adapter, seconds: float, tag: str) -> float:
@@ -169,6 +211,7 @@ def main() -> int:
     adapter.prepare()
     publish = module.make_publisher('noop', False)  # the peers' default; carrot confirms
     finish: Callable[[], None] | None = getattr(module, 'finish_publishing', None)
+    works: list[RowWork] = []
     try:
         if args.idle is not None:
             figures = [idle_run(adapter, args.idle, str(repeat))
@@ -177,8 +220,10 @@ def main() -> int:
             figures = [first_start_to_last_end(adapter, str(repeat))
                        for repeat in range(args.repeat)]
         else:
-            figures = [one_run(adapter, publish, args.rate, args.tasks, str(repeat), finish)
-                       for repeat in range(args.repeat)]
+            runs = [one_run(adapter, publish, args.rate, args.tasks, str(repeat), finish,
+                            args.rows) for repeat in range(args.repeat)]
+            figures = [cpu for cpu, _ in runs]
+            works = [work for _, work in runs if work is not None]
     finally:
         adapter.close()
         kill_all_started()
@@ -189,6 +234,12 @@ def main() -> int:
     else:
         what = f'{adapter.name} at {args.rate:,.0f} tasks/s: worker CPU per 1,000 tasks'
         unit, form = 'ms', ',.0f'
+        if works:  # before the median line, which run.py's workload (h) reads last
+            median = RowWork(**{name: statistics.median(getattr(w, name) for w in works)
+                                for name in ('inserted', 'updated', 'wal_bytes')})
+            print(f'{adapter.name} at {args.rate:,.0f} tasks/s, MessageLog: median {median} '
+                  f'(runs: updated {", ".join(f"{w.updated:.2f}" for w in works)}; WAL '
+                  f'{", ".join(f"{w.wal_bytes:,.0f}" for w in works)})')
     print(f'{what}, median {statistics.median(figures):{form}} {unit} (runs: '
           f'{", ".join(f"{figure:{form}}" for figure in figures)})')
     return 0

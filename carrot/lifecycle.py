@@ -172,8 +172,8 @@ def discard_unpublished(log: MessageLog) -> None:
     MessageLog.objects.filter(pk=log.pk, status=Status.PUBLISHED).delete()
 
 
-def mark_confirmed(alias: str, message_ids: Sequence[str],
-                   released_at: datetime.datetime | None = None) -> None:
+def mark_confirmed(alias: str, message_ids: Sequence[str], *,
+                   released_at: datetime.datetime | None) -> None:
     """RabbitMQ has stored these rows' messages: they no longer await their confirm.
 
     ``released_at``: the ``run_after`` the rows had when their messages were sent, None for

@@ -361,7 +361,7 @@ class Outbox:
             for start in range(0, len(message_ids), CONFIRM_BATCH):
                 chunk = message_ids[start:start + CONFIRM_BATCH]
                 try:
-                    lifecycle.mark_confirmed(alias, chunk)
+                    lifecycle.mark_confirmed(alias, chunk, released_at=None)  # first sends
                 except Exception as error:  # the database, or carrot: kept for the next round
                     problem = f'their rows cannot be written now ({error})'
                     left.extend((alias, message_id) for message_id in chunk)
@@ -470,7 +470,7 @@ def send_rows(alias: str, rows: Sequence[MessageLog], queues: Mapping[str, conf.
             elif isinstance(error, CarrotConfigException):
                 lifecycle.mark_not_sent([row], f'Not published: {error}')
     for released_at, message_ids in sent.items():
-        lifecycle.mark_confirmed(alias, message_ids, released_at)
+        lifecycle.mark_confirmed(alias, message_ids, released_at=released_at)
     return sum(len(message_ids) for message_ids in sent.values())
 
 

@@ -296,7 +296,8 @@ def test_a_resent_copy_of_an_ended_attempt_does_not_run_beside_the_next_attempt(
     row = _released_for_attempt_2(queue, 'ended-attempt', [str(runs), 'attempt', 0.5])
     _resent_copy(broker, queue, row)  # attempt 1's copy
     worker = start_worker(carrot_settings(queue, concurrency=2))
-    wait_for(lambda: 'its next attempt runs instead' in worker.output, what='the copy seen')
+    wait_for(lambda: 'the end of this attempt is recorded already' in worker.output,
+             what='the copy seen')
     wait_for(lambda: broker.counts(queue) == (0, 0), what='the copy acknowledged')
     assert statuses() == {'PUBLISHED': 1}  # left to attempt 2
     queues = {queue: get_settings().queue(queue)}
@@ -313,9 +314,24 @@ def test_a_late_confirm_of_an_earlier_send_leaves_the_next_attempt_awaiting_its_
     RabbitMQ stored it, would never be sent again."""
     row = _released_for_attempt_2(queue, 'late-confirm', ['x', 'late'])
     alias = lifecycle.database()
-    lifecycle.mark_confirmed(alias, [row.uuid])  # as the publishing process's outbox does
+    lifecycle.mark_confirmed(alias, [row.uuid], released_at=None)  # as the publisher's outbox
     assert MessageLog.objects.get(pk=row.pk).awaiting_confirm
     assert outbox.send_rows(alias, [row], {queue: get_settings().queue(queue)},
                             resent=False) == 1
     assert not MessageLog.objects.get(pk=row.pk).awaiting_confirm  # attempt 2's own confirm
     assert [m.attempt for m in _in_queue(broker, queue).values()] == [2]
+
+
+def test_the_service_resends_a_released_row_and_its_confirm_clears_the_row(
+        queue: str, broker: Broker) -> None:
+    """The service reads the row's run_after back from the database and matches its confirm
+    by it: the row must stop awaiting, or it would be sent again every round."""
+    with override_settings(CARROT={**carrot_settings(queue), 'resend_unconfirmed_after': 30}):
+        row = _released_for_attempt_2(queue, 'released-lost', ['x', 'lost'])
+        long_ago = timezone.now() - datetime.timedelta(seconds=60)
+        MessageLog.objects.filter(pk=row.pk).update(publish_time=long_ago, run_after=long_ago)
+        assert outbox.resend_unconfirmed() == 1
+        assert not MessageLog.objects.get(pk=row.pk).awaiting_confirm
+        assert outbox.resend_unconfirmed() == 0
+    [again] = _in_queue(broker, queue).values()
+    assert (again.message_id, again.attempt, again.resent) == ('released-lost', 2, True)

@@ -215,6 +215,12 @@ def test_a_redelivered_attempt_whose_end_is_recorded_is_superseded_and_not_run_a
     assert lifecycle.start_many([again])[0].superseded
     next_one = dataclasses.replace(again, attempt=2)
     assert not lifecycle.start_many([next_one])[0].superseded  # attempt 2's own redelivery
+    # In one batch with attempt 2's first delivery, the old attempt alone is left out.
+    MessageLog.objects.filter(pk=row.pk).update(status='PUBLISHED')  # released
+    first_of_2 = dataclasses.replace(next_one, redelivered=False)
+    old, new = lifecycle.start_many([again, first_of_2])
+    assert old.superseded and not new.superseded
+    assert MessageLog.objects.get(pk=row.pk).status == 'IN_PROGRESS'
     # A requeue counts from 1 again, its history kept: a redelivery of its attempt 1 runs.
     MessageLog.objects.filter(pk=row.pk).update(status='FAILED')
     assert lifecycle.mark_requeued(lifecycle.database(), ['lost-ack']) == ['lost-ack']

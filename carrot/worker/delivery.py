@@ -252,8 +252,7 @@ class Delivery:
         if row.superseded:
             self.consumer.logger.info(
                 '%s: task %s (%s) was delivered again, or sent again, but the end of this '
-                'attempt is recorded and its next attempt runs instead; acknowledging this '
-                'copy without running it',
+                'attempt is recorded already; acknowledging this copy without running it',
                 self.consumer.name, self.task_message and self.task_message.task,
                 self.message_id)
             self.ack()
