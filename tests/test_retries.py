@@ -195,20 +195,28 @@ def test_a_message_with_bad_options_is_refused_with_the_reason(
     assert row.status == 'FAILED' and message.OPTIONS_HEADER in (row.exception or '')
 
 
+def _after_attempt_1(queue: str, message_id: str, status: str, run_after: datetime.datetime,
+                     **start: bool) -> tuple[MessageLog, lifecycle.Start]:
+    """A row whose attempt 1 failed (``status`` DELAYED, or PUBLISHED once released), and a
+    start of attempt 1's message (``start``: redelivered or resent)."""
+    now = timezone.now()
+    row = MessageLog.objects.create(
+        uuid=message_id, task='tests.project.tasks.noop', status=status, queue=queue,
+        publish_time=now - datetime.timedelta(seconds=10), run_after=run_after, attempts=1,
+        errors=[{'attempt': 1, 'exception': 'E', 'traceback': '', 'log': '',
+                 'at': now.isoformat()}])
+    return row, lifecycle.Start(message_id=message_id, task=row.task, args=[], kwargs={},
+                                queue=queue, exchange='', routing_key=queue, priority=0,
+                                attempt=1, **start)
+
+
 def test_a_redelivered_attempt_whose_end_is_recorded_is_superseded_and_not_run_again(
         queue: str) -> None:
     """Its acknowledgement was lost after its retry was written: its row waits for the next
     attempt, or runs it, and the old attempt must not run beside it."""
-    now = timezone.now()
-    row = MessageLog.objects.create(
-        uuid='lost-ack', task='tests.project.tasks.noop', status='DELAYED', queue=queue,
-        publish_time=now - datetime.timedelta(seconds=10),
-        run_after=now + datetime.timedelta(minutes=1),
-        errors=[{'attempt': 1, 'exception': 'E', 'traceback': '', 'log': '',
-                 'at': now.isoformat()}])
-    again = lifecycle.Start(message_id='lost-ack', task=row.task, args=[], kwargs={},
-                            queue=queue, exchange='', routing_key=queue, priority=0,
-                            attempt=1, redelivered=True)
+    row, again = _after_attempt_1(queue, 'lost-ack', 'DELAYED',
+                                  timezone.now() + datetime.timedelta(minutes=1),
+                                  redelivered=True)
     [started] = lifecycle.start_many([again])
     assert started.superseded and MessageLog.objects.get(pk=row.pk).status == 'DELAYED'
     MessageLog.objects.filter(pk=row.pk).update(status='IN_PROGRESS')  # attempt 2 runs
@@ -234,15 +242,7 @@ def test_a_resent_copy_of_an_ended_attempt_is_superseded_beside_the_next_attempt
         queue: str) -> None:
     """In one batch: a re-sent copy of attempt 1, whose row was released for attempt 2, and
     attempt 2's message. The copy is left out; attempt 2 starts the row."""
-    now = timezone.now()
-    row = MessageLog.objects.create(
-        uuid='resent-late', task='tests.project.tasks.noop', status='PUBLISHED', queue=queue,
-        publish_time=now - datetime.timedelta(seconds=10), run_after=now, attempts=1,
-        errors=[{'attempt': 1, 'exception': 'E', 'traceback': '', 'log': '',
-                 'at': now.isoformat()}])
-    copy = lifecycle.Start(message_id='resent-late', task=row.task, args=[], kwargs={},
-                           queue=queue, exchange='', routing_key=queue, priority=0,
-                           attempt=1, resent=True)
+    row, copy = _after_attempt_1(queue, 'resent-late', 'PUBLISHED', timezone.now(), resent=True)
     [alone] = lifecycle.start_many([copy])
     assert alone.superseded and MessageLog.objects.get(pk=row.pk).status == 'PUBLISHED'
     next_one = dataclasses.replace(copy, attempt=2, resent=False)
